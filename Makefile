@@ -1,0 +1,44 @@
+# Two commands set everything up on a fresh machine (Python 3.11, no GPU needed):
+#   make demo   the main job on its embedded default
+#   make test   the test suite (what CI runs)
+# Both create or reuse the venv at .venv and install what they need into it.
+
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+PIP := $(PYTHON) -m pip
+# torch first, pinned: the CUDA 13 build also compiles the CUDA sources where nvcc exists.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+INSTALLED := $(VENV)/.mkfast-installed
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+.PHONY: install demo test test-gpu bench env clean
+
+$(PYTHON):
+	python3 -m venv $(VENV)
+
+$(INSTALLED): $(SOURCES) | $(PYTHON)
+	$(PIP) install $(TORCH_SPEC)
+	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -e ".[all,dev]"
+	touch $(INSTALLED)
+
+install: $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(VENV)/bin/mkfast env
+	$(VENV)/bin/mkfast bench --quick
+
+test: $(INSTALLED)
+	$(PYTHON) -m pytest -q
+
+# On a GPU machine: the CUDA-marked tests run (they are skipped elsewhere).
+test-gpu: $(INSTALLED)
+	$(PYTHON) -m pytest -q -m cuda
+
+bench: $(INSTALLED)
+	$(VENV)/bin/mkfast bench
+
+env: $(INSTALLED)
+	$(VENV)/bin/mkfast env
+
+clean:
+	rm -rf build *.egg-info mkfast/_C*.so demo_out

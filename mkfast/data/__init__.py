@@ -1,0 +1,1 @@
+"""Datasets and collators: image-text pairs, instructions, the demo set."""

@@ -1,0 +1,5 @@
+"""Public ops. Each module holds one op: reference, custom op, fake impl, autograd, dispatch."""
+
+from mkfast.ops.topk_dedup import topk_dedup, topk_dedup_reference
+
+__all__ = ["topk_dedup", "topk_dedup_reference"]

@@ -1,0 +1,61 @@
+"""Input checks shared by every op: run once, in the op, before any launch.
+
+Messages name the op, the argument, what was expected and what came, e.g.
+``ValueError: topk_dedup: memory must be 2-D (N, d), got shape (4, 3, 8)``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return "/".join(str(dtype).removeprefix("torch.") for dtype in dtypes)
+
+
+def check_tensor(
+    op: str,
+    name: str,
+    value: object,
+    *,
+    ndim: int | tuple[int, ...] | None = None,
+    layout: str = "",
+    dtypes: Iterable[torch.dtype] | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Raise TypeError/ValueError unless ``value`` is a tensor of the given rank, dtype, device.
+
+    ``layout`` is the human description of the expected shape, e.g. ``"(B, H, S, D)"``.
+    """
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else ndim
+        if value.dim() not in allowed:
+            ranks = " or ".join(f"{rank}-D" for rank in allowed)
+            expected = f"{ranks} {layout}".rstrip()
+            raise ValueError(f"{op}: {name} must be {expected}, got shape {tuple(value.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if value.dtype not in dtypes:
+            raise TypeError(f"{op}: {name} must be {_dtype_names(dtypes)}, got {value.dtype}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{op}: {name} must be on {device} like the other inputs, got {value.device}")
+    return value
+
+
+def check_same_size(op: str, what: str, expected: int, name: str, got: int) -> None:
+    if expected != got:
+        raise ValueError(f"{op}: {name} must have {what} {expected}, got {got}")
+
+
+def check_positive_int(op: str, name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{op}: {name} must be positive, got {value}")
+    return value
