@@ -10,6 +10,7 @@ calls :func:`run_suite`. Results land in ``benchmarks/results/<device>/``:
 from __future__ import annotations
 
 import datetime
+import glob
 import json
 import os
 import platform
@@ -256,3 +257,42 @@ def _plot(record: dict, baseline_ms: dict[str, float], png_path: str) -> None:
     figure.tight_layout()
     figure.savefig(png_path, dpi=110)
     plt.close(figure)
+
+
+def compare(results_a: str, results_b: str) -> str:
+    """Markdown tables of every suite present in both result folders: median ms side by side.
+
+    ``results_a`` / ``results_b`` are folders like benchmarks/results/h100 and
+    benchmarks/results/h200 (or two runs of the same device at two commits).
+    """
+    sections = []
+    suites_a = {os.path.basename(path) for path in _json_files(results_a)}
+    suites_b = {os.path.basename(path) for path in _json_files(results_b)}
+    for name in sorted(suites_a & suites_b):
+        with open(os.path.join(results_a, name)) as handle:
+            record_a = json.load(handle)
+        with open(os.path.join(results_b, name)) as handle:
+            record_b = json.load(handle)
+        medians_b = {(_case_label(row["case"]), row["provider"]): row["median_ms"]
+                     for row in record_b["measurements"]}
+        lines = [
+            f"## {record_a['suite']}",
+            "",
+            f"A: {record_a['device']} @ {record_a['commit']} · B: {record_b['device']} @ {record_b['commit']}",
+            "",
+            "| case | provider | A ms | B ms | A/B |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for row in record_a["measurements"]:
+            key = (_case_label(row["case"]), row["provider"])
+            if key in medians_b:
+                lines.append(f"| {key[0]} | {key[1]} | {row['median_ms']:.3f} | {medians_b[key]:.3f} | "
+                             f"{row['median_ms'] / medians_b[key]:.2f} |")
+        sections.append("\n".join(lines))
+    if not sections:
+        return f"no suite has results in both {results_a} and {results_b}"
+    return "\n\n".join(sections)
+
+
+def _json_files(folder: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(folder, "*.json")))

@@ -78,9 +78,16 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("suites", nargs="*", help="suite names (default: all)")
     bench.add_argument("--quick", action="store_true", help="small shapes, few repetitions (results to demo_out/)")
     bench.add_argument("--output-root", help="results root (default benchmarks/results)")
+    bench.add_argument("--compare", nargs=2, metavar=("RESULTS_A", "RESULTS_B"),
+                       help="show two result folders (e.g. benchmarks/results/h100 .../h200) side by side")
     arguments = parser.parse_args(argv)
     if arguments.command == "env":
         print(environment_report())
+    elif arguments.command == "bench" and arguments.compare:
+        sys.path.insert(0, REPO_ROOT)
+        from benchmarks.common import compare
+
+        print(compare(*arguments.compare))
     elif arguments.command == "bench":
         run_benchmarks(arguments.suites, arguments.quick, arguments.output_root)
 
