@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mkfast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("env", help="versions, extension build, backend choices")
+    demo = commands.add_parser("demo", help="the whole project on the embedded digits set")
+    demo.add_argument("--quick", action="store_true", help="tiny settings (under 3 minutes on 2 CPU cores)")
+    demo.add_argument("--output-dir", default="demo_out")
+    demo.add_argument("--stages", nargs="*", help="subset of: environment racm3 mks2 kernels")
     bench = commands.add_parser("bench", help="run kernel benchmarks; results under benchmarks/results/<device>/")
     bench.add_argument("suites", nargs="*", help="suite names (default: all)")
     bench.add_argument("--quick", action="store_true", help="small shapes, few repetitions (results to demo_out/)")
@@ -83,6 +87,12 @@ def main(argv: list[str] | None = None) -> None:
     arguments = parser.parse_args(argv)
     if arguments.command == "env":
         print(environment_report())
+    elif arguments.command == "demo":
+        from mkfast.demo import run_demo
+
+        outcome = run_demo(arguments.output_dir, quick=arguments.quick, stages=arguments.stages)
+        if outcome["failed"]:
+            raise SystemExit(1)
     elif arguments.command == "bench" and arguments.compare:
         sys.path.insert(0, REPO_ROOT)
         from benchmarks.common import compare
