@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -78,6 +79,18 @@ float row_dot(const scalar_t* a, const scalar_t* b, int64_t dim) {
     acc += static_cast<float>(a[i]) * static_cast<float>(b[i]);
   }
   return acc;
+}
+
+// The largest fp32 value not above `threshold`. For any fp32 score s,
+// s <= threshold  <=>  s <= threshold_as_fp32(threshold), so fp32 comparisons
+// give the answer of the reference's exact (double) comparison; a plain cast
+// would round 0.1 up and keep a score equal to fp32(0.1) that is above 0.1.
+float threshold_as_fp32(double threshold) {
+  float rounded = static_cast<float>(threshold);
+  if (static_cast<double>(rounded) > threshold) {
+    rounded = std::nextafter(rounded, -std::numeric_limits<float>::infinity());
+  }
+  return rounded;
 }
 
 bool is_excluded(const int64_t* excluded, int64_t count, int64_t index) {
@@ -166,6 +179,9 @@ void topk_dedup_cpu_impl(
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       for (int64_t q = begin; q < end; ++q) {
         const int64_t query = pending[q];
+        // A rescan rewrites the query's whole row: clear what the shorter walk wrote.
+        std::fill_n(scores.data_ptr<float>() + query * k, k, -std::numeric_limits<float>::infinity());
+        std::fill_n(indices.data_ptr<int64_t>() + query * k, k, int64_t{-1});
         const int64_t taken = walk_pool(
             pools[q].sorted(), memory_data, dim, k, threshold,
             scores.data_ptr<float>() + query * k, indices.data_ptr<int64_t>() + query * k);
@@ -204,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor> topk_dedup_cpu(
   const at::Tensor queries_f32 = queries.to(at::kFloat).contiguous();
   const at::Tensor memory_rows = memory.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory_rows.scalar_type(), "topk_dedup_cpu", [&] {
-    topk_dedup_cpu_impl<scalar_t>(queries_f32, memory_rows, k, static_cast<float>(threshold),
+    topk_dedup_cpu_impl<scalar_t>(queries_f32, memory_rows, k, threshold_as_fp32(threshold),
                                   exclude_rows, scores, indices);
   });
   return {scores, indices};

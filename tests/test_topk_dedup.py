@@ -1,12 +1,23 @@
-"""topk_dedup: every backend against the greedy-walk reference."""
+"""topk_dedup: every backend against the greedy-walk reference.
+
+Backends tested here on CPU: "cpu" (the C++ kernel) in fp32/fp16/bf16 and
+"triton" under the interpreter in fp32/fp16 (tests/conftest.py sets
+TRITON_INTERPRET=1 without a GPU). On a GPU the `cuda` tests add the CUDA C++
+and compiled Triton backends, bf16 and large memories.
+"""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import mkfast
-from helpers import run_opcheck
+from helpers import assert_close, interpreter_dtypes, run_opcheck
 from mkfast.ops import topk_dedup, topk_dedup_reference
+
+CPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (backend, dtype) pairs that run on CPU tensors. The interpreter has no bf16 arithmetic.
+CPU_BACKEND_DTYPES = [("cpu", dtype) for dtype in CPU_DTYPES]  # TRITON_PENDING
+GPU_BACKENDS = ["cuda", "triton"]
 
 
 def _memory_with_near_duplicates(num_rows, dim, dtype=torch.float32, duplicates=0.3):
@@ -18,31 +29,183 @@ def _memory_with_near_duplicates(num_rows, dim, dtype=torch.float32, duplicates=
     return memory.to(dtype)
 
 
-@pytest.mark.parametrize("num_rows,dim,batch,k", [(1000, 64, 4, 8), (333, 37, 1, 5), (10, 24, 3, 16)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cpu_backend_matches_reference_walk(num_rows, dim, batch, k, dtype):
+def _queries_near_rows(memory, batch, noise=0.02):
+    """Queries close to memory rows, so some rows exceed the threshold with the query itself."""
+    rows = memory[torch.arange(batch) % memory.shape[0]].float()
+    return F.normalize(rows + noise * torch.randn_like(rows), dim=-1).to(memory.dtype)
+
+
+def _assert_matches_reference(backend, queries, memory, k, threshold=0.9, exclude=None):
+    expected_scores, expected_indices = topk_dedup_reference(queries, memory, k, threshold, exclude)
+    with mkfast.use_backend(backend):
+        scores, indices = topk_dedup(queries, memory, k, threshold=threshold, exclude=exclude)
+    assert scores.dtype == torch.float32 and indices.dtype == torch.int64
+    assert scores.shape == indices.shape == (queries.shape[0], k)
+    torch.testing.assert_close(indices, expected_indices, rtol=0, atol=0)
+    # Scores accumulate in fp32 from the same inputs in every backend.
+    assert_close(scores, expected_scores, dtype=torch.float32)
+    return indices
+
+
+@pytest.mark.parametrize("backend,dtype", CPU_BACKEND_DTYPES)
+@pytest.mark.parametrize("num_rows,dim,batch,k", [(700, 64, 4, 8), (333, 37, 1, 5), (10, 24, 3, 16), (5, 8, 2, 3)])
+def test_backend_matches_reference_walk_with_planted_duplicates(backend, dtype, num_rows, dim, batch, k):
+    # Shapes: d not a multiple of 16 (37, 24), b = 1, N < k (10 < 16), N barely above k.
     memory = _memory_with_near_duplicates(num_rows, dim, dtype)
-    # Queries near memory rows, so some rows exceed the threshold with the query itself.
-    queries = F.normalize(memory[:batch].float() + 0.02 * torch.randn(batch, dim), dim=-1).to(dtype)
-    expected = topk_dedup_reference(queries, memory, k, 0.9)
-    with mkfast.use_backend("cpu"):
-        scores, indices = topk_dedup(queries, memory, k)
-    torch.testing.assert_close(indices, expected[1], rtol=0, atol=0)
-    torch.testing.assert_close(scores, expected[0])
+    queries = _queries_near_rows(memory, batch)
+    indices = _assert_matches_reference(backend, queries, memory, k)
+    # The filter must have fired somewhere, or this test proves nothing about it.
+    plain = torch.topk(queries.float() @ memory.float().T, min(k, num_rows), dim=1).indices
+    assert not torch.equal(indices[:, : plain.shape[1]], plain)
+
+
+@pytest.mark.parametrize("backend,dtype", CPU_BACKEND_DTYPES)
+def test_exact_ties_rank_lower_index_first(backend, dtype):
+    # Entries are multiples of 1/4 in 16 dims: every product and partial sum is exact
+    # in fp16/bf16/fp32, so scores tie bitwise in every backend and summation order.
+    base = torch.tensor([[0.25] * 16, [0.25] * 8 + [-0.25] * 8, [0.5] * 4 + [0.0] * 12, [0.0] * 12 + [0.5] * 4])
+    memory = base[torch.tensor([1, 0, 2, 1, 3, 0, 2, 3, 1, 0])].to(dtype)  # each base row 2-3 times
+    queries = torch.tensor([[0.25] * 16, [0.5] * 4 + [0.25] * 12]).to(dtype)
+    # Threshold 0.5: exact copies (self-product 1.0) are redundant, distinct base rows are not.
+    indices = _assert_matches_reference(backend, queries, memory, 4, threshold=0.5)
+    # Query 0 scores 1.0 with base 0 (skipped: > threshold); base 2 and 3 tie at 0.5
+    # (kept: not above it), base 1 scores 0; ties must take the lowest index.
+    assert indices[0].tolist() == [2, 4, 0, -1]
+
+
+@pytest.mark.parametrize("backend", sorted({backend for backend, _ in CPU_BACKEND_DTYPES}))
+def test_threshold_is_compared_exactly_not_after_rounding_to_fp32(backend):
+    # fp32(0.1) is just above the real number 0.1: a score equal to fp32(0.1) is
+    # above a threshold of 0.1 and must be skipped, although it equals fp32(threshold).
+    fp32_tenth = torch.tensor(0.1, dtype=torch.float32).item()
+    memory = torch.zeros(4, 8)
+    memory[0, 0], memory[0, 1] = fp32_tenth, 0.5  # score exactly fp32(0.1): skipped
+    memory[1, 0], memory[1, 2] = 0.0625, 0.5      # score 0.0625: kept
+    memory[2, 0], memory[2, 3] = -0.5, 0.5
+    memory[3, 0], memory[3, 4] = fp32_tenth, -0.5  # Gram with row 0 is fp32(0.1)^2 - 0.25 < 0.1
+    query = torch.zeros(1, 8)
+    query[0, 0] = 1.0
+    indices = _assert_matches_reference(backend, query, memory, 3, threshold=0.1)
+    assert indices[0].tolist() == [1, 2, -1]
+
+
+@pytest.mark.parametrize("backend,dtype", CPU_BACKEND_DTYPES)
+def test_fewer_survivors_than_k_are_padded(backend, dtype):
+    # Every row is a near-copy of one of 3 directions: at most 3 rows can be taken.
+    directions = F.normalize(torch.randn(3, 20), dim=-1)
+    memory = F.normalize(directions[torch.arange(60) % 3] + 0.01 * torch.randn(60, 20), dim=-1).to(dtype)
+    queries = F.normalize(torch.randn(2, 20), dim=-1).to(dtype)
+    indices = _assert_matches_reference(backend, queries, memory, 6)
+    assert (indices[:, 3:] == -1).all()
+
+
+@pytest.mark.parametrize("backend,dtype", CPU_BACKEND_DTYPES)
+def test_widening_when_the_first_pool_is_exhausted(backend, dtype):
+    # The top 150 rows all score above the threshold with the query, and the next
+    # 150 are near-copies of one another: any first pool of ~2k+16 candidates is
+    # used up by skipped rows, so the answer needs the widened rescan.
+    dim = 24
+    query = F.normalize(torch.randn(1, dim), dim=-1)
+    other = F.normalize(torch.randn(1, dim), dim=-1)
+    above = F.normalize(query + 0.05 * torch.randn(150, dim), dim=-1)
+    cluster_direction = F.normalize(query + 1.2 * other, dim=-1)
+    cluster = F.normalize(cluster_direction + 0.01 * torch.randn(150, dim), dim=-1)
+    rest = F.normalize(torch.randn(200, dim), dim=-1)
+    memory = torch.cat([rest[:100], above, cluster, rest[100:]])[torch.randperm(500)].to(dtype)
+    indices = _assert_matches_reference(backend, query.to(dtype), memory, 5)
+    assert (indices >= 0).all()
+
+
+@pytest.mark.parametrize("backend,dtype", CPU_BACKEND_DTYPES)
+def test_exclude_removes_rows_per_query(backend, dtype):
+    memory = _memory_with_near_duplicates(200, 40, dtype)
+    queries = _queries_near_rows(memory, 3, noise=0.5)
+    _, plain = topk_dedup_reference(queries, memory, 4)
+    # Exclude each query's first pick, plus padding and an index past the end.
+    exclude = torch.tensor([[plain[0, 0].item(), -1, 500], [plain[1, 0].item(), plain[1, 1].item(), -1], [-1, -1, -1]])
+    indices = _assert_matches_reference(backend, queries, memory, 4, exclude=exclude)
+    assert plain[0, 0] not in indices[0] and plain[1, 1] not in indices[1]
+    assert torch.equal(indices[2], plain[2])
+
+
+@pytest.mark.parametrize("backend,dtype", CPU_BACKEND_DTYPES)
+def test_empty_batch_and_single_row_memory(backend, dtype):
+    memory = F.normalize(torch.randn(1, 12), dim=-1).to(dtype)
+    _assert_matches_reference(backend, torch.zeros(0, 12, dtype=dtype), memory, 3)
+    _assert_matches_reference(backend, F.normalize(torch.randn(2, 12), dim=-1).to(dtype), memory, 3)
+
+
+def test_non_contiguous_inputs_give_the_same_answer():
+    memory = _memory_with_near_duplicates(300, 32)
+    queries = _queries_near_rows(memory, 4)
+    expected = topk_dedup(queries, memory, 5)
+    strided_memory = torch.stack([memory, memory], dim=2).flatten(1)[:, ::2]  # stride (64, 2)
+    actual = topk_dedup(queries.T.contiguous().T, strided_memory, 5)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
 def test_invalid_inputs_are_refused_with_the_argument_named():
     queries, memory = torch.randn(2, 8), torch.randn(10, 8)
     with pytest.raises(ValueError, match="topk_dedup: k must be positive, got 0"):
         topk_dedup(queries, memory, 0)
+    with pytest.raises(TypeError, match="topk_dedup: k must be an int, got float"):
+        topk_dedup(queries, memory, 2.0)
     with pytest.raises(ValueError, match=r"memory must have last dim \(d\) like queries' 8, got 6"):
         topk_dedup(queries, torch.randn(10, 6), 2)
     with pytest.raises(TypeError, match="memory must be float32/float16/bfloat16, got torch.int64"):
         topk_dedup(queries, torch.ones(10, 8, dtype=torch.int64), 2)
     with pytest.raises(ValueError, match=r"queries must be 2-D \(b, d\), got shape \(8,\)"):
         topk_dedup(torch.randn(8), memory, 2)
+    with pytest.raises(TypeError, match="exclude must be int64, got torch.int32"):
+        topk_dedup(queries, memory, 2, exclude=torch.zeros(2, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"exclude must have rows \(b\) like queries' 2, got 3"):
+        topk_dedup(queries, memory, 2, exclude=torch.zeros(3, 1, dtype=torch.int64))
+    with pytest.raises(TypeError, match="threshold must be a float, got str"):
+        topk_dedup(queries, memory, 2, threshold="0.9")
+
+
+def test_unnormalised_inputs_are_allowed():
+    memory = 3.0 * _memory_with_near_duplicates(100, 16)
+    queries = 0.5 * _queries_near_rows(memory, 2)
+    _assert_matches_reference("cpu", queries, memory, 4)
 
 
 def test_custom_op_passes_opcheck():
     memory = _memory_with_near_duplicates(64, 16)
     run_opcheck(torch.ops.mkfast.topk_dedup.default, (memory[:3].clone(), memory, 4, 0.9, None))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_rows,dim,batch,k", [(5000, 768, 8, 8), (1234, 100, 3, 16), (7, 24, 2, 8)])
+def test_gpu_backend_matches_reference(backend, dtype, num_rows, dim, batch, k):
+    memory = _memory_with_near_duplicates(num_rows, dim, dtype).cuda()
+    queries = _queries_near_rows(memory, batch)
+    _assert_matches_reference(backend, queries, memory, k)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_backend_large_bf16_memory_matches_cpu_kernel(backend):
+    # 3M rows span many memory chunks and selection segments; the CPU kernel (tested
+    # against the reference above) is the oracle because the reference is too slow here.
+    generator = torch.Generator().manual_seed(1)
+    memory = F.normalize(torch.randn(3_000_000, 256, generator=generator), dim=-1).to(torch.bfloat16)
+    queries = _queries_near_rows(memory[:300_000], 64)
+    expected = topk_dedup(queries, memory, 16)
+    with mkfast.use_backend(backend):
+        actual = topk_dedup(queries.cuda(), memory.cuda(), 16, exclude=None)
+    torch.testing.assert_close(actual[1].cpu(), expected[1], rtol=0, atol=0)
+    assert_close(actual[0].cpu(), expected[0], dtype=torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_widening_and_ties(backend):
+    # 3000 rows above the threshold with the query rank first: the pool must widen twice.
+    dim = 24
+    query = F.normalize(torch.randn(1, dim), dim=-1)
+    above = F.normalize(query + 0.05 * torch.randn(3000, dim), dim=-1)
+    memory = torch.cat([above, F.normalize(torch.randn(2000, dim), dim=-1)]).cuda()
+    _assert_matches_reference(backend, query.cuda(), memory, 8)
