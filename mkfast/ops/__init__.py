@@ -3,3 +3,7 @@
 from mkfast.ops.topk_dedup import topk_dedup, topk_dedup_reference
 
 __all__ = ["topk_dedup", "topk_dedup_reference"]
+
+from mkfast.ops.attention import attention, attention_reference  # noqa: E402
+
+__all__ += ["attention", "attention_reference"]

@@ -1,0 +1,234 @@
+"""attention: causal / document-masked multi-head attention with GQA, for RA-CM3's packed sequences.
+
+RA-CM3 (SPEC.md, "Documents", "Generator") trains on 4096-token sequences that
+hold up to 3 documents (retrieved documents prepended to the main one). With
+``document_ids`` a token attends only to tokens of its own document, and, when
+``causal``, only to earlier or equal positions.
+
+Semantics, kept by every backend:
+  out[b, h, i] = softmax_j(scale * q[b, h, i] . k[b, h // G, j] + mask) @ v[b, h // G]
+  with G = Hq / Hkv, scale = 1/sqrt(D) by default, and key j allowed for query i iff
+    - causal: j <= i + (S_kv - S_q)      (queries are the last S_q positions of the keys)
+    - document_ids: document_ids[b, i] == document_ids[b, j]   (needs S_q == S_kv)
+  Every query sees at least one key (itself), so no row is empty.
+  Computation in fp32 whatever the input dtype; the output has the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mkfast.backend import OpDispatcher, triton_unavailable_reason
+from mkfast.ops._checks import FLOAT_DTYPES, check_same_size, check_tensor
+
+OP = "attention"
+INTEGER_DTYPES = (torch.int32, torch.int64)
+
+attention_backends = OpDispatcher(OP, auto_order={"cuda": ("triton", "reference")})
+
+
+# --------------------------------------------------------------------------- reference
+def attention_allowed_mask(
+    query_length: int,
+    key_length: int,
+    causal: bool,
+    document_ids: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """The boolean mask every backend implements: (B or 1, 1, S_q, S_kv), True = may attend."""
+    allowed = torch.ones(1, 1, query_length, key_length, dtype=torch.bool, device=device)
+    if causal:
+        offset = key_length - query_length  # queries are the last S_q key positions
+        query_positions = torch.arange(query_length, device=device)[:, None] + offset
+        allowed = allowed & (torch.arange(key_length, device=device)[None, :] <= query_positions)
+    if document_ids is not None:
+        same_document = document_ids[:, :, None] == document_ids[:, None, :]  # (B, S, S)
+        allowed = allowed & same_document[:, None]
+    return allowed
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    document_ids: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The definition of the op: SDPA with the equivalent boolean mask, in fp32.
+
+    q: (B, Hq, S_q, D), k and v: (B, Hkv, S_kv, D), document_ids: (B, S) or None.
+    Returns (B, Hq, S_q, D) in q's dtype. Differentiable with plain autograd.
+    """
+    group = q.shape[1] // k.shape[1]
+    mask = attention_allowed_mask(q.shape[2], k.shape[2], causal, document_ids, q.device)
+    out = F.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(group, dim=1), v.float().repeat_interleave(group, dim=1),
+        attn_mask=mask, scale=scale,
+    )
+    return out.to(q.dtype).contiguous()
+
+
+@attention_backends.register("reference")
+def _attention_reference_forward(q, k, v, causal, document_ids, scale):
+    """Reference forward for the custom op: output and per-row log-sum-exp (B, Hq, S_q) fp32."""
+    out = attention_reference(q, k, v, causal=causal, document_ids=document_ids, scale=scale)
+    group = q.shape[1] // k.shape[1]
+    scores = scale * q.float() @ k.float().repeat_interleave(group, dim=1).transpose(-1, -2)
+    mask = attention_allowed_mask(q.shape[2], k.shape[2], causal, document_ids, q.device)
+    lse = torch.logsumexp(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return out, lse
+
+
+def _attention_reference_backward(grad_out, q, k, v, out, lse, causal, document_ids, scale):
+    """Gradients of the reference: P = exp(S - lse), dS = P * (dO V^T - rowsum(dO * O)).
+
+    Written out (not autograd) because a custom op's implementation runs below
+    the autograd dispatcher. Returns dq, dk, dv in the dtypes of q, k, v.
+    """
+    group = q.shape[1] // k.shape[1]
+    q32, k32, v32 = q.float(), k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1)
+    grad32 = grad_out.float()
+    mask = attention_allowed_mask(q.shape[2], k.shape[2], causal, document_ids, q.device)
+    probabilities = torch.exp(scale * q32 @ k32.transpose(-1, -2) - lse[..., None]).masked_fill(~mask, 0.0)
+    grad_v = probabilities.transpose(-1, -2) @ grad32
+    row_dot = (grad32 * out.float()).sum(-1, keepdim=True)
+    grad_scores = probabilities * (grad32 @ v32.transpose(-1, -2) - row_dot)
+    grad_q = scale * grad_scores @ k32
+    grad_k = scale * grad_scores.transpose(-1, -2) @ q32
+    batch, heads_kv = k.shape[0], k.shape[1]
+    # GQA: a key/value head's gradient sums over the query heads of its group.
+    grad_k = grad_k.view(batch, heads_kv, group, *grad_k.shape[2:]).sum(2)
+    grad_v = grad_v.view(batch, heads_kv, group, *grad_v.shape[2:]).sum(2)
+    return grad_q.to(q.dtype).contiguous(), grad_k.to(k.dtype).contiguous(), grad_v.to(v.dtype).contiguous()
+
+
+# --------------------------------------------------------------------------- triton backend
+@attention_backends.register("triton", triton_unavailable_reason)
+def _attention_triton_forward(q, k, v, causal, document_ids, scale):
+    from mkfast.kernels.attention import attention_forward
+
+    return attention_forward(q, k, v, causal, document_ids, scale)
+
+
+def _attention_triton_backward(grad_out, q, k, v, out, lse, causal, document_ids, scale):
+    from mkfast.kernels.attention import attention_backward
+
+    return attention_backward(grad_out, q, k, v, out, lse, causal, document_ids, scale)
+
+
+_BACKWARDS = {"reference": _attention_reference_backward, "triton": _attention_triton_backward}
+
+
+# --------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("mkfast::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+    document_ids: torch.Tensor | None, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    backend = attention_backends.select(q.device)
+    return backend.implementation(q, k, v, causal, document_ids, scale)
+
+
+@_attention_op.register_fake
+def _(q, k, v, causal, document_ids, scale):
+    batch, heads, query_length, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads, query_length), dtype=torch.float32)
+
+
+@torch.library.custom_op("mkfast::attention_backward", mutates_args=())
+def _attention_backward_op(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, causal: bool, document_ids: torch.Tensor | None, scale: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _BACKWARDS[backend](grad_out.contiguous(), q, k, v, out, lse, causal, document_ids, scale)
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, causal, document_ids, scale, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, document_ids, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, document_ids)
+    ctx.causal, ctx.scale = causal, scale
+    # Backward may run on an autograd thread without the caller's use_backend
+    # context: remember the backend the forward used, here on the caller's thread.
+    ctx.backend = attention_backends.select(q.device).name
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, document_ids = ctx.saved_tensors
+    grad_q, grad_k, grad_v = _attention_backward_op(
+        grad_out, q, k, v, out, lse, ctx.causal, document_ids, ctx.scale, ctx.backend
+    )
+    return grad_q, grad_k, grad_v, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public function
+def _validate(q, k, v, causal, document_ids, scale) -> None:
+    layout = "(B, H, S, D)"
+    check_tensor(OP, "q", q, ndim=4, layout=layout, dtypes=FLOAT_DTYPES)
+    check_tensor(OP, "k", k, ndim=4, layout=layout, dtypes=(q.dtype,), device=q.device)
+    check_tensor(OP, "v", v, ndim=4, layout=layout, dtypes=(q.dtype,), device=q.device)
+    if k.shape != v.shape:
+        raise ValueError(f"{OP}: k and v must have the same shape (B, Hkv, S, D), got {tuple(k.shape)} and {tuple(v.shape)}")
+    check_same_size(OP, "batch size (dim 0) like q's", q.shape[0], "k", k.shape[0])
+    check_same_size(OP, "head dim (dim 3) like q's", q.shape[3], "k", k.shape[3])
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"{OP}: q's heads ({q.shape[1]}) must be a multiple of k's heads ({k.shape[1]}) (GQA)")
+    if q.shape[3] == 0 or q.shape[3] > 256:
+        raise ValueError(f"{OP}: head dim D must be in 1..256, got {q.shape[3]}")
+    if k.shape[2] < q.shape[2]:
+        raise ValueError(f"{OP}: k must have at least as many positions as q (queries are the last ones), "
+                         f"got S_kv={k.shape[2]} < S_q={q.shape[2]}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"{OP}: causal must be a bool, got {type(causal).__name__}")
+    if document_ids is not None:
+        check_tensor(OP, "document_ids", document_ids, ndim=2, layout="(B, S)", dtypes=INTEGER_DTYPES, device=q.device)
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(f"{OP}: document_ids needs S_q == S_kv, got S_q={q.shape[2]}, S_kv={k.shape[2]}")
+        if tuple(document_ids.shape) != (q.shape[0], q.shape[2]):
+            raise ValueError(f"{OP}: document_ids must be (B, S) = {(q.shape[0], q.shape[2])}, got {tuple(document_ids.shape)}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"{OP}: scale must be a float or None, got {type(scale).__name__}")
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    document_ids: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal and/or document-masked attention, forward and backward.
+
+    Args:
+        q: (B, Hq, S_q, D) fp32/fp16/bf16.
+        k, v: (B, Hkv, S_kv, D), same dtype and device; Hq a multiple of Hkv
+            (GQA/MQA); S_kv >= S_q (a KV cache: queries are the last S_q positions).
+        causal: mask keys after each query (aligned to the end when S_kv > S_q).
+        document_ids: (B, S) int32/int64 or None; a token attends only to its own
+            document. Needs S_q == S_kv. Ids need not be sorted or contiguous.
+        scale: softmax scale, default 1/sqrt(D).
+
+    Returns:
+        (B, Hq, S_q, D) in q's dtype.
+    """
+    _validate(q, k, v, causal, document_ids, scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if q.shape[0] == 0 or q.shape[2] == 0:
+        return torch.zeros_like(q) + 0 * (k.sum() + v.sum())  # keeps the autograd graph for empty inputs
+    out, _ = _attention_op(q, k, v, causal, document_ids, scale)
+    return out
