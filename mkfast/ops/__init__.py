@@ -4,6 +4,8 @@ from mkfast.ops.topk_dedup import topk_dedup, topk_dedup_reference
 
 __all__ = ["topk_dedup", "topk_dedup_reference"]
 
-from mkfast.ops.attention import attention, attention_reference  # noqa: E402
+from mkfast.ops.attention import (  # noqa: E402
+    attention, attention_reference, decode_attention, decode_attention_reference,
+)
 
-__all__ += ["attention", "attention_reference"]
+__all__ += ["attention", "attention_reference", "decode_attention", "decode_attention_reference"]

@@ -232,3 +232,112 @@ def attention(
         return torch.zeros_like(q) + 0 * (k.sum() + v.sum())  # keeps the autograd graph for empty inputs
     out, _ = _attention_op(q, k, v, causal, document_ids, scale)
     return out
+
+
+# =========================================================================== decode_attention
+DECODE_OP = "decode_attention"
+
+decode_attention_backends = OpDispatcher(DECODE_OP, auto_order={"cuda": ("triton", "reference")})
+
+
+def decode_allowed_mask(cache_seqlens: torch.Tensor, new_tokens: int, cache_length: int) -> torch.Tensor:
+    """(B, 1, T, L_max) bool: new token t of row b sees cache positions [0, len_b - T + t]."""
+    positions = torch.arange(cache_length, device=cache_seqlens.device)
+    last_visible = cache_seqlens.long()[:, None] - new_tokens + torch.arange(new_tokens, device=cache_seqlens.device)
+    return (positions[None, None, :] <= last_visible[:, :, None])[:, None]
+
+
+@decode_attention_backends.register("reference")
+def decode_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The definition of decode: SDPA over the filled cache with the causal-at-the-end mask, in fp32.
+
+    q: (B, Hq, T, D), k_cache/v_cache: (B, Hkv, L_max, D), cache_seqlens: (B,) -> (B, Hq, T, D).
+    """
+    group = q.shape[1] // k_cache.shape[1]
+    mask = decode_allowed_mask(cache_seqlens, q.shape[2], k_cache.shape[2])
+    out = F.scaled_dot_product_attention(
+        q.float(), k_cache.float().repeat_interleave(group, dim=1), v_cache.float().repeat_interleave(group, dim=1),
+        attn_mask=mask, scale=scale,
+    )
+    return out.to(q.dtype).contiguous()
+
+
+@decode_attention_backends.register("triton", triton_unavailable_reason)
+def _decode_attention_triton(q, k_cache, v_cache, cache_seqlens, scale):
+    from mkfast.kernels.decode_attention import decode_attention_forward
+
+    return decode_attention_forward(q, k_cache, v_cache, cache_seqlens, scale)
+
+
+@torch.library.custom_op("mkfast::decode_attention", mutates_args=())
+def _decode_attention_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    backend = decode_attention_backends.select(q.device)
+    return backend.implementation(q, k_cache, v_cache, cache_seqlens, scale)
+
+
+@_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, scale):
+    return q.new_empty(q.shape)
+
+
+def _validate_decode(q, k_cache, v_cache, cache_seqlens) -> None:
+    layout = "(B, H, L, D)"
+    check_tensor(DECODE_OP, "q", q, ndim=4, layout="(B, Hq, T, D)", dtypes=FLOAT_DTYPES)
+    check_tensor(DECODE_OP, "k_cache", k_cache, ndim=4, layout=layout, dtypes=(q.dtype,), device=q.device)
+    check_tensor(DECODE_OP, "v_cache", v_cache, ndim=4, layout=layout, dtypes=(q.dtype,), device=q.device)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"{DECODE_OP}: k_cache and v_cache must have the same shape (B, Hkv, L_max, D), "
+                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    check_same_size(DECODE_OP, "batch size (dim 0) like q's", q.shape[0], "k_cache", k_cache.shape[0])
+    check_same_size(DECODE_OP, "head dim (dim 3) like q's", q.shape[3], "k_cache", k_cache.shape[3])
+    if k_cache.shape[1] == 0 or q.shape[1] % k_cache.shape[1] != 0:
+        raise ValueError(f"{DECODE_OP}: q's heads ({q.shape[1]}) must be a multiple of k_cache's heads "
+                         f"({k_cache.shape[1]}) (GQA)")
+    if q.shape[3] == 0 or q.shape[3] > 256:
+        raise ValueError(f"{DECODE_OP}: head dim D must be in 1..256, got {q.shape[3]}")
+    check_tensor(DECODE_OP, "cache_seqlens", cache_seqlens, ndim=1, layout="(B,)", dtypes=INTEGER_DTYPES,
+                 device=q.device)
+    check_same_size(DECODE_OP, "length B like q's batch", q.shape[0], "cache_seqlens", cache_seqlens.shape[0])
+    if q.shape[0] and not torch.compiler.is_compiling():
+        # A device sync on GPU: the price of refusing lengths that would read
+        # outside the cache or leave a new token with no key (silent garbage).
+        shortest, longest = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if shortest < q.shape[2] or longest > k_cache.shape[2]:
+            raise ValueError(f"{DECODE_OP}: cache_seqlens must be in [T, L_max] = [{q.shape[2]}, {k_cache.shape[2]}] "
+                             f"(the T new tokens are already in the cache), got values in [{shortest}, {longest}]")
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of T new tokens per row over a ragged KV cache (inference only, no autograd).
+
+    Args:
+        q: (B, Hq, T, D) fp32/fp16/bf16, the new tokens' queries.
+        k_cache, v_cache: (B, Hkv, L_max, D), Hq a multiple of Hkv; row b is filled
+            on [0, cache_seqlens[b]) and the new tokens' own keys are already at
+            [cache_seqlens[b] - T, cache_seqlens[b]).
+        cache_seqlens: (B,) int32/int64, each in [T, L_max].
+        scale: softmax scale, default 1/sqrt(D).
+
+    Returns:
+        (B, Hq, T, D) in q's dtype; new token t attends to positions <= len - T + t.
+    """
+    _validate_decode(q, k_cache, v_cache, cache_seqlens)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if q.shape[0] == 0 or q.shape[2] == 0:
+        return q.new_zeros(q.shape)
+    return _decode_attention_op(q, k_cache, v_cache, cache_seqlens, scale)
