@@ -288,7 +288,7 @@ def _(q, k_cache, v_cache, cache_seqlens, scale):
     return q.new_empty(q.shape)
 
 
-def _validate_decode(q, k_cache, v_cache, cache_seqlens) -> None:
+def _validate_decode(q, k_cache, v_cache, cache_seqlens, check_lengths: bool) -> None:
     layout = "(B, H, L, D)"
     check_tensor(DECODE_OP, "q", q, ndim=4, layout="(B, Hq, T, D)", dtypes=FLOAT_DTYPES)
     check_tensor(DECODE_OP, "k_cache", k_cache, ndim=4, layout=layout, dtypes=(q.dtype,), device=q.device)
@@ -306,7 +306,7 @@ def _validate_decode(q, k_cache, v_cache, cache_seqlens) -> None:
     check_tensor(DECODE_OP, "cache_seqlens", cache_seqlens, ndim=1, layout="(B,)", dtypes=INTEGER_DTYPES,
                  device=q.device)
     check_same_size(DECODE_OP, "length B like q's batch", q.shape[0], "cache_seqlens", cache_seqlens.shape[0])
-    if q.shape[0] and not torch.compiler.is_compiling():
+    if check_lengths and q.shape[0] and not torch.compiler.is_compiling():
         # A device sync on GPU: the price of refusing lengths that would read
         # outside the cache or leave a new token with no key (silent garbage).
         shortest, longest = int(cache_seqlens.min()), int(cache_seqlens.max())
@@ -322,6 +322,7 @@ def decode_attention(
     cache_seqlens: torch.Tensor,
     *,
     scale: float | None = None,
+    check_lengths: bool = True,
 ) -> torch.Tensor:
     """Attention of T new tokens per row over a ragged KV cache (inference only, no autograd).
 
@@ -332,11 +333,13 @@ def decode_attention(
             [cache_seqlens[b] - T, cache_seqlens[b]).
         cache_seqlens: (B,) int32/int64, each in [T, L_max].
         scale: softmax scale, default 1/sqrt(D).
+        check_lengths: check cache_seqlens' values (a device sync on GPU); pass
+            False only when they are valid by construction (a full cache).
 
     Returns:
         (B, Hq, T, D) in q's dtype; new token t attends to positions <= len - T + t.
     """
-    _validate_decode(q, k_cache, v_cache, cache_seqlens)
+    _validate_decode(q, k_cache, v_cache, cache_seqlens, check_lengths)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if q.shape[0] == 0 or q.shape[2] == 0:
         return q.new_zeros(q.shape)
