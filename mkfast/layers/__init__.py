@@ -1,1 +1,6 @@
 """nn.Modules built on mkfast.ops, usable as drop-in layers in any PyTorch model."""
+
+from mkfast.layers.mome import MoMEFFN  # noqa: E402
+from mkfast.layers.visual_memory import RMSNorm, VisualMemory  # noqa: E402
+
+__all__ = ["MoMEFFN", "RMSNorm", "VisualMemory"]

@@ -9,3 +9,7 @@ from mkfast.ops.attention import (  # noqa: E402
 )
 
 __all__ += ["attention", "attention_reference", "decode_attention", "decode_attention_reference"]
+
+from mkfast.ops.mome import mome_ffn, mome_ffn_reference  # noqa: E402
+
+__all__ += ["mome_ffn", "mome_ffn_reference"]

@@ -1,0 +1,64 @@
+"""VisualMemory: MKS2's Modular Visual Memory (MVM), a small FFN inside every block.
+
+MKS2 (SPEC.md, "Modular Visual Memory"): ``h_F = h_s + MVM(Norm(h_s))`` with a
+two-layer feed-forward network of inner size hidden/4. This module is
+``MVM(Norm(x))`` without the residual: the caller (the patched block) adds it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The paper names no activation; SiLU is the one of the Llama MLP the memory
+# sits next to, and lets the fused MoME kernel share one epilogue for both experts.
+ACTIVATION = "silu"
+# Llama-2's RMSNorm epsilon (HF config rms_norm_eps).
+DEFAULT_EPS = 1e-6
+
+
+class RMSNorm(nn.Module):
+    """Llama-style RMSNorm: statistics in fp32, weight applied in the input's dtype.
+
+    Same attribute names as transformers' LlamaRMSNorm (``weight``, ``variance_epsilon``).
+    """
+
+    def __init__(self, hidden_size: int, eps: float = DEFAULT_EPS):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states: (..., d) -> (..., d) in the input's dtype."""
+        input_dtype = hidden_states.dtype
+        hidden_fp32 = hidden_states.float()
+        variance = hidden_fp32.pow(2).mean(-1, keepdim=True)
+        normalized = hidden_fp32 * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * normalized.to(input_dtype)
+
+
+class VisualMemory(nn.Module):
+    """MVM(norm(x)): RMSNorm -> fc1 (d -> d*ratio) -> SiLU -> fc2 (-> d), no biases, no residual.
+
+    fc2 starts at zero, so a freshly inserted memory leaves the model unchanged.
+    Input (B, T, d) or (N, d), any float dtype matching the parameters.
+    """
+
+    def __init__(self, hidden_size: int, ratio: float = 0.25, eps: float = DEFAULT_EPS):
+        super().__init__()
+        if hidden_size <= 0 or ratio <= 0:
+            raise ValueError(f"VisualMemory: hidden_size and ratio must be positive, got {hidden_size}, {ratio}")
+        self.hidden_size = hidden_size
+        self.inner_size = max(1, int(round(hidden_size * ratio)))
+        self.norm = RMSNorm(hidden_size, eps)
+        self.fc1 = nn.Linear(hidden_size, self.inner_size, bias=False)
+        self.fc2 = nn.Linear(self.inner_size, hidden_size, bias=False)
+        nn.init.zeros_(self.fc2.weight)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states: (..., d) -> MVM(norm(hidden_states)): (..., d)."""
+        return self.fc2(F.silu(self.fc1(self.norm(hidden_states))))
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, inner_size={self.inner_size}, activation={ACTIVATION}"

@@ -1,0 +1,144 @@
+"""mome_ffn: every backend against autograd through the eager reference, forward and every gradient."""
+
+import pytest
+import torch
+
+import mkfast
+from helpers import assert_close, interpreter_dtypes, run_opcheck
+from mkfast.ops.mome import FROZEN_NAMES, TRAINABLE_NAMES, mome_ffn, mome_ffn_reference
+
+BACKENDS = ["reference"]
+# Sums over hidden and intermediate widths of a few hundred terms; values are O(1),
+# so the per-element rounding of each projection adds up: widen fp16 by 4x.
+SCALE = {torch.float32: 2.0, torch.float16: 4.0, torch.bfloat16: 2.0}
+
+
+def make_inputs(tokens, hidden, intermediate, visual_size, rank, dtype, device="cpu", seed=0):
+    """Op arguments with every LoRA B nonzero (a zero B would hide the LoRA paths from the test)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, generator=generator) * std).to(device=device, dtype=dtype)
+
+    inputs = {
+        "x": randn(tokens, hidden),
+        "text_norm_weight": 1.0 + randn(hidden, std=0.1), "visual_norm_weight": 1.0 + randn(hidden, std=0.1),
+        "gate_weight": randn(intermediate, hidden, std=hidden ** -0.5),
+        "up_weight": randn(intermediate, hidden, std=hidden ** -0.5),
+        "down_weight": randn(hidden, intermediate, std=intermediate ** -0.5),
+        "fc1_weight": randn(visual_size, hidden, std=hidden ** -0.5),
+        "fc2_weight": randn(hidden, visual_size, std=visual_size ** -0.5),
+        "router_weight": randn(2, hidden, std=hidden ** -0.5), "router_bias": randn(2, std=0.5),
+    }
+    in_out = {"gate": (hidden, intermediate), "up": (hidden, intermediate), "down": (intermediate, hidden),
+              "fc1": (hidden, visual_size), "fc2": (visual_size, hidden)}
+    for name, (fan_in, fan_out) in in_out.items():
+        inputs[f"{name}_lora_A"] = randn(rank, fan_in, std=fan_in ** -0.5)
+        inputs[f"{name}_lora_B"] = randn(fan_out, rank, std=rank ** -0.5)
+    return inputs
+
+
+def op_args(inputs, lora_scale=2.0, eps=1e-6):
+    return (inputs["x"], *[inputs[name] for name in (*FROZEN_NAMES, *TRAINABLE_NAMES)], eps, eps, lora_scale)
+
+
+def forward_and_grads(function, inputs, grad_output):
+    """Output and the gradients of x and the twelve trainable tensors, frozen weights untouched."""
+    leaves = {name: tensor.clone() for name, tensor in inputs.items()}
+    wanted = ["x", *TRAINABLE_NAMES]
+    for name in wanted:
+        leaves[name].requires_grad_(True)
+    output = function(leaves)
+    grads = torch.autograd.grad(output, [leaves[name] for name in wanted], grad_output)
+    assert all(leaves[name].grad is None and not leaves[name].requires_grad for name in FROZEN_NAMES)
+    return output, dict(zip(wanted, grads))
+
+
+def run_reference(leaves):
+    return mome_ffn_reference(*op_args(leaves))
+
+
+def run_backend(backend):
+    def run(leaves):
+        x = leaves["x"]
+        weights = {name: leaves[name] for name in (*FROZEN_NAMES, *TRAINABLE_NAMES)}
+        with mkfast.use_backend(backend):
+            return mome_ffn(x, lora_scale=2.0, **weights)
+    return run
+
+
+def check_backend(backend, tokens, hidden, intermediate, visual_size, rank, dtype):
+    inputs = make_inputs(tokens, hidden, intermediate, visual_size, rank, dtype)
+    grad_output = torch.randn(tokens, hidden).to(dtype)
+    expected, expected_grads = forward_and_grads(run_reference, inputs, grad_output)
+    actual, actual_grads = forward_and_grads(run_backend(backend), inputs, grad_output)
+    assert actual.dtype == dtype and actual.shape == (tokens, hidden)
+    assert_close(actual, expected, scale=SCALE[dtype], message="output")
+    for name, grad in expected_grads.items():
+        # Gradients of A/B and the router sum over every token: scale by the token count.
+        scale = SCALE[dtype] * (1.0 if name == "x" else max(1.0, tokens / 16))
+        assert_close(actual_grads[name], grad, scale=scale, message=f"grad of {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", interpreter_dtypes())
+@pytest.mark.parametrize("tokens,hidden,intermediate,visual_size,rank", [
+    (7, 96, 160, 24, 8),     # hidden not a power of two, odd token count
+    (1, 48, 80, 12, 1),      # one token, rank 1
+    (129, 40, 72, 10, 16),   # tokens one past a block multiple, rank 16
+])
+def test_forward_and_every_gradient_match_reference(backend, dtype, tokens, hidden, intermediate, visual_size, rank):
+    check_backend(backend, tokens, hidden, intermediate, visual_size, rank, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hidden_200_matches_reference(backend):
+    check_backend(backend, 9, 200, 136, 50, 8, torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens,hidden,intermediate,visual_size,rank", [(1000, 1024, 2752, 256, 8), (129, 200, 344, 50, 16)])
+def test_triton_on_gpu_matches_reference(dtype, tokens, hidden, intermediate, visual_size, rank):
+    inputs = make_inputs(tokens, hidden, intermediate, visual_size, rank, dtype, device="cuda")
+    grad_output = torch.randn(tokens, hidden, device="cuda").to(dtype)
+    expected, expected_grads = forward_and_grads(run_reference, inputs, grad_output)
+    actual, actual_grads = forward_and_grads(run_backend("triton"), inputs, grad_output)
+    # Reductions over ~1000 tokens / 2752 features in 16-bit: widen by 4x.
+    assert_close(actual, expected, scale=4.0)
+    for name, grad in expected_grads.items():
+        assert_close(actual_grads[name], grad, scale=4.0 if name == "x" else 16.0, message=f"grad of {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_gives_empty_output(backend):
+    inputs = make_inputs(0, 16, 24, 4, 2, torch.float32)
+    weights = {name: inputs[name] for name in (*FROZEN_NAMES, *TRAINABLE_NAMES)}
+    with mkfast.use_backend(backend):
+        assert mome_ffn(inputs["x"], lora_scale=1.0, **weights).shape == (0, 16)
+
+
+def test_custom_op_passes_opcheck():
+    inputs = make_inputs(5, 24, 40, 6, 4, torch.float32)
+    args = list(op_args(inputs))
+    for index in [0, *range(1 + len(FROZEN_NAMES), 1 + len(FROZEN_NAMES) + len(TRAINABLE_NAMES))]:
+        args[index] = args[index].requires_grad_(True)
+    run_opcheck(torch.ops.mkfast.mome_ffn.default, tuple(args))
+
+
+def test_invalid_inputs_are_refused_with_the_argument_named():
+    inputs = make_inputs(4, 16, 24, 4, 2, torch.float32)
+    weights = {name: inputs[name] for name in (*FROZEN_NAMES, *TRAINABLE_NAMES)}
+    x = inputs["x"]
+    with pytest.raises(ValueError, match=r"x must have last dim \(d\) like gate_weight's in_features 16, got 12"):
+        mome_ffn(x[:, :12], lora_scale=1.0, **weights)
+    with pytest.raises(TypeError, match="down_weight must have x's dtype torch.float16, got torch.float32"):
+        mome_ffn(x.half(), lora_scale=1.0, **{**weights, **{n: w.half() for n, w in weights.items() if n != "down_weight"}})
+    with pytest.raises(TypeError, match="x must be float32/float16/bfloat16, got torch.int64"):
+        mome_ffn(x.long(), lora_scale=1.0, **weights)
+    with pytest.raises(ValueError, match=r"up_lora_B must have shape \(24, 2\)"):
+        mome_ffn(x, lora_scale=1.0, **{**weights, "up_lora_B": torch.zeros(24, 3)})
+    with pytest.raises(ValueError, match="fc1_weight is frozen"):
+        mome_ffn(x, lora_scale=1.0, **{**weights, "fc1_weight": weights["fc1_weight"].clone().requires_grad_()})
+    with pytest.raises(ValueError, match="router_weight must be on meta like the other inputs, got cpu"):
+        mome_ffn(x.to("meta"), lora_scale=1.0, **{n: w.to("meta") if n != "router_weight" else w for n, w in weights.items()})
