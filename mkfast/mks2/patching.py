@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mkfast.layers import MoMEFFN, VisualMemory
 
 VISUAL_MEMORY = "visual_memory"
 MOMES = "momes"
@@ -64,18 +65,12 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def _mome_class():
-    from mkfast.layers.mome import MoMEFFN
-
-    return MoMEFFN
-
-
 def patch_state(model: nn.Module) -> str | None:
     """None (unpatched), "visual_memory" or "momes"."""
     first = decoder_layers(model)[0].mlp
     if isinstance(first, VisualMemoryFeedForward):
         return VISUAL_MEMORY
-    if type(first).__name__ == "MoMEFFN" and isinstance(first, _mome_class()):
+    if isinstance(first, MoMEFFN):
         return MOMES
     return None
 
@@ -101,8 +96,6 @@ def add_visual_memory(model: nn.Module, ratio: float = 0.25, freeze_base: bool =
     """
     if patch_state(model) is not None:
         raise RuntimeError(f"mks2: model already patched ({patch_state(model)}); call remove_visual_memory first")
-    from mkfast.layers.visual_memory import VisualMemory
-
     hidden_size = _hidden_size(model)
     # The memory's own RMSNorm uses the model's epsilon (Llama-2: 1e-5 or 1e-6 depending on the release).
     eps = float(getattr(getattr(model, "config", None), "rms_norm_eps", 1e-6))
@@ -134,12 +127,16 @@ def remove_visual_memory(model: nn.Module) -> nn.Module:
 
 def visual_memories(model: nn.Module) -> list[nn.Module]:
     """The VisualMemory of each decoder layer (visual-memory or MoMEs state)."""
-    state = patch_state(model)
-    if state == VISUAL_MEMORY:
-        return [layer.mlp.visual_memory for layer in decoder_layers(model)]
-    if state == MOMES:
-        return [layer.mlp.visual_memory for layer in decoder_layers(model)]
-    raise RuntimeError("mks2: model has no visual memory")
+    if patch_state(model) is None:
+        raise RuntimeError("mks2: model has no visual memory")
+    return [layer.mlp.visual_memory for layer in decoder_layers(model)]
+
+
+def router_probabilities(mome: MoMEFFN, hidden_states: torch.Tensor) -> torch.Tensor:
+    """S = softmax(W_s x + b_s) (MKS2 eq. 3) of one MoMEFFN for h_s: (..., d) -> (..., 2) fp32;
+    column 0 weighs the visual expert, column 1 the text expert. x is the block's post-attention norm of h_s."""
+    dtype = mome.router.weight.dtype
+    return torch.softmax(mome.router(mome.norm(hidden_states.to(dtype)).to(dtype)).float(), dim=-1)
 
 
 def enable_momes(model: nn.Module, rank: int = 8, alpha: float = 16) -> nn.Module:
@@ -157,7 +154,7 @@ def enable_momes(model: nn.Module, rank: int = 8, alpha: float = 16) -> nn.Modul
     _freeze(model)
     for layer in decoder_layers(model):
         wrapper = layer.mlp
-        layer.mlp = _mome_class()(wrapper.mlp, wrapper.visual_memory, wrapper.post_attention_layernorm,
+        layer.mlp = MoMEFFN(wrapper.mlp, wrapper.visual_memory, wrapper.post_attention_layernorm,
                             rank=rank, alpha=alpha)
     model.mks2_mome_rank = rank
     model.mks2_mome_alpha = alpha
