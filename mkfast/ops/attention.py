@@ -229,7 +229,7 @@ def attention(
     _validate(q, k, v, causal, document_ids, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if q.shape[0] == 0 or q.shape[2] == 0:
-        return torch.zeros_like(q) + 0 * (k.sum() + v.sum())  # keeps the autograd graph for empty inputs
+        return q * 0.0 + (k.sum() + v.sum()) * 0.0  # empty, but connected to q, k, v for autograd
     out, _ = _attention_op(q, k, v, causal, document_ids, scale)
     return out
 

@@ -1,0 +1,189 @@
+"""mkfast.ops.attention: every backend against the SDPA reference, forward and backward.
+
+On a CPU machine the Triton kernels run under the interpreter (conftest), so the
+shapes stay small; the `cuda` tests cover bf16 and RA-CM3's S=4096.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mkfast
+from helpers import assert_close, devices_to_test, interpreter_dtypes, run_opcheck
+from mkfast.ops.attention import attention, attention_reference
+
+# fp16 gradients sum S products of rounded values: twice the output tolerance.
+GRADIENT_SCALE = 2.0
+
+# (batch, query heads, kv heads, S, D): S=1, tails (17, 130, 257 are not
+# multiples of any block), GQA 4:2, MQA 4:1, and a head dim that is not a power of two.
+SHAPES = [
+    (1, 2, 2, 1, 64),
+    (2, 4, 2, 17, 64),
+    (1, 4, 1, 130, 128),
+    (1, 1, 1, 257, 32),
+    (1, 2, 1, 45, 24),
+]
+
+
+def make_inputs(batch, heads, kv_heads, query_length, head_dim, dtype, device, key_length=None):
+    key_length = key_length or query_length
+    q = torch.randn(batch, heads, query_length, head_dim, dtype=dtype, device=device)
+    k = torch.randn(batch, kv_heads, key_length, head_dim, dtype=dtype, device=device)
+    v = torch.randn(batch, kv_heads, key_length, head_dim, dtype=dtype, device=device)
+    grad_out = torch.randn(batch, heads, query_length, head_dim, dtype=dtype, device=device)
+    return q, k, v, grad_out
+
+
+def documents_from_lengths(lengths: list[int], batch: int, device) -> torch.Tensor:
+    """(batch, sum(lengths)) int32 ids 0, 0, ..., 1, ... for consecutive documents of these lengths."""
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    return ids.to(torch.int32).expand(batch, -1).contiguous().to(device)
+
+
+def check_against_reference(backend, q, k, v, grad_out, *, causal, document_ids=None, scale=None):
+    """Forward and gradients of ``backend`` vs autograd through the fp32 reference."""
+    inputs = [tensor.detach().clone().requires_grad_() for tensor in (q, k, v)]
+    with mkfast.use_backend(backend):
+        out = attention(*inputs, causal=causal, document_ids=document_ids, scale=scale)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+
+    reference_inputs = [tensor.detach().float().requires_grad_() for tensor in (q, k, v)]
+    expected = attention_reference(*reference_inputs, causal=causal, document_ids=document_ids, scale=scale)
+    expected_grads = torch.autograd.grad(expected, reference_inputs, grad_out.float())
+
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert_close(out, expected, dtype=q.dtype, message="output")
+    for name, grad, expected_grad in zip("qkv", grads, expected_grads):
+        assert grad.dtype == q.dtype
+        assert_close(grad, expected_grad, dtype=q.dtype, scale=GRADIENT_SCALE, message=f"d{name}")
+
+
+@pytest.mark.parametrize("device", devices_to_test())
+@pytest.mark.parametrize("dtype", interpreter_dtypes())
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: "x".join(map(str, shape)))
+def test_triton_causal_matches_reference(shape, dtype, device):
+    q, k, v, grad_out = make_inputs(*shape, dtype, device)
+    check_against_reference("triton", q, k, v, grad_out, causal=True)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 257, 32), (2, 4, 2, 17, 64)], ids=["257", "17-gqa"])
+def test_triton_non_causal_matches_reference(shape):
+    q, k, v, grad_out = make_inputs(*shape, torch.float32, "cpu")
+    check_against_reference("triton", q, k, v, grad_out, causal=False)
+
+
+@pytest.mark.parametrize("dtype", interpreter_dtypes())
+@pytest.mark.parametrize("causal", [True, False])
+def test_document_mask_matches_reference_on_ragged_documents(causal, dtype):
+    # A one-token document, one longer than a block, documents that straddle blocks.
+    document_ids = documents_from_lengths([1, 40, 7, 82], batch=2, device="cpu")
+    q, k, v, grad_out = make_inputs(2, 4, 2, 130, 64, dtype, "cpu")
+    check_against_reference("triton", q, k, v, grad_out, causal=causal, document_ids=document_ids)
+
+
+def test_document_mask_rows_differ_and_ids_need_not_be_sorted():
+    # Row 0: three packed documents (RA-CM3: two retrieved + the main one);
+    # row 1: ids interleaved and unsorted, which the per-block [min, max] skip must not break.
+    row_sorted = documents_from_lengths([30, 50, 21], batch=1, device="cpu")[0]
+    row_shuffled = torch.tensor([5, 2, 5, 9] * 25 + [2], dtype=torch.int32)
+    document_ids = torch.stack([row_sorted, row_shuffled])
+    q, k, v, grad_out = make_inputs(2, 2, 1, 101, 32, torch.float32, "cpu")
+    check_against_reference("triton", q, k, v, grad_out, causal=True, document_ids=document_ids.to(torch.int64))
+
+
+def test_keys_longer_than_queries_are_causal_at_the_end():
+    # A KV cache: 20 new queries are positions 30..49 of 50 keys.
+    q, k, v, grad_out = make_inputs(2, 4, 2, 20, 64, torch.float32, "cpu", key_length=50)
+    check_against_reference("triton", q, k, v, grad_out, causal=True)
+    # Not the same as aligning the queries to the start: position 0 sees 31 keys, not 1.
+    shifted = attention_reference(q, k[:, :, :20], v[:, :, :20], causal=True)
+    assert not torch.allclose(attention_reference(q, k, v, causal=True), shifted, atol=1e-3)
+
+
+def test_triton_handles_non_contiguous_inputs_and_custom_scale():
+    # transformers hands (B, S, H, D) projections transposed to (B, H, S, D): strided, not contiguous.
+    q, k, v, grad_out = (tensor.transpose(1, 2).contiguous().transpose(1, 2)
+                         for tensor in make_inputs(1, 2, 2, 33, 64, torch.float32, "cpu"))
+    assert not q.is_contiguous()
+    check_against_reference("triton", q, k, v, grad_out, causal=True, scale=0.3)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_backend_backward_matches_autograd(causal):
+    document_ids = documents_from_lengths([3, 1, 13], batch=2, device="cpu")
+    q, k, v, grad_out = make_inputs(2, 4, 2, 17, 16, torch.float32, "cpu")
+    check_against_reference("reference", q, k, v, grad_out, causal=causal, document_ids=document_ids)
+
+
+def test_empty_batch_returns_empty_output_with_gradients():
+    q, k, v, _ = make_inputs(0, 2, 2, 5, 16, torch.float32, "cpu")
+    q.requires_grad_()
+    out = attention(q, k, v)
+    assert out.shape == q.shape
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_opcheck(backend):
+    q, k, v, _ = make_inputs(1, 2, 1, 17, 16, torch.float32, "cpu")
+    document_ids = documents_from_lengths([5, 12], batch=1, device="cpu")
+    for tensor in (q, k, v):
+        tensor.requires_grad_()
+    with mkfast.use_backend(backend):
+        run_opcheck(torch.ops.mkfast.attention.default, (q, k, v, True, document_ids, 0.25))
+
+
+def test_auto_backend_on_cpu_is_reference():
+    # The interpreter is orders of magnitude slower than the reference: never the automatic choice.
+    from mkfast.ops.attention import attention_backends
+
+    assert attention_backends.auto_choice(torch.device("cpu")) == "reference"
+
+
+BAD_INPUTS = [
+    (lambda q, k, v: (q[0], k, v, {}), ValueError, "q must be 4-D"),
+    (lambda q, k, v: (q, k.half(), v, {}), TypeError, "k must be float32"),
+    (lambda q, k, v: (q.int(), k, v, {}), TypeError, "q must be"),
+    (lambda q, k, v: (q, k[:, :, :, :8], v[:, :, :, :8], {}), ValueError, "head dim"),
+    (lambda q, k, v: (q, k[:, :1].repeat(1, 3, 1, 1), v[:, :1].repeat(1, 3, 1, 1), {}), ValueError, "multiple"),
+    (lambda q, k, v: (q, k, v[:, :, :5], {}), ValueError, "same shape"),
+    (lambda q, k, v: (q, k[:, :, :5], v[:, :, :5], {}), ValueError, "at least as many positions"),
+    (lambda q, k, v: (q, k, v, {"document_ids": torch.zeros(2, 9, dtype=torch.int32)}), ValueError, r"\(B, S\)"),
+    (lambda q, k, v: (q, k, v, {"document_ids": torch.zeros(2, 11)}), TypeError, "document_ids must be int32/int64"),
+    (lambda q, k, v: (q, k, v, {"causal": 1}), TypeError, "causal must be a bool"),
+]
+
+
+@pytest.mark.parametrize("make_bad, error, message", BAD_INPUTS, ids=[case[2] for case in BAD_INPUTS])
+def test_bad_inputs_are_refused_clearly(make_bad, error, message):
+    q, k, v, _ = make_inputs(2, 4, 2, 11, 16, torch.float32, "cpu")
+    q, k, v, kwargs = make_bad(q, k, v)
+    with pytest.raises(error, match=message):
+        attention(q, k, v, **kwargs)
+
+
+def test_document_ids_with_a_kv_cache_are_refused():
+    q, k, v, _ = make_inputs(1, 2, 2, 4, 16, torch.float32, "cpu", key_length=9)
+    with pytest.raises(ValueError, match="S_q == S_kv"):
+        attention(q, k, v, document_ids=torch.zeros(1, 4, dtype=torch.int32))
+
+
+# --------------------------------------------------------------------------- GPU only
+@pytest.mark.cuda
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("documents", [None, [1500, 1, 2595]], ids=["causal", "3-documents"])
+def test_cuda_bf16_at_cm3_length_matches_reference(documents, head_dim):
+    # RA-CM3's training shape: S=4096, bf16; the 3-document row includes a one-token document.
+    document_ids = None if documents is None else documents_from_lengths(documents, batch=1, device="cuda")
+    q, k, v, grad_out = make_inputs(1, 4, 2, 4096, head_dim, torch.bfloat16, "cuda")
+    check_against_reference("triton", q, k, v, grad_out, causal=True, document_ids=document_ids)
+
+
+@pytest.mark.cuda
+def test_cuda_fp16_long_non_causal_documents_match_reference():
+    document_ids = documents_from_lengths([1000, 24, 1024, 999], batch=2, device="cuda")
+    q, k, v, grad_out = make_inputs(2, 8, 8, 3047, 128, torch.float16, "cuda")
+    check_against_reference("triton", q, k, v, grad_out, causal=False, document_ids=document_ids)
