@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mkfast.backend import OpDispatcher
+from mkfast.backend import OpDispatcher, triton_unavailable_reason
 from mkfast.ops._checks import FLOAT_DTYPES, check_same_size, check_tensor
 
 OP = "mome_ffn"
@@ -112,8 +112,22 @@ def _reference_with_residuals(*args):
     return tuple(residual.contiguous() for residual in mome_ffn_reference(*args, return_residuals=True))
 
 
+@mome_backends.register("triton", triton_unavailable_reason)
+def _mome_ffn_triton(*args):
+    # Imported on first use: Triton reads TRITON_INTERPRET when the kernels are decorated.
+    from mkfast.kernels.mome import mome_forward
+
+    return mome_forward(*args)
+
+
+def _mome_ffn_triton_backward(*args):
+    from mkfast.kernels.mome import mome_backward
+
+    return mome_backward(*args)
+
+
 # Backward of each backend that has its own (the reference uses autograd).
-_backward_implementations: dict = {}
+_backward_implementations = {"triton": _mome_ffn_triton_backward}
 
 
 @torch.library.custom_op("mkfast::mome_ffn", mutates_args=())
@@ -158,7 +172,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*tensors, *(output[1:] if ctx.backend_name in _backward_implementations else ()))
 
 
-def _backward(ctx, grad_output, *unused_residual_grads):
+def _backward(ctx, output_grads):
+    # The op returns a list (output, *residuals); only the output's gradient matters.
+    grad_output = output_grads[0]
     num_tensors = 1 + len(FROZEN_NAMES) + len(TRAINABLE_NAMES)
     saved = ctx.saved_tensors
     tensors, residuals = saved[:num_tensors], saved[num_tensors:]

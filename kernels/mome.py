@@ -1,0 +1,466 @@
+"""Triton kernels of mome_ffn (MKS2 stage 2's soft mixture of a LoRA-SwiGLU and a LoRA-MVM).
+
+The op's math and names are defined in mkfast/ops/mome.py. Here, per token block:
+
+forward
+  _mome_lowrank_in_kernel     one pass over x: both RMSNorm statistics, the LoRA-A
+                              outputs of gate/up/fc1 and the router logits + softmax
+  _mome_expert_in_kernel      gate|up (or fc1) GEMM over x*norm_weight, rstd applied in
+                              the epilogue, LoRA as an extra K-slice (lowrank @ B^T)
+  _mome_act_lowrank_kernel    LoRA-A of down / fc2: act(pre) @ A^T, the activation
+                              recomputed from the stored pre-activations
+  _mome_expert_out_kernel     down and fc2 GEMMs into two accumulators, SwiGLU/SiLU in
+                              the prologue (never stored), LoRA K-slices, router mix
+backward
+  _mome_expert_grad_hidden_kernel  u = g W_out + s (g B_out) A_out; epilogue: dS partial
+                              row sums u.a, dgate/dup (or dfc1) and the LoRA-A gradient
+                              of the out projection (atomic over token blocks)
+  _mome_grad_input_kernel     d(x_t) and d(x_v) from both experts and the router in one
+                              output tile, with the per-row sums the RMSNorm backward needs
+The skinny (rank-r) products between launches run as torch matmuls: they read
+(M, d) or (M, I) once and cost a few percent of the frozen GEMMs.
+
+Stored for backward: gate/up/fc1 pre-activations (not silu, not the product, not
+the LoRA intermediates of the wide layers): 2*I + Iv values per token, against
+about 4*I + 2*Iv for a PEFT composition under autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mkfast.backend import triton_interpreter_enabled
+
+# Tile sizes. Not tuned on a GPU (none was available when this was written):
+# 64x128x64 tiles with 4 warps and 3 stages are the Triton matmul tutorial's
+# fp16 configuration for large GEMMs. The interpreter runs 32-wide tiles: fewer,
+# larger numpy ops are faster there, and tl.dot needs every dimension >= 16.
+if triton_interpreter_enabled():
+    BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 32, 32, 32, 4, 1
+else:
+    BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 64, 128, 64, 4, 3
+MIN_DOT_SIZE = 16  # smallest tl.dot dimension; LoRA ranks are padded up to it
+
+
+def _padded(size: int) -> int:
+    return max(MIN_DOT_SIZE, triton.next_power_of_2(size))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: full-precision dots so fp32 results match the fp32 reference.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _silu_and_grad(pre):
+    sigmoid = 1.0 / (1.0 + tl.exp(-pre))
+    return pre * sigmoid, sigmoid * (1.0 + pre * (1.0 - sigmoid))
+
+
+@triton.jit
+def _mome_lowrank_in_kernel(
+    x_ptr, text_norm_ptr, visual_norm_ptr, text_proj_ptr, visual_proj_ptr, router_bias_ptr,
+    text_lowrank_ptr, visual_lowrank_ptr, probs_ptr, rstd_ptr,
+    tokens, hidden, rank, text_eps, visual_eps,
+    TEXT_COLUMNS: tl.constexpr, VISUAL_COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """text_proj: (2r+2, d) = [gate_A; up_A; router_W]; visual_proj: (r, d) = fc1_A.
+
+    Writes text_lowrank (M, 2r), visual_lowrank (M, r), probs (M, 2) fp32, rstd (M, 2) fp32.
+    """
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_mask = rows < tokens
+    text_cols = tl.arange(0, TEXT_COLUMNS)
+    visual_cols = tl.arange(0, VISUAL_COLUMNS)
+    sum_squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    text_acc = tl.zeros((BLOCK_M, TEXT_COLUMNS), dtype=tl.float32)
+    visual_acc = tl.zeros((BLOCK_M, VISUAL_COLUMNS), dtype=tl.float32)
+    for start in range(0, hidden, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_mask = ks < hidden
+        x = tl.load(x_ptr + rows[:, None] * hidden + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        x32 = x.to(tl.float32)
+        sum_squares += tl.sum(x32 * x32, axis=1)
+        # The norms' rstd is per row, so it moves to the epilogue: norm(x) W^T = rstd * (x*w) W^T.
+        text_norm = tl.load(text_norm_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
+        visual_norm = tl.load(visual_norm_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
+        text_proj = tl.load(text_proj_ptr + text_cols[None, :] * hidden + ks[:, None],
+                            mask=(text_cols[None, :] < 2 * rank + 2) & k_mask[:, None], other=0.0)
+        visual_proj = tl.load(visual_proj_ptr + visual_cols[None, :] * hidden + ks[:, None],
+                              mask=(visual_cols[None, :] < rank) & k_mask[:, None], other=0.0)
+        text_acc += tl.dot((x32 * text_norm[None, :]).to(x.dtype), text_proj, input_precision=PRECISION)
+        visual_acc += tl.dot((x32 * visual_norm[None, :]).to(x.dtype), visual_proj, input_precision=PRECISION)
+    text_rstd = 1.0 / tl.sqrt(sum_squares / hidden + text_eps)
+    visual_rstd = 1.0 / tl.sqrt(sum_squares / hidden + visual_eps)
+    text_acc = text_acc * text_rstd[:, None]
+    visual_acc = visual_acc * visual_rstd[:, None]
+    out_dtype = text_lowrank_ptr.dtype.element_ty
+    tl.store(text_lowrank_ptr + rows[:, None] * (2 * rank) + text_cols[None, :], text_acc.to(out_dtype),
+             mask=row_mask[:, None] & (text_cols[None, :] < 2 * rank))
+    tl.store(visual_lowrank_ptr + rows[:, None] * rank + visual_cols[None, :], visual_acc.to(out_dtype),
+             mask=row_mask[:, None] & (visual_cols[None, :] < rank))
+    # Router epilogue: the two logits are columns 2r and 2r+1; softmax of two = a sigmoid.
+    logit_visual = tl.sum(tl.where(text_cols[None, :] == 2 * rank, text_acc, 0.0), axis=1) + tl.load(router_bias_ptr).to(tl.float32)
+    logit_text = tl.sum(tl.where(text_cols[None, :] == 2 * rank + 1, text_acc, 0.0), axis=1) + tl.load(router_bias_ptr + 1).to(tl.float32)
+    prob_visual = 1.0 / (1.0 + tl.exp(logit_text - logit_visual))
+    tl.store(probs_ptr + rows * 2, prob_visual, mask=row_mask)
+    tl.store(probs_ptr + rows * 2 + 1, 1.0 - prob_visual, mask=row_mask)
+    tl.store(rstd_ptr + rows * 2, text_rstd, mask=row_mask)
+    tl.store(rstd_ptr + rows * 2 + 1, visual_rstd, mask=row_mask)
+
+
+@triton.jit
+def _mome_expert_in_kernel(
+    x_ptr, norm_ptr, first_weight_ptr, second_weight_ptr, lowrank_ptr, first_lora_B_ptr, second_lora_B_ptr,
+    rstd_ptr, first_out_ptr, second_out_ptr,
+    tokens, hidden, width, rank, lowrank_stride, rstd_column, lora_scale,
+    GATED: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """first_out = rstd * (x*w) W1^T + s * lowrank[:, :r] B1^T: (M, width); GATED also second (W2, lowrank[:, r:2r])."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask, col_mask = rows < tokens, cols < width
+    first_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    second_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, hidden, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_mask = ks < hidden
+        x = tl.load(x_ptr + rows[:, None] * hidden + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        norm = tl.load(norm_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
+        x = (x.to(tl.float32) * norm[None, :]).to(x.dtype)
+        weight_offsets = cols[None, :] * hidden + ks[:, None]  # W^T tile (BLOCK_K, BLOCK_N)
+        weight_mask = col_mask[None, :] & k_mask[:, None]
+        first_acc += tl.dot(x, tl.load(first_weight_ptr + weight_offsets, mask=weight_mask, other=0.0), input_precision=PRECISION)
+        if GATED:
+            second_acc += tl.dot(x, tl.load(second_weight_ptr + weight_offsets, mask=weight_mask, other=0.0), input_precision=PRECISION)
+    rstd = tl.load(rstd_ptr + rows * 2 + rstd_column, mask=row_mask, other=0.0)
+    # LoRA as one more K-slice of the same output tile: [x, x A^T] . [W0, s B]^T.
+    ranks = tl.arange(0, RANK_PAD)
+    rank_mask = ranks < rank
+    lowrank = tl.load(lowrank_ptr + rows[:, None] * lowrank_stride + ranks[None, :], mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
+    lora_B_offsets = cols[None, :] * rank + ranks[:, None]  # B^T tile (RANK_PAD, BLOCK_N)
+    lora_B_mask = col_mask[None, :] & rank_mask[:, None]
+    first = first_acc * rstd[:, None] + lora_scale * tl.dot(lowrank, tl.load(first_lora_B_ptr + lora_B_offsets, mask=lora_B_mask, other=0.0), input_precision=PRECISION)
+    out_offsets = rows[:, None] * width + cols[None, :]
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    tl.store(first_out_ptr + out_offsets, first.to(first_out_ptr.dtype.element_ty), mask=out_mask)
+    if GATED:
+        second_lowrank = tl.load(lowrank_ptr + rows[:, None] * lowrank_stride + rank + ranks[None, :], mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
+        second = second_acc * rstd[:, None] + lora_scale * tl.dot(second_lowrank, tl.load(second_lora_B_ptr + lora_B_offsets, mask=lora_B_mask, other=0.0), input_precision=PRECISION)
+        tl.store(second_out_ptr + out_offsets, second.to(second_out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _load_activation(first_ptr, second_ptr, offsets, mask, GATED: tl.constexpr):
+    """silu(first) * second (GATED, SwiGLU) or silu(first), recomputed from pre-activations, in fp32."""
+    first = tl.load(first_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    activation = first / (1.0 + tl.exp(-first))
+    if GATED:
+        activation = activation * tl.load(second_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    return activation
+
+
+@triton.jit
+def _mome_act_lowrank_kernel(
+    first_ptr, second_ptr, lora_A_ptr, out_ptr, tokens, width, rank,
+    GATED: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """out = act(pre) @ A^T: (M, r), A: (r, width)."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_mask = rows < tokens
+    ranks = tl.arange(0, RANK_PAD)
+    acc = tl.zeros((BLOCK_M, RANK_PAD), dtype=tl.float32)
+    for start in range(0, width, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_mask = ks < width
+        mask = row_mask[:, None] & k_mask[None, :]
+        activation = _load_activation(first_ptr, second_ptr, rows[:, None] * width + ks[None, :], mask, GATED)
+        lora_A = tl.load(lora_A_ptr + ranks[None, :] * width + ks[:, None], mask=(ranks[None, :] < rank) & k_mask[:, None], other=0.0)
+        acc += tl.dot(activation.to(lora_A.dtype), lora_A, input_precision=PRECISION)
+    tl.store(out_ptr + rows[:, None] * rank + ranks[None, :], acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & (ranks[None, :] < rank))
+
+
+@triton.jit
+def _mome_expert_out_kernel(
+    gate_ptr, up_ptr, visual_ptr, down_weight_ptr, fc2_weight_ptr, down_lowrank_ptr, fc2_lowrank_ptr,
+    down_lora_B_ptr, fc2_lora_B_ptr, probs_ptr, out_ptr,
+    tokens, hidden, intermediate, visual_size, rank, lora_scale,
+    RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """out = S_1 * (silu(f) W2^T + s l2 B2^T) + S_2 * (silu(g)*u Wd^T + s ld Bd^T): (M, d)."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask, col_mask = rows < tokens, cols < hidden
+    dtype = out_ptr.dtype.element_ty
+    text_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, intermediate, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_mask = ks < intermediate
+        hidden_act = _load_activation(gate_ptr, up_ptr, rows[:, None] * intermediate + ks[None, :], row_mask[:, None] & k_mask[None, :], True)
+        weight = tl.load(down_weight_ptr + cols[None, :] * intermediate + ks[:, None], mask=col_mask[None, :] & k_mask[:, None], other=0.0)
+        text_acc += tl.dot(hidden_act.to(dtype), weight, input_precision=PRECISION)
+    visual_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, visual_size, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_mask = ks < visual_size
+        hidden_act = _load_activation(visual_ptr, visual_ptr, rows[:, None] * visual_size + ks[None, :], row_mask[:, None] & k_mask[None, :], False)
+        weight = tl.load(fc2_weight_ptr + cols[None, :] * visual_size + ks[:, None], mask=col_mask[None, :] & k_mask[:, None], other=0.0)
+        visual_acc += tl.dot(hidden_act.to(dtype), weight, input_precision=PRECISION)
+    ranks = tl.arange(0, RANK_PAD)
+    rank_mask = ranks < rank
+    lowrank_offsets = rows[:, None] * rank + ranks[None, :]
+    lowrank_mask = row_mask[:, None] & rank_mask[None, :]
+    lora_B_offsets = cols[None, :] * rank + ranks[:, None]
+    lora_B_mask = col_mask[None, :] & rank_mask[:, None]
+    text_acc += lora_scale * tl.dot(tl.load(down_lowrank_ptr + lowrank_offsets, mask=lowrank_mask, other=0.0),
+                                    tl.load(down_lora_B_ptr + lora_B_offsets, mask=lora_B_mask, other=0.0), input_precision=PRECISION)
+    visual_acc += lora_scale * tl.dot(tl.load(fc2_lowrank_ptr + lowrank_offsets, mask=lowrank_mask, other=0.0),
+                                      tl.load(fc2_lora_B_ptr + lora_B_offsets, mask=lora_B_mask, other=0.0), input_precision=PRECISION)
+    prob_visual = tl.load(probs_ptr + rows * 2, mask=row_mask, other=0.0)
+    out = prob_visual[:, None] * visual_acc + (1.0 - prob_visual)[:, None] * text_acc
+    tl.store(out_ptr + rows[:, None] * hidden + cols[None, :], out.to(dtype), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _mome_expert_grad_hidden_kernel(
+    grad_ptr, out_weight_ptr, grad_lowrank_ptr, lora_A_ptr, first_ptr, second_ptr, probs_ptr,
+    partial_ptr, first_grad_ptr, second_grad_ptr, lora_A_grad_ptr,
+    tokens, hidden, width, rank, prob_column, num_col_blocks, lora_scale,
+    GATED: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One expert's hidden-layer gradient. g: (M, d), out_weight: (d, width), grad_lowrank = g B_out: (M, r).
+
+    u = g W_out + s (g B_out) A_out (the gradient of the expert's hidden activation a, before
+    the router weight p). Writes partial[m, block] = sum_n u*a (for dS), d(pre) = p*u*act'(pre)
+    and accumulates dA_out += s (p g B_out)^T a (fp32, atomically over token blocks).
+    """
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask, col_mask = rows < tokens, cols < width
+    dtype = first_grad_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, hidden, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_mask = ks < hidden
+        grad = tl.load(grad_ptr + rows[:, None] * hidden + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        weight = tl.load(out_weight_ptr + ks[:, None] * width + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc += tl.dot(grad, weight, input_precision=PRECISION)
+    ranks = tl.arange(0, RANK_PAD)
+    rank_mask = ranks < rank
+    grad_lowrank = tl.load(grad_lowrank_ptr + rows[:, None] * rank + ranks[None, :], mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
+    lora_A_offsets = ranks[:, None] * width + cols[None, :]
+    lora_A_mask = rank_mask[:, None] & col_mask[None, :]
+    acc += lora_scale * tl.dot(grad_lowrank, tl.load(lora_A_ptr + lora_A_offsets, mask=lora_A_mask, other=0.0), input_precision=PRECISION)
+    # Recompute the activation from the stored pre-activations instead of storing it.
+    offsets = rows[:, None] * width + cols[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    first = tl.load(first_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    first_act, first_act_grad = _silu_and_grad(first)
+    if GATED:
+        second = tl.load(second_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        activation = first_act * second
+    else:
+        activation = first_act
+    tl.store(partial_ptr + rows * num_col_blocks + tl.program_id(1), tl.sum(acc * activation.to(dtype).to(tl.float32), axis=1), mask=row_mask)
+    prob = tl.load(probs_ptr + rows * 2 + prob_column, mask=row_mask, other=0.0)
+    activation_grad = acc * prob[:, None]
+    if GATED:
+        tl.store(first_grad_ptr + offsets, (activation_grad * second * first_act_grad).to(dtype), mask=mask)
+        tl.store(second_grad_ptr + offsets, (activation_grad * first_act).to(dtype), mask=mask)
+    else:
+        tl.store(first_grad_ptr + offsets, (activation_grad * first_act_grad).to(dtype), mask=mask)
+    weighted_lowrank = (grad_lowrank.to(tl.float32) * prob[:, None]).to(dtype)
+    lora_A_grad = lora_scale * tl.dot(tl.trans(weighted_lowrank), activation.to(dtype), input_precision=PRECISION)
+    tl.atomic_add(lora_A_grad_ptr + lora_A_offsets, lora_A_grad, mask=lora_A_mask)
+
+
+@triton.jit
+def _mome_grad_input_kernel(
+    x_ptr, gate_grad_ptr, up_grad_ptr, visual_grad_ptr, gate_weight_ptr, up_weight_ptr, fc1_weight_ptr,
+    gate_grad_lowrank_ptr, up_grad_lowrank_ptr, fc1_grad_lowrank_ptr, gate_lora_A_ptr, up_lora_A_ptr,
+    fc1_lora_A_ptr, logits_grad_ptr, router_weight_ptr, text_norm_ptr, visual_norm_ptr, rstd_ptr,
+    scaled_grad_ptr, partial_ptr,
+    tokens, hidden, intermediate, visual_size, rank, num_col_blocks, lora_scale,
+    RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Gradients of the two normalised inputs, then the per-tile half of the RMSNorm backward.
+
+    d(x_t) = dgate Wg + dup Wu + s (dgate Bg) Ag + s (dup Bu) Au + dlogits W_s;  d(x_v) = dfc1 W1 + s (dfc1 B1) A1.
+    With g_t = w_t * d(x_t), g_v = w_v * d(x_v): writes scaled_grad = rstd_t g_t + rstd_v g_v (M, d)
+    and partial[m, block, :] = (sum x g_t, sum x g_v) over this tile's columns.
+    """
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask, col_mask = rows < tokens, cols < hidden
+    text_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, intermediate, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_mask = ks < intermediate
+        grad_offsets = rows[:, None] * intermediate + ks[None, :]
+        grad_mask = row_mask[:, None] & k_mask[None, :]
+        weight_offsets = ks[:, None] * hidden + cols[None, :]
+        weight_mask = k_mask[:, None] & col_mask[None, :]
+        text_acc += tl.dot(tl.load(gate_grad_ptr + grad_offsets, mask=grad_mask, other=0.0),
+                           tl.load(gate_weight_ptr + weight_offsets, mask=weight_mask, other=0.0), input_precision=PRECISION)
+        text_acc += tl.dot(tl.load(up_grad_ptr + grad_offsets, mask=grad_mask, other=0.0),
+                           tl.load(up_weight_ptr + weight_offsets, mask=weight_mask, other=0.0), input_precision=PRECISION)
+    visual_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, visual_size, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_mask = ks < visual_size
+        visual_acc += tl.dot(tl.load(visual_grad_ptr + rows[:, None] * visual_size + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0),
+                             tl.load(fc1_weight_ptr + ks[:, None] * hidden + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0.0),
+                             input_precision=PRECISION)
+    ranks = tl.arange(0, RANK_PAD)
+    rank_mask = ranks < rank
+    lowrank_offsets = rows[:, None] * rank + ranks[None, :]
+    lowrank_mask = row_mask[:, None] & rank_mask[None, :]
+    lora_A_offsets = ranks[:, None] * hidden + cols[None, :]
+    lora_A_mask = rank_mask[:, None] & col_mask[None, :]
+    text_acc += lora_scale * tl.dot(tl.load(gate_grad_lowrank_ptr + lowrank_offsets, mask=lowrank_mask, other=0.0),
+                                    tl.load(gate_lora_A_ptr + lora_A_offsets, mask=lora_A_mask, other=0.0), input_precision=PRECISION)
+    text_acc += lora_scale * tl.dot(tl.load(up_grad_lowrank_ptr + lowrank_offsets, mask=lowrank_mask, other=0.0),
+                                    tl.load(up_lora_A_ptr + lora_A_offsets, mask=lora_A_mask, other=0.0), input_precision=PRECISION)
+    visual_acc += lora_scale * tl.dot(tl.load(fc1_grad_lowrank_ptr + lowrank_offsets, mask=lowrank_mask, other=0.0),
+                                      tl.load(fc1_lora_A_ptr + lora_A_offsets, mask=lora_A_mask, other=0.0), input_precision=PRECISION)
+    # The router's logits are x_t W_s^T + b_s: a rank-2 update, done elementwise.
+    logit_grad_visual = tl.load(logits_grad_ptr + rows * 2, mask=row_mask, other=0.0)
+    logit_grad_text = tl.load(logits_grad_ptr + rows * 2 + 1, mask=row_mask, other=0.0)
+    router_visual = tl.load(router_weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    router_text = tl.load(router_weight_ptr + hidden + cols, mask=col_mask, other=0.0).to(tl.float32)
+    text_acc += logit_grad_visual[:, None] * router_visual[None, :] + logit_grad_text[:, None] * router_text[None, :]
+    text_grad = text_acc * tl.load(text_norm_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    visual_grad = visual_acc * tl.load(visual_norm_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    text_rstd = tl.load(rstd_ptr + rows * 2, mask=row_mask, other=0.0)
+    visual_rstd = tl.load(rstd_ptr + rows * 2 + 1, mask=row_mask, other=0.0)
+    offsets = rows[:, None] * hidden + cols[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    tl.store(scaled_grad_ptr + offsets, text_rstd[:, None] * text_grad + visual_rstd[:, None] * visual_grad, mask=mask)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    partial_offsets = (rows * num_col_blocks + tl.program_id(1)) * 2
+    tl.store(partial_ptr + partial_offsets, tl.sum(x * text_grad, axis=1), mask=row_mask)
+    tl.store(partial_ptr + partial_offsets + 1, tl.sum(x * visual_grad, axis=1), mask=row_mask)
+
+
+def _launch_options(dtype: torch.dtype) -> dict:
+    return dict(PRECISION=_dot_precision(dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+
+
+def mome_forward(x, text_norm_weight, gate_weight, up_weight, down_weight, visual_norm_weight, fc1_weight,
+                 fc2_weight, gate_lora_A, gate_lora_B, up_lora_A, up_lora_B, down_lora_A, down_lora_B,
+                 fc1_lora_A, fc1_lora_B, fc2_lora_A, fc2_lora_B, router_weight, router_bias,
+                 text_norm_eps, visual_norm_eps, lora_scale):
+    """Launch the forward. Shapes as in mkfast.ops.mome; returns (output, *residuals) in RESIDUAL_NAMES order."""
+    tokens, hidden = x.shape
+    intermediate, visual_size, rank = gate_weight.shape[0], fc1_weight.shape[0], gate_lora_A.shape[0]
+    dtype, device = x.dtype, x.device
+    output = torch.empty((tokens, hidden), dtype=dtype, device=device)
+    gate_pre = torch.empty((tokens, intermediate), dtype=dtype, device=device)
+    up_pre = torch.empty_like(gate_pre)
+    visual_pre = torch.empty((tokens, visual_size), dtype=dtype, device=device)
+    text_lowrank = torch.empty((tokens, 2 * rank), dtype=dtype, device=device)
+    visual_lowrank, down_lowrank, fc2_lowrank = (torch.empty((tokens, rank), dtype=dtype, device=device) for _ in range(3))
+    probs = torch.empty((tokens, 2), dtype=torch.float32, device=device)
+    rstd = torch.empty((tokens, 2), dtype=torch.float32, device=device)
+    residuals = (gate_pre, up_pre, visual_pre, text_lowrank, visual_lowrank, down_lowrank, fc2_lowrank, probs, rstd)
+    if tokens == 0:
+        return (output, *residuals)
+    options, rank_pad = _launch_options(dtype), _padded(rank)
+    row_blocks = triton.cdiv(tokens, BLOCK_M)
+    text_proj = torch.cat([gate_lora_A, up_lora_A, router_weight]).contiguous()
+    _mome_lowrank_in_kernel[(row_blocks,)](
+        x, text_norm_weight, visual_norm_weight, text_proj, fc1_lora_A, router_bias,
+        text_lowrank, visual_lowrank, probs, rstd, tokens, hidden, rank, text_norm_eps, visual_norm_eps,
+        TEXT_COLUMNS=_padded(2 * rank + 2), VISUAL_COLUMNS=rank_pad, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, **options)
+    common = dict(RANK_PAD=rank_pad, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **options)
+    _mome_expert_in_kernel[(row_blocks, triton.cdiv(intermediate, BLOCK_N))](
+        x, text_norm_weight, gate_weight, up_weight, text_lowrank, gate_lora_B, up_lora_B, rstd, gate_pre, up_pre,
+        tokens, hidden, intermediate, rank, 2 * rank, 0, lora_scale, GATED=True, **common)
+    _mome_expert_in_kernel[(row_blocks, triton.cdiv(visual_size, BLOCK_N))](
+        x, visual_norm_weight, fc1_weight, fc1_weight, visual_lowrank, fc1_lora_B, fc1_lora_B, rstd, visual_pre,
+        visual_pre, tokens, hidden, visual_size, rank, rank, 1, lora_scale, GATED=False, **common)
+    low_options = dict(RANK_PAD=rank_pad, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, **options)
+    _mome_act_lowrank_kernel[(row_blocks,)](gate_pre, up_pre, down_lora_A, down_lowrank, tokens, intermediate, rank,
+                                            GATED=True, **low_options)
+    _mome_act_lowrank_kernel[(row_blocks,)](visual_pre, visual_pre, fc2_lora_A, fc2_lowrank, tokens, visual_size,
+                                            rank, GATED=False, **low_options)
+    _mome_expert_out_kernel[(row_blocks, triton.cdiv(hidden, BLOCK_N))](
+        gate_pre, up_pre, visual_pre, down_weight, fc2_weight, down_lowrank, fc2_lowrank, down_lora_B, fc2_lora_B,
+        probs, output, tokens, hidden, intermediate, visual_size, rank, lora_scale, **common)
+    return (output, *residuals)
+
+
+def mome_backward(grad_output, x, text_norm_weight, gate_weight, up_weight, down_weight, visual_norm_weight,
+                  fc1_weight, fc2_weight, gate_lora_A, gate_lora_B, up_lora_A, up_lora_B, down_lora_A, down_lora_B,
+                  fc1_lora_A, fc1_lora_B, fc2_lora_A, fc2_lora_B, router_weight, router_bias,
+                  gate_pre, up_pre, visual_pre, text_lowrank, visual_lowrank, down_lowrank, fc2_lowrank, probs, rstd,
+                  text_norm_eps, visual_norm_eps, lora_scale):
+    """Gradients of x and the 12 trainable tensors (mkfast.ops.mome TRAINABLE_NAMES order), in x's dtype."""
+    tokens, hidden = x.shape
+    intermediate, visual_size, rank = gate_weight.shape[0], fc1_weight.shape[0], gate_lora_A.shape[0]
+    dtype, device = x.dtype, x.device
+    trainable = (gate_lora_A, gate_lora_B, up_lora_A, up_lora_B, down_lora_A, down_lora_B,
+                 fc1_lora_A, fc1_lora_B, fc2_lora_A, fc2_lora_B, router_weight, router_bias)
+    if tokens == 0:
+        return [torch.zeros_like(x)] + [torch.zeros_like(tensor) for tensor in trainable]
+    options, rank_pad = _launch_options(dtype), _padded(rank)
+    common = dict(RANK_PAD=rank_pad, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **options)
+    row_blocks = triton.cdiv(tokens, BLOCK_M)
+    grad_output = grad_output.contiguous()
+    expert_grads = {}
+    # Text expert (router column 1) then visual expert (column 0): hidden-layer gradients.
+    for name, out_weight, lora_A, lora_B, first, second, width, column, gated in (
+        ("text", down_weight, down_lora_A, down_lora_B, gate_pre, up_pre, intermediate, 1, True),
+        ("visual", fc2_weight, fc2_lora_A, fc2_lora_B, visual_pre, visual_pre, visual_size, 0, False),
+    ):
+        col_blocks = triton.cdiv(width, BLOCK_N)
+        partial = torch.empty((tokens, col_blocks), dtype=torch.float32, device=device)
+        first_grad = torch.empty_like(first)
+        second_grad = torch.empty_like(second) if gated else first_grad
+        lora_A_grad = torch.zeros(lora_A.shape, dtype=torch.float32, device=device)
+        _mome_expert_grad_hidden_kernel[(row_blocks, col_blocks)](
+            grad_output, out_weight, grad_output @ lora_B, lora_A, first, second, probs, partial, first_grad,
+            second_grad, lora_A_grad, tokens, hidden, width, rank, column, col_blocks, lora_scale,
+            GATED=gated, **common)
+        expert_grads[name] = (partial.sum(dim=1), first_grad, second_grad, lora_A_grad)
+    text_score_grad, gate_grad, up_grad, down_lora_A_grad = expert_grads["text"]
+    visual_score_grad, visual_grad, _, fc2_lora_A_grad = expert_grads["visual"]
+    # Softmax over two experts: dlogit_visual = p_v p_t (dS_v - dS_t) = -dlogit_text.
+    logit_grad_visual = probs[:, 0] * probs[:, 1] * (visual_score_grad - text_score_grad)
+    logits_grad = torch.stack([logit_grad_visual, -logit_grad_visual], dim=1).contiguous()
+    grad_float = grad_output.float()
+    down_lora_B_grad = lora_scale * (grad_float * probs[:, 1:]).T @ down_lowrank.float()
+    fc2_lora_B_grad = lora_scale * (grad_float * probs[:, :1]).T @ fc2_lowrank.float()
+    text_input = x.float() * rstd[:, :1] * text_norm_weight.float()
+    visual_input = x.float() * rstd[:, 1:] * visual_norm_weight.float()
+    gate_lowrank, up_lowrank = text_lowrank[:, :rank], text_lowrank[:, rank:]
+    gate_grad_lowrank, up_grad_lowrank, fc1_grad_lowrank = gate_grad @ gate_lora_B, up_grad @ up_lora_B, visual_grad @ fc1_lora_B
+    col_blocks = triton.cdiv(hidden, BLOCK_N)
+    scaled_grad = torch.empty((tokens, hidden), dtype=torch.float32, device=device)
+    partial = torch.empty((tokens, col_blocks, 2), dtype=torch.float32, device=device)
+    _mome_grad_input_kernel[(row_blocks, col_blocks)](
+        x, gate_grad, up_grad, visual_grad, gate_weight, up_weight, fc1_weight, gate_grad_lowrank, up_grad_lowrank,
+        fc1_grad_lowrank, gate_lora_A, up_lora_A, fc1_lora_A, logits_grad, router_weight, text_norm_weight,
+        visual_norm_weight, rstd, scaled_grad, partial, tokens, hidden, intermediate, visual_size, rank, col_blocks,
+        lora_scale, **common)
+    # RMSNorm backward, the row-wide half: dx = rstd w.g - x rstd^3 / d * sum(x w.g), per norm.
+    row_sums = partial.sum(dim=1)
+    x_grad = scaled_grad - x.float() * (rstd.pow(3) * row_sums).sum(dim=1, keepdim=True) / hidden
+    grads = (
+        x_grad,
+        lora_scale * gate_grad_lowrank.float().T @ text_input, lora_scale * gate_grad.T @ gate_lowrank,
+        lora_scale * up_grad_lowrank.float().T @ text_input, lora_scale * up_grad.T @ up_lowrank,
+        down_lora_A_grad, down_lora_B_grad,
+        lora_scale * fc1_grad_lowrank.float().T @ visual_input, lora_scale * visual_grad.T @ visual_lowrank,
+        fc2_lora_A_grad, fc2_lora_B_grad,
+        logits_grad.T @ text_input, logits_grad.sum(dim=0),
+    )
+    return [grad.to(dtype) for grad in grads]
