@@ -16,9 +16,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <limits>
 #include <vector>
+
+#include "topk_dedup_common.h"
 
 namespace mkfast {
 namespace {
@@ -79,18 +80,6 @@ float row_dot(const scalar_t* a, const scalar_t* b, int64_t dim) {
     acc += static_cast<float>(a[i]) * static_cast<float>(b[i]);
   }
   return acc;
-}
-
-// The largest fp32 value not above `threshold`. For any fp32 score s,
-// s <= threshold  <=>  s <= threshold_as_fp32(threshold), so fp32 comparisons
-// give the answer of the reference's exact (double) comparison; a plain cast
-// would round 0.1 up and keep a score equal to fp32(0.1) that is above 0.1.
-float threshold_as_fp32(double threshold) {
-  float rounded = static_cast<float>(threshold);
-  if (static_cast<double>(rounded) > threshold) {
-    rounded = std::nextafter(rounded, -std::numeric_limits<float>::infinity());
-  }
-  return rounded;
 }
 
 bool is_excluded(const int64_t* excluded, int64_t count, int64_t index) {

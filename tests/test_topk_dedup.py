@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import mkfast
 from helpers import assert_close, interpreter_dtypes, run_opcheck
+from mkfast.backend import BackendUnavailableError
 from mkfast.ops import topk_dedup, topk_dedup_reference
 
 CPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -162,6 +163,11 @@ def test_invalid_inputs_are_refused_with_the_argument_named():
         topk_dedup(queries, memory, 2, exclude=torch.zeros(3, 1, dtype=torch.int64))
     with pytest.raises(TypeError, match="threshold must be a float, got str"):
         topk_dedup(queries, memory, 2, threshold="0.9")
+
+
+def test_cuda_backend_is_refused_on_cpu_tensors_with_the_reason():
+    with mkfast.use_backend("cuda"), pytest.raises(BackendUnavailableError, match="runs on cuda tensors"):
+        topk_dedup(torch.randn(2, 8), torch.randn(10, 8), 2)
 
 
 def test_unnormalised_inputs_are_allowed():

@@ -61,7 +61,20 @@ def topk_dedup_reference(
     return scores_out, indices_out
 
 
-@topk_dedup_backends.register("cpu", lambda device: native_unavailable_reason("topk_dedup_native", device))
+def _native_reason_on(device_type: str):
+    """The compiled kernel serves one device type per backend name ("cpu" / "cuda")."""
+
+    def reason(device: torch.device) -> str | None:
+        if device.type != device_type:
+            return f"the {device_type} backend runs on {device_type} tensors"
+        return native_unavailable_reason("topk_dedup_native", device)
+
+    return reason
+
+
+# csrc/topk_dedup_cpu.cpp and csrc/cuda/topk_dedup_cuda.cu: one schema, a kernel per device.
+@topk_dedup_backends.register("cpu", _native_reason_on("cpu"))
+@topk_dedup_backends.register("cuda", _native_reason_on("cuda"))
 def _topk_dedup_native(queries, memory, k, threshold, exclude):
     return torch.ops.mkfast.topk_dedup_native(queries, memory, k, threshold, exclude)
 
