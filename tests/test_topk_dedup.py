@@ -6,6 +6,10 @@ TRITON_INTERPRET=1 without a GPU). On a GPU the `cuda` tests add the CUDA C++
 and compiled Triton backends, bf16 and large memories.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +21,7 @@ from mkfast.ops import topk_dedup, topk_dedup_reference
 
 CPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (backend, dtype) pairs that run on CPU tensors. The interpreter has no bf16 arithmetic.
-CPU_BACKEND_DTYPES = [("cpu", dtype) for dtype in CPU_DTYPES]  # TRITON_PENDING
+CPU_BACKEND_DTYPES = [("cpu", dtype) for dtype in CPU_DTYPES] + [("triton", dtype) for dtype in interpreter_dtypes()]
 GPU_BACKENDS = ["cuda", "triton"]
 
 
@@ -101,18 +105,21 @@ def test_fewer_survivors_than_k_are_padded(backend, dtype):
 
 
 @pytest.mark.parametrize("backend,dtype", CPU_BACKEND_DTYPES)
-def test_widening_when_the_first_pool_is_exhausted(backend, dtype):
+@pytest.mark.parametrize("cluster_size", [100, 300])
+def test_widening_when_the_first_pool_is_exhausted(backend, dtype, cluster_size):
     # The top 150 rows all score above the threshold with the query, and the next
-    # 150 are near-copies of one another: any first pool of ~2k+16 candidates is
-    # used up by skipped rows, so the answer needs the widened rescan.
+    # `cluster_size` are near-copies of one another: any first pool of ~2k+16
+    # candidates is used up by skipped rows, so the answer needs the widened
+    # rescan (Triton: 100 fits its 4x pool, 300 needs the exhaustive fallback).
     dim = 24
     query = F.normalize(torch.randn(1, dim), dim=-1)
     other = F.normalize(torch.randn(1, dim), dim=-1)
     above = F.normalize(query + 0.05 * torch.randn(150, dim), dim=-1)
     cluster_direction = F.normalize(query + 1.2 * other, dim=-1)
-    cluster = F.normalize(cluster_direction + 0.01 * torch.randn(150, dim), dim=-1)
+    cluster = F.normalize(cluster_direction + 0.01 * torch.randn(cluster_size, dim), dim=-1)
     rest = F.normalize(torch.randn(200, dim), dim=-1)
-    memory = torch.cat([rest[:100], above, cluster, rest[100:]])[torch.randperm(500)].to(dtype)
+    memory = torch.cat([rest[:100], above, cluster, rest[100:]])
+    memory = memory[torch.randperm(len(memory))].to(dtype)
     indices = _assert_matches_reference(backend, query.to(dtype), memory, 5)
     assert (indices >= 0).all()
 
@@ -181,6 +188,45 @@ def test_custom_op_passes_opcheck():
     run_opcheck(torch.ops.mkfast.topk_dedup.default, (memory[:3].clone(), memory, 4, 0.9, None))
 
 
+# Compiles the Triton kernels to cubins for sm_80 and sm_90 without a GPU, so a
+# construct the interpreter accepts but the compiler rejects (a non-constexpr
+# global, a bad dot precision) fails here rather than on the first GPU run.
+AHEAD_OF_TIME_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import mkfast.kernels.topk_dedup as kernels
+
+scan = {"queries_ptr": "*bf16", "memory_ptr": "*bf16", "exclude_ptr": "*i64", "keys_out_ptr": "*i64",
+        "batch": "i32", "num_rows": "i32", "dim": "i32", "exclude_width": "i32", "rows_per_split": "i32",
+        "num_splits": "i32", "threshold": "fp32", "stride_query": "i32", "stride_memory": "i32",
+        "POOL": "constexpr", "BLOCK_QUERIES": "constexpr", "BLOCK_ROWS": "constexpr", "BLOCK_DIM": "constexpr",
+        "UPCAST_MEMORY": "constexpr"}
+walk = {"keys_ptr": "*i64", "memory_ptr": "*bf16", "scores_out_ptr": "*fp32", "indices_out_ptr": "*i64",
+        "short_out_ptr": "*i8", "dim": "i32", "k": "i32", "threshold": "fp32", "stride_memory": "i32",
+        "POOL": "constexpr", "BLOCK_DIM": "constexpr"}
+cases = [(90, "bf16", "bf16", 128, False), (80, "fp16", "fp16", 32, False), (90, "fp32", "fp32", 32, False),
+         (90, "fp32", "fp16", 32, True)]
+for arch, query_dtype, dtype, pool, upcast in cases:
+    constants = {"POOL": pool, "BLOCK_QUERIES": kernels.BLOCK_QUERIES, "BLOCK_ROWS": kernels.BLOCK_ROWS,
+                 "BLOCK_DIM": kernels.BLOCK_DIM, "UPCAST_MEMORY": upcast}
+    source = ASTSource(kernels._topk_dedup_scan_kernel, dict(scan, queries_ptr="*" + query_dtype,
+                                                               memory_ptr="*" + dtype), constexprs=constants)
+    assert "cubin" in triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm
+    source = ASTSource(kernels._topk_dedup_walk_kernel, dict(walk, memory_ptr="*" + dtype),
+                       constexprs={"POOL": pool, "BLOCK_DIM": kernels.BLOCK_DIM})
+    options = {"num_warps": kernels.WALK_WARPS}
+    assert "cubin" in triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm
+"""
+
+
+def test_triton_kernels_compile_for_ampere_and_hopper():
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", AHEAD_OF_TIME_COMPILE], env=environment,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -208,10 +254,12 @@ def test_gpu_backend_large_bf16_memory_matches_cpu_kernel(backend):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_gpu_widening_and_ties(backend):
-    # 3000 rows above the threshold with the query rank first: the pool must widen twice.
+def test_gpu_widening_to_the_exhaustive_path(backend):
+    # 3000 near-copies rank first below the threshold: every bounded pool is used
+    # up by redundant rows, so both GPU backends reach their exhaustive path.
     dim = 24
-    query = F.normalize(torch.randn(1, dim), dim=-1)
-    above = F.normalize(query + 0.05 * torch.randn(3000, dim), dim=-1)
-    memory = torch.cat([above, F.normalize(torch.randn(2000, dim), dim=-1)]).cuda()
+    query = F.normalize(torch.randn(2, dim), dim=-1)
+    other = F.normalize(torch.randn(1, dim), dim=-1)
+    cluster = F.normalize(F.normalize(query[:1] + 1.2 * other, dim=-1) + 0.01 * torch.randn(3000, dim), dim=-1)
+    memory = torch.cat([cluster, F.normalize(torch.randn(2000, dim), dim=-1)]).cuda()
     _assert_matches_reference(backend, query.cuda(), memory, 8)

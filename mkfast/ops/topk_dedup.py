@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from mkfast.backend import OpDispatcher, native_unavailable_reason
+from mkfast.backend import OpDispatcher, native_unavailable_reason, triton_unavailable_reason
 from mkfast.ops._checks import FLOAT_DTYPES, check_positive_int, check_same_size, check_tensor
 
 OP = "topk_dedup"
@@ -77,6 +77,20 @@ def _native_reason_on(device_type: str):
 @topk_dedup_backends.register("cuda", _native_reason_on("cuda"))
 def _topk_dedup_native(queries, memory, k, threshold, exclude):
     return torch.ops.mkfast.topk_dedup_native(queries, memory, k, threshold, exclude)
+
+
+@topk_dedup_backends.register("triton", triton_unavailable_reason)
+def _topk_dedup_triton(queries, memory, k, threshold, exclude):
+    from mkfast.kernels.topk_dedup import topk_dedup_triton
+
+    return topk_dedup_triton(queries, memory, k, threshold, exclude, _exhaustive_fallback)
+
+
+def _exhaustive_fallback(queries, memory, k, threshold, exclude):
+    """For the rare queries whose walk outgrows the Triton pool: the compiled kernel, else the reference."""
+    if native_unavailable_reason("topk_dedup_native", queries.device) is None:
+        return torch.ops.mkfast.topk_dedup_native(queries, memory, k, threshold, exclude)
+    return topk_dedup_reference(queries, memory, k, threshold, exclude)
 
 
 @torch.library.custom_op("mkfast::topk_dedup", mutates_args=())
