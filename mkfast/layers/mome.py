@@ -105,23 +105,25 @@ class MoMEFFN(nn.Module):
                     else getattr(self, name)
                 target.copy_(value)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """hidden_states h_s: (B, T, d) or (N, d) -> h_M, same shape and dtype, through the fused op."""
+    def op_arguments(self) -> dict:
+        """The keyword arguments of mkfast.ops.mome_ffn for this layer (weights in the compute dtype)."""
         dtype = self.mlp.gate_proj.weight.dtype
-        lora = {}
-        for name, prefix in _OP_PREFIX.items():
-            lora[f"{prefix}_lora_A"] = getattr(self, f"{name}_lora_A")
-            lora[f"{prefix}_lora_B"] = getattr(self, f"{name}_lora_B")
-        output = mome_ffn(
-            hidden_states.to(dtype),
+        arguments = dict(
             text_norm_weight=self.norm.weight.to(dtype), gate_weight=self.mlp.gate_proj.weight,
             up_weight=self.mlp.up_proj.weight, down_weight=self.mlp.down_proj.weight,
             visual_norm_weight=self.visual_memory.norm.weight.to(dtype),
             fc1_weight=self.visual_memory.fc1.weight, fc2_weight=self.visual_memory.fc2.weight,
             router_weight=self.router.weight, router_bias=self.router.bias, lora_scale=self.scaling,
-            text_norm_eps=_norm_eps(self.norm, dtype),
-            visual_norm_eps=_norm_eps(self.visual_memory.norm, dtype), **lora,
+            text_norm_eps=_norm_eps(self.norm, dtype), visual_norm_eps=_norm_eps(self.visual_memory.norm, dtype),
         )
+        for name, prefix in _OP_PREFIX.items():
+            arguments[f"{prefix}_lora_A"] = getattr(self, f"{name}_lora_A")
+            arguments[f"{prefix}_lora_B"] = getattr(self, f"{name}_lora_B")
+        return arguments
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states h_s: (B, T, d) or (N, d) -> h_M, same shape and dtype, through the fused op."""
+        output = mome_ffn(hidden_states.to(self.mlp.gate_proj.weight.dtype), **self.op_arguments())
         return output.to(hidden_states.dtype)
 
     def forward_composed(self, hidden_states: torch.Tensor) -> torch.Tensor:
