@@ -6,11 +6,11 @@ forward
   _mome_lowrank_in_kernel     one pass over x: both RMSNorm statistics, the LoRA-A
                               outputs of gate/up/fc1 and the router logits + softmax
   _mome_expert_in_kernel      gate|up (or fc1) GEMM over x*norm_weight, rstd applied in
-                              the epilogue, LoRA as an extra K-slice (lowrank @ B^T)
-  _mome_act_lowrank_kernel    LoRA-A of down / fc2: act(pre) @ A^T, the activation
-                              recomputed from the stored pre-activations
-  _mome_expert_out_kernel     down and fc2 GEMMs into two accumulators, SwiGLU/SiLU in
-                              the prologue (never stored), LoRA K-slices, router mix
+                              the epilogue, LoRA as an extra K-slice (lowrank @ B^T),
+                              SwiGLU (or SiLU) in the epilogue
+  _mome_act_lowrank_kernel    LoRA-A of down / fc2: activation @ A^T
+  _mome_expert_out_kernel     down and fc2 GEMMs into two accumulators, LoRA K-slices,
+                              router mix in the epilogue
 backward
   _mome_expert_grad_hidden_kernel  u = g W_out + s (g B_out) A_out; epilogue: dS partial
                               row sums u.a, dgate/dup (or dfc1) and the LoRA-A gradient
@@ -22,7 +22,10 @@ The skinny (rank-r) products between launches run as torch matmuls: they read
 
 Stored for backward: gate/up/fc1 pre-activations (not silu, not the product, not
 the LoRA intermediates of the wide layers): 2*I + Iv values per token, against
-about 4*I + 2*Iv for a PEFT composition under autograd.
+about 4*I + 2*Iv for a PEFT composition under autograd. The activations (I + Iv per
+token) are written once in forward for the second layer and freed when it returns:
+recomputing SwiGLU in the down GEMM's prologue instead would redo it once per
+output-column tile (d / BLOCK_N = 32 times at Llama-2-7B sizes).
 """
 
 from __future__ import annotations
@@ -115,12 +118,17 @@ def _mome_lowrank_in_kernel(
 @triton.jit
 def _mome_expert_in_kernel(
     x_ptr, norm_ptr, first_weight_ptr, second_weight_ptr, lowrank_ptr, first_lora_B_ptr, second_lora_B_ptr,
-    rstd_ptr, first_out_ptr, second_out_ptr,
+    rstd_ptr, first_out_ptr, second_out_ptr, activation_out_ptr,
     tokens, hidden, width, rank, lowrank_stride, rstd_column, lora_scale,
     GATED: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """first_out = rstd * (x*w) W1^T + s * lowrank[:, :r] B1^T: (M, width); GATED also second (W2, lowrank[:, r:2r])."""
+    """first_out = rstd * (x*w) W1^T + s * lowrank[:, :r] B1^T: (M, width); GATED also second (W2, lowrank[:, r:2r]).
+
+    Epilogue: activation_out = silu(first) * second (GATED, SwiGLU) or silu(first), from the
+    values as rounded for storage, like the reference. It feeds the second layer and is freed
+    after forward (backward recomputes it from the pre-activations).
+    """
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < tokens, cols < width
@@ -147,30 +155,26 @@ def _mome_expert_in_kernel(
     first = first_acc * rstd[:, None] + lora_scale * tl.dot(lowrank, tl.load(first_lora_B_ptr + lora_B_offsets, mask=lora_B_mask, other=0.0), input_precision=PRECISION)
     out_offsets = rows[:, None] * width + cols[None, :]
     out_mask = row_mask[:, None] & col_mask[None, :]
-    tl.store(first_out_ptr + out_offsets, first.to(first_out_ptr.dtype.element_ty), mask=out_mask)
+    dtype = first_out_ptr.dtype.element_ty
+    first = first.to(dtype)
+    tl.store(first_out_ptr + out_offsets, first, mask=out_mask)
+    first = first.to(tl.float32)
+    activation = first / (1.0 + tl.exp(-first))
     if GATED:
         second_lowrank = tl.load(lowrank_ptr + rows[:, None] * lowrank_stride + rank + ranks[None, :], mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
         second = second_acc * rstd[:, None] + lora_scale * tl.dot(second_lowrank, tl.load(second_lora_B_ptr + lora_B_offsets, mask=lora_B_mask, other=0.0), input_precision=PRECISION)
-        tl.store(second_out_ptr + out_offsets, second.to(second_out_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def _load_activation(first_ptr, second_ptr, offsets, mask, GATED: tl.constexpr):
-    """silu(first) * second (GATED, SwiGLU) or silu(first), recomputed from pre-activations, in fp32."""
-    first = tl.load(first_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    activation = first / (1.0 + tl.exp(-first))
-    if GATED:
-        activation = activation * tl.load(second_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    return activation
+        second = second.to(dtype)
+        tl.store(second_out_ptr + out_offsets, second, mask=out_mask)
+        activation = activation * second.to(tl.float32)
+    tl.store(activation_out_ptr + out_offsets, activation.to(dtype), mask=out_mask)
 
 
 @triton.jit
 def _mome_act_lowrank_kernel(
-    first_ptr, second_ptr, lora_A_ptr, out_ptr, tokens, width, rank,
-    GATED: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    activation_ptr, lora_A_ptr, out_ptr, tokens, width, rank,
+    RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """out = act(pre) @ A^T: (M, r), A: (r, width)."""
+    """out = activation @ A^T: (M, r); activation: (M, width), A: (r, width)."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_mask = rows < tokens
     ranks = tl.arange(0, RANK_PAD)
@@ -178,16 +182,15 @@ def _mome_act_lowrank_kernel(
     for start in range(0, width, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         k_mask = ks < width
-        mask = row_mask[:, None] & k_mask[None, :]
-        activation = _load_activation(first_ptr, second_ptr, rows[:, None] * width + ks[None, :], mask, GATED)
+        activation = tl.load(activation_ptr + rows[:, None] * width + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         lora_A = tl.load(lora_A_ptr + ranks[None, :] * width + ks[:, None], mask=(ranks[None, :] < rank) & k_mask[:, None], other=0.0)
-        acc += tl.dot(activation.to(lora_A.dtype), lora_A, input_precision=PRECISION)
+        acc += tl.dot(activation, lora_A, input_precision=PRECISION)
     tl.store(out_ptr + rows[:, None] * rank + ranks[None, :], acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & (ranks[None, :] < rank))
 
 
 @triton.jit
 def _mome_expert_out_kernel(
-    gate_ptr, up_ptr, visual_ptr, down_weight_ptr, fc2_weight_ptr, down_lowrank_ptr, fc2_lowrank_ptr,
+    text_act_ptr, visual_act_ptr, down_weight_ptr, fc2_weight_ptr, down_lowrank_ptr, fc2_lowrank_ptr,
     down_lora_B_ptr, fc2_lora_B_ptr, probs_ptr, out_ptr,
     tokens, hidden, intermediate, visual_size, rank, lora_scale,
     RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -202,16 +205,16 @@ def _mome_expert_out_kernel(
     for start in range(0, intermediate, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         k_mask = ks < intermediate
-        hidden_act = _load_activation(gate_ptr, up_ptr, rows[:, None] * intermediate + ks[None, :], row_mask[:, None] & k_mask[None, :], True)
+        hidden_act = tl.load(text_act_ptr + rows[:, None] * intermediate + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         weight = tl.load(down_weight_ptr + cols[None, :] * intermediate + ks[:, None], mask=col_mask[None, :] & k_mask[:, None], other=0.0)
-        text_acc += tl.dot(hidden_act.to(dtype), weight, input_precision=PRECISION)
+        text_acc += tl.dot(hidden_act, weight, input_precision=PRECISION)
     visual_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for start in range(0, visual_size, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         k_mask = ks < visual_size
-        hidden_act = _load_activation(visual_ptr, visual_ptr, rows[:, None] * visual_size + ks[None, :], row_mask[:, None] & k_mask[None, :], False)
+        hidden_act = tl.load(visual_act_ptr + rows[:, None] * visual_size + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         weight = tl.load(fc2_weight_ptr + cols[None, :] * visual_size + ks[:, None], mask=col_mask[None, :] & k_mask[:, None], other=0.0)
-        visual_acc += tl.dot(hidden_act.to(dtype), weight, input_precision=PRECISION)
+        visual_acc += tl.dot(hidden_act, weight, input_precision=PRECISION)
     ranks = tl.arange(0, RANK_PAD)
     rank_mask = ranks < rank
     lowrank_offsets = rows[:, None] * rank + ranks[None, :]
@@ -381,19 +384,20 @@ def mome_forward(x, text_norm_weight, gate_weight, up_weight, down_weight, visua
         text_lowrank, visual_lowrank, probs, rstd, tokens, hidden, rank, text_norm_eps, visual_norm_eps,
         TEXT_COLUMNS=_padded(2 * rank + 2), VISUAL_COLUMNS=rank_pad, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, **options)
     common = dict(RANK_PAD=rank_pad, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **options)
+    # The activations feed the second layer and die with this call: backward recomputes them.
+    text_act = torch.empty_like(gate_pre)
+    visual_act = torch.empty_like(visual_pre)
     _mome_expert_in_kernel[(row_blocks, triton.cdiv(intermediate, BLOCK_N))](
         x, text_norm_weight, gate_weight, up_weight, text_lowrank, gate_lora_B, up_lora_B, rstd, gate_pre, up_pre,
-        tokens, hidden, intermediate, rank, 2 * rank, 0, lora_scale, GATED=True, **common)
+        text_act, tokens, hidden, intermediate, rank, 2 * rank, 0, lora_scale, GATED=True, **common)
     _mome_expert_in_kernel[(row_blocks, triton.cdiv(visual_size, BLOCK_N))](
         x, visual_norm_weight, fc1_weight, fc1_weight, visual_lowrank, fc1_lora_B, fc1_lora_B, rstd, visual_pre,
-        visual_pre, tokens, hidden, visual_size, rank, rank, 1, lora_scale, GATED=False, **common)
+        visual_pre, visual_act, tokens, hidden, visual_size, rank, rank, 1, lora_scale, GATED=False, **common)
     low_options = dict(RANK_PAD=rank_pad, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, **options)
-    _mome_act_lowrank_kernel[(row_blocks,)](gate_pre, up_pre, down_lora_A, down_lowrank, tokens, intermediate, rank,
-                                            GATED=True, **low_options)
-    _mome_act_lowrank_kernel[(row_blocks,)](visual_pre, visual_pre, fc2_lora_A, fc2_lowrank, tokens, visual_size,
-                                            rank, GATED=False, **low_options)
+    _mome_act_lowrank_kernel[(row_blocks,)](text_act, down_lora_A, down_lowrank, tokens, intermediate, rank, **low_options)
+    _mome_act_lowrank_kernel[(row_blocks,)](visual_act, fc2_lora_A, fc2_lowrank, tokens, visual_size, rank, **low_options)
     _mome_expert_out_kernel[(row_blocks, triton.cdiv(hidden, BLOCK_N))](
-        gate_pre, up_pre, visual_pre, down_weight, fc2_weight, down_lowrank, fc2_lowrank, down_lora_B, fc2_lora_B,
+        text_act, visual_act, down_weight, fc2_weight, down_lowrank, fc2_lowrank, down_lora_B, fc2_lora_B,
         probs, output, tokens, hidden, intermediate, visual_size, rank, lora_scale, **common)
     return (output, *residuals)
 
