@@ -36,14 +36,20 @@ import triton.language as tl
 
 from mkfast.backend import triton_interpreter_enabled
 
-# Tile sizes. Not tuned on a GPU (none was available when this was written):
-# 64x128x64 tiles with 4 warps and 3 stages are the Triton matmul tutorial's
-# fp16 configuration for large GEMMs. The interpreter runs 32-wide tiles: fewer,
-# larger numpy ops are faster there, and tl.dot needs every dimension >= 16.
+# Tile sizes. No GPU was available when this was written, so nothing here is a
+# measurement: the wide GEMM kernels autotune over GEMM_TILES (BLOCK_M, BLOCK_N,
+# BLOCK_K, warps, stages), the Triton matmul tutorial's fp16 configurations cut to
+# those whose two fp32 accumulators fit in registers; the kernel with atomics and
+# the rank-r kernels use FIXED_TILE (64x128x64, 4 warps, 3 stages). The interpreter
+# runs 32-wide tiles: fewer, larger numpy ops are faster there, and tl.dot needs
+# every dimension >= 16.
+GEMM_TILES = ((128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 4))
 if triton_interpreter_enabled():
-    BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 32, 32, 32, 4, 1
-else:
-    BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 64, 128, 64, 4, 3
+    GEMM_TILES = ((32, 32, 32, 4, 1),)
+BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = (32, 32, 32, 4, 1) if triton_interpreter_enabled() else (64, 128, 64, 4, 3)
+GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
+                for m, n, k, warps, stages in GEMM_TILES]
+SMALLEST_GEMM_BLOCK_N = min(tile[1] for tile in GEMM_TILES)
 MIN_DOT_SIZE = 16  # smallest tl.dot dimension; LoRA ranks are padded up to it
 
 
@@ -115,11 +121,13 @@ def _mome_lowrank_in_kernel(
     tl.store(rstd_ptr + rows * 2 + 1, visual_rstd, mask=row_mask)
 
 
+# Tuned per (widths, power-of-two token count): training sees few distinct buckets.
+@triton.autotune(configs=GEMM_CONFIGS, key=["hidden", "width", "tokens_bucket"])
 @triton.jit
 def _mome_expert_in_kernel(
     x_ptr, norm_ptr, first_weight_ptr, second_weight_ptr, lowrank_ptr, first_lora_B_ptr, second_lora_B_ptr,
     rstd_ptr, first_out_ptr, second_out_ptr, activation_out_ptr,
-    tokens, hidden, width, rank, lowrank_stride, rstd_column, lora_scale,
+    tokens, tokens_bucket, hidden, width, rank, lowrank_stride, rstd_column, lora_scale,
     GATED: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -188,11 +196,12 @@ def _mome_act_lowrank_kernel(
     tl.store(out_ptr + rows[:, None] * rank + ranks[None, :], acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & (ranks[None, :] < rank))
 
 
+@triton.autotune(configs=GEMM_CONFIGS, key=["hidden", "intermediate", "visual_size", "tokens_bucket"])
 @triton.jit
 def _mome_expert_out_kernel(
     text_act_ptr, visual_act_ptr, down_weight_ptr, fc2_weight_ptr, down_lowrank_ptr, fc2_lowrank_ptr,
     down_lora_B_ptr, fc2_lora_B_ptr, probs_ptr, out_ptr,
-    tokens, hidden, intermediate, visual_size, rank, lora_scale,
+    tokens, tokens_bucket, hidden, intermediate, visual_size, rank, lora_scale,
     RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -284,13 +293,16 @@ def _mome_expert_grad_hidden_kernel(
     tl.atomic_add(lora_A_grad_ptr + lora_A_offsets, lora_A_grad, mask=lora_A_mask)
 
 
+# partial is zeroed before each tuning trial: a trial with narrower tiles writes more column blocks.
+@triton.autotune(configs=GEMM_CONFIGS, key=["hidden", "intermediate", "visual_size", "tokens_bucket"],
+                 reset_to_zero=["partial_ptr"])
 @triton.jit
 def _mome_grad_input_kernel(
     x_ptr, gate_grad_ptr, up_grad_ptr, visual_grad_ptr, gate_weight_ptr, up_weight_ptr, fc1_weight_ptr,
     gate_grad_lowrank_ptr, up_grad_lowrank_ptr, fc1_grad_lowrank_ptr, gate_lora_A_ptr, up_lora_A_ptr,
     fc1_lora_A_ptr, logits_grad_ptr, router_weight_ptr, text_norm_ptr, visual_norm_ptr, rstd_ptr,
     scaled_grad_ptr, partial_ptr,
-    tokens, hidden, intermediate, visual_size, rank, num_col_blocks, lora_scale,
+    tokens, tokens_bucket, hidden, intermediate, visual_size, rank, num_col_blocks, lora_scale,
     RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -298,7 +310,8 @@ def _mome_grad_input_kernel(
 
     d(x_t) = dgate Wg + dup Wu + s (dgate Bg) Ag + s (dup Bu) Au + dlogits W_s;  d(x_v) = dfc1 W1 + s (dfc1 B1) A1.
     With g_t = w_t * d(x_t), g_v = w_v * d(x_v): writes scaled_grad = rstd_t g_t + rstd_v g_v (M, d)
-    and partial[m, block, :] = (sum x g_t, sum x g_v) over this tile's columns.
+    and partial[m, block, :] = (sum x g_t, sum x g_v) over this tile's columns (num_col_blocks
+    is partial's row stride, sized for the narrowest tile; unused blocks stay zero).
     """
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -357,6 +370,10 @@ def _launch_options(dtype: torch.dtype) -> dict:
     return dict(PRECISION=_dot_precision(dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
+def _tile_grid(tokens: int, width: int):
+    return lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_N"]))
+
+
 def mome_forward(x, text_norm_weight, gate_weight, up_weight, down_weight, visual_norm_weight, fc1_weight,
                  fc2_weight, gate_lora_A, gate_lora_B, up_lora_A, up_lora_B, down_lora_A, down_lora_B,
                  fc1_lora_A, fc1_lora_B, fc2_lora_A, fc2_lora_B, router_weight, router_bias,
@@ -383,22 +400,24 @@ def mome_forward(x, text_norm_weight, gate_weight, up_weight, down_weight, visua
         x, text_norm_weight, visual_norm_weight, text_proj, fc1_lora_A, router_bias,
         text_lowrank, visual_lowrank, probs, rstd, tokens, hidden, rank, text_norm_eps, visual_norm_eps,
         TEXT_COLUMNS=_padded(2 * rank + 2), VISUAL_COLUMNS=rank_pad, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, **options)
-    common = dict(RANK_PAD=rank_pad, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **options)
+    tuned = dict(RANK_PAD=rank_pad, PRECISION=options["PRECISION"])
+    tokens_bucket = triton.next_power_of_2(tokens)
     # The activations feed the second layer and die with this call: backward recomputes them.
     text_act = torch.empty_like(gate_pre)
     visual_act = torch.empty_like(visual_pre)
-    _mome_expert_in_kernel[(row_blocks, triton.cdiv(intermediate, BLOCK_N))](
+    _mome_expert_in_kernel[_tile_grid(tokens, intermediate)](
         x, text_norm_weight, gate_weight, up_weight, text_lowrank, gate_lora_B, up_lora_B, rstd, gate_pre, up_pre,
-        text_act, tokens, hidden, intermediate, rank, 2 * rank, 0, lora_scale, GATED=True, **common)
-    _mome_expert_in_kernel[(row_blocks, triton.cdiv(visual_size, BLOCK_N))](
+        text_act, tokens, tokens_bucket, hidden, intermediate, rank, 2 * rank, 0, lora_scale, GATED=True, **tuned)
+    _mome_expert_in_kernel[_tile_grid(tokens, visual_size)](
         x, visual_norm_weight, fc1_weight, fc1_weight, visual_lowrank, fc1_lora_B, fc1_lora_B, rstd, visual_pre,
-        visual_pre, visual_act, tokens, hidden, visual_size, rank, rank, 1, lora_scale, GATED=False, **common)
+        visual_pre, visual_act, tokens, tokens_bucket, hidden, visual_size, rank, rank, 1, lora_scale, GATED=False,
+        **tuned)
     low_options = dict(RANK_PAD=rank_pad, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, **options)
     _mome_act_lowrank_kernel[(row_blocks,)](text_act, down_lora_A, down_lowrank, tokens, intermediate, rank, **low_options)
     _mome_act_lowrank_kernel[(row_blocks,)](visual_act, fc2_lora_A, fc2_lowrank, tokens, visual_size, rank, **low_options)
-    _mome_expert_out_kernel[(row_blocks, triton.cdiv(hidden, BLOCK_N))](
+    _mome_expert_out_kernel[_tile_grid(tokens, hidden)](
         text_act, visual_act, down_weight, fc2_weight, down_lowrank, fc2_lowrank, down_lora_B, fc2_lora_B,
-        probs, output, tokens, hidden, intermediate, visual_size, rank, lora_scale, **common)
+        probs, output, tokens, tokens_bucket, hidden, intermediate, visual_size, rank, lora_scale, **tuned)
     return (output, *residuals)
 
 
@@ -447,14 +466,14 @@ def mome_backward(grad_output, x, text_norm_weight, gate_weight, up_weight, down
     visual_input = x.float() * rstd[:, 1:] * visual_norm_weight.float()
     gate_lowrank, up_lowrank = text_lowrank[:, :rank], text_lowrank[:, rank:]
     gate_grad_lowrank, up_grad_lowrank, fc1_grad_lowrank = gate_grad @ gate_lora_B, up_grad @ up_lora_B, visual_grad @ fc1_lora_B
-    col_blocks = triton.cdiv(hidden, BLOCK_N)
+    col_blocks = triton.cdiv(hidden, SMALLEST_GEMM_BLOCK_N)
     scaled_grad = torch.empty((tokens, hidden), dtype=torch.float32, device=device)
-    partial = torch.empty((tokens, col_blocks, 2), dtype=torch.float32, device=device)
-    _mome_grad_input_kernel[(row_blocks, col_blocks)](
+    partial = torch.zeros((tokens, col_blocks, 2), dtype=torch.float32, device=device)
+    _mome_grad_input_kernel[_tile_grid(tokens, hidden)](
         x, gate_grad, up_grad, visual_grad, gate_weight, up_weight, fc1_weight, gate_grad_lowrank, up_grad_lowrank,
         fc1_grad_lowrank, gate_lora_A, up_lora_A, fc1_lora_A, logits_grad, router_weight, text_norm_weight,
-        visual_norm_weight, rstd, scaled_grad, partial, tokens, hidden, intermediate, visual_size, rank, col_blocks,
-        lora_scale, **common)
+        visual_norm_weight, rstd, scaled_grad, partial, tokens, triton.next_power_of_2(tokens), hidden, intermediate,
+        visual_size, rank, col_blocks, lora_scale, RANK_PAD=rank_pad, PRECISION=options["PRECISION"])
     # RMSNorm backward, the row-wide half: dx = rstd w.g - x rstd^3 / d * sum(x w.g), per norm.
     row_sums = partial.sum(dim=1)
     x_grad = scaled_grad - x.float() * (rstd.pow(3) * row_sums).sum(dim=1, keepdim=True) / hidden
