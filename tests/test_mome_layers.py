@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mkfast
 from helpers import assert_close
 from mkfast.layers.mome import MoMEFFN
 from mkfast.layers.visual_memory import RMSNorm, VisualMemory
@@ -112,3 +113,57 @@ def test_mlp_with_bias_is_refused():
     mlp.up_proj = nn.Linear(8, 16, bias=True)
     with pytest.raises(TypeError, match="mlp.up_proj must be an nn.Linear without bias"):
         MoMEFFN(mlp, VisualMemory(8), RMSNorm(8))
+
+
+def _saved_activation_bytes(layer, x, forward):
+    """Bytes autograd keeps for backward, other than the weights and the input."""
+    excluded = {tensor.untyped_storage().data_ptr() for tensor in [x, *layer.parameters()]}
+    saved = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in excluded:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_layer_on_batched_tokens_matches_the_composition(dtype):
+    layer = make_layer(hidden_size=48, intermediate_size=80, rank=8, dtype=dtype)
+    x = torch.randn(2, 5, 48).to(dtype).requires_grad_(True)
+    trainable = [parameter for parameter in layer.parameters() if parameter.requires_grad]
+    grad_output = torch.randn(2, 5, 48).to(dtype)
+    with mkfast.use_backend("triton"):
+        fused = layer(x)
+    composed = layer.forward_composed(x)
+    assert fused.shape == (2, 5, 48) and fused.dtype == dtype
+    # fp16: the composition rounds every projection, the kernels keep fp32 between them.
+    scale = 1.0 if dtype == torch.float32 else 8.0
+    assert_close(fused, composed, scale=scale)
+    fused_grads = torch.autograd.grad(fused, [x, *trainable], grad_output)
+    composed_grads = torch.autograd.grad(composed, [x, *trainable], grad_output)
+    for name, fused_grad, composed_grad in zip(["x", *[n for n, p in layer.named_parameters() if p.requires_grad]],
+                                               fused_grads, composed_grads):
+        assert_close(fused_grad, composed_grad, scale=scale * max(1.0, composed_grad.abs().max().item() / 4),
+                     message=f"grad of {name}")
+
+
+def test_non_contiguous_input_gives_the_contiguous_result():
+    layer = make_layer()
+    x = torch.randn(40, 6).T  # (6, 40) with strides (1, 6)
+    assert not x.is_contiguous()
+    with mkfast.use_backend("triton"):
+        assert_close(layer(x), layer(x.contiguous()))
+
+
+def test_triton_backend_saves_at_least_40_percent_less_than_the_peft_composition():
+    """The issue's memory target, counted exactly: saved activations do not depend on the device."""
+    layer = make_layer(hidden_size=64, intermediate_size=172, rank=8)
+    x = torch.randn(16, 64, requires_grad=True)
+    with mkfast.use_backend("triton"):
+        fused = _saved_activation_bytes(layer, x, lambda: layer(x))
+    composed = _saved_activation_bytes(layer, x, lambda: layer.forward_composed(x))
+    assert 0 < fused <= 0.6 * composed, f"fused saves {fused} B, the composition {composed} B"
