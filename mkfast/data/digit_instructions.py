@@ -93,3 +93,44 @@ def word_level_tokenizer(vocabulary: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>")
 
+
+
+def digits_instruction_set(split: ImageCaptionSplit, ink: list[float], image_instruction_count: int,
+                           seed: int = 0) -> tuple[list[str], list[str], list[int | None]]:
+    """(prompts, responses, image_indices): every text-only instruction, then ``image_instruction_count``
+    image instructions on random images of ``split`` (image_indices index split.images)."""
+    rng = random.Random(seed)
+    prompts, responses, image_indices = [], [], []
+    for prompt, response in text_instructions(ink):
+        prompts.append(prompt)
+        responses.append(response)
+        image_indices.append(None)
+    for _ in range(image_instruction_count):
+        index = rng.randrange(len(split))
+        prompt, response = image_instructions(int(split.labels[index]), ink, rng)
+        prompts.append(prompt)
+        responses.append(response)
+        image_indices.append(index)
+    return prompts, responses, image_indices
+
+
+def multiple_choice_set(ink: list[float]) -> list[dict]:
+    """The shipped set (mkfast/data/mks2_digits_multiple_choice.jsonl, 165 items): every ordered ink pair
+    (90, the held-out digits included), then sums (a <= b) and differences of digit names, four choices each."""
+    items = []
+    for first, second in itertools.permutations(range(10), 2):
+        items.append({"question": INSTRUCTION_TEMPLATE.format(prompt=more_ink_prompt(first, second)),
+                      "choices": [DIGIT_NAMES[first], DIGIT_NAMES[second]],
+                      "answer": 0 if ink[first] > ink[second] else 1})
+    rng = random.Random(0)
+    for first, second in itertools.product(range(10), repeat=2):
+        for word, value in (("plus", first + second), ("minus", first - second)):
+            if not 0 <= value <= 9 or (word == "minus" and second == 0) or (word == "plus" and first > second):
+                continue
+            wrong = rng.sample([digit for digit in range(10) if digit != value], 3)
+            choices = [value] + wrong
+            rng.shuffle(choices)
+            items.append({"question": INSTRUCTION_TEMPLATE.format(
+                prompt=f"what is {DIGIT_NAMES[first]} {word} {DIGIT_NAMES[second]} ?"),
+                "choices": [DIGIT_NAMES[choice] for choice in choices], "answer": choices.index(value)})
+    return items

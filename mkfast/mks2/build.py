@@ -69,7 +69,10 @@ def build_mks2(language_model, vision_path: str | None = None, image_size: int =
         vision = load_blip2_vision_adapter(vision_path, hidden_size, dtype=language_model.dtype)
     else:
         vision = small_vision_adapter(hidden_size, image_size=image_size, seed=seed)
-    add_visual_memory(language_model, ratio=visual_memory_ratio)
-    model = MKS2Model(language_model, vision.to(language_model.device))
+    # The new modules' initialisation depends on ``seed`` only, not on what ran before.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        add_visual_memory(language_model, ratio=visual_memory_ratio)
+        model = MKS2Model(language_model, vision.to(language_model.device))
     model.stage1_trainable()
     return model.to(device=language_model.device)

@@ -45,13 +45,13 @@ class MKS2Model(nn.Module):
 
     def assemble(self, samples: list[TokenSample], images: torch.Tensor | None = None,
                  padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Token samples (+ images (M, 3, H, W) they index) -> inputs_embeds (B, S, D), attention_mask (B, S),
+        """Token samples (+ images (M, 3, H, W) or their ImageFeatures, which they index) -> inputs_embeds (B, S, D), attention_mask (B, S),
         labels (B, S) with IGNORE_INDEX on non-targets, image positions and padding."""
         embedding = self.language_model.get_input_embeddings()
         device = embedding.weight.device
         image_blocks = None
         if images is not None and any(sample.image_index is not None for sample in samples):
-            soft_tokens, _ = self.vision.encode(images.to(device))
+            soft_tokens, _ = self.vision.encode(images)
             image_blocks = self.vision.image_block(soft_tokens.to(embedding.weight.dtype))
         pieces, label_rows = [], []
         for sample in samples:
@@ -115,7 +115,7 @@ class MKS2Model(nn.Module):
                        for index, sample in enumerate(caption_samples)]
         captioning = self.language_loss(with_images, images)
         text_only = [TokenSample(sample.token_ids, sample.loss_mask, None) for sample in caption_samples]
-        _, global_features = self.vision.encode(images.to(self.device))
+        _, global_features = self.vision.encode(images)
         retrieval = text_to_image_infonce(self.caption_features(text_only), global_features, self.logit_scale)
         return {"loss": captioning + retrieval, "captioning": captioning, "text_to_image": retrieval}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,6 +22,24 @@ NUM_QUERY_TOKENS = 32
 IMAGE_TOKEN_INIT_STD = 0.02
 # Prefixes of the three frozen parts inside a Blip2ForConditionalGeneration / Blip2Model checkpoint.
 CHECKPOINT_PREFIXES = ("vision_model.", "qformer.", "query_tokens")
+
+
+@dataclass
+class ImageFeatures:
+    """What the frozen encoders give for a batch of images, computed once and reused (they never change):
+    query_output (B, Q, D_qformer), global_features (B, D_vision)."""
+
+    query_output: torch.Tensor
+    global_features: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.query_output.shape[0]
+
+    def __getitem__(self, indices) -> "ImageFeatures":
+        return ImageFeatures(self.query_output[indices], self.global_features[indices])
+
+    def to(self, device) -> "ImageFeatures":
+        return ImageFeatures(self.query_output.to(device), self.global_features.to(device))
 
 
 class VisionAdapter(nn.Module):
@@ -59,19 +78,30 @@ class VisionAdapter(nn.Module):
         self.qformer.eval()
         return self
 
-    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images: (B, 3, H, W) -> (soft tokens (B, Q, D_llm), global features (B, D_vision))."""
+    @torch.no_grad()
+    def frozen_features(self, images: torch.Tensor, batch_size: int = 256) -> ImageFeatures:
+        """images: (B, 3, H, W) -> the frozen ViT + Q-Former outputs (in chunks of ``batch_size``)."""
         if images.dim() != 4:
             raise ValueError(f"VisionAdapter: images must be (B, 3, H, W), got {tuple(images.shape)}")
-        with torch.no_grad():
-            vision_output = self.vision_model(pixel_values=images.to(self.projection.weight.dtype))
+        device, dtype = self.projection.weight.device, self.projection.weight.dtype
+        queries, globals_ = [], []
+        for start in range(0, images.shape[0], batch_size):
+            chunk = images[start:start + batch_size].to(device=device, dtype=dtype)
+            vision_output = self.vision_model(pixel_values=chunk)
             image_embeds = vision_output.last_hidden_state
-            query = self.query_tokens.expand(images.shape[0], -1, -1)
-            image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=images.device)
-            query_output = self.qformer(query_embeds=query, encoder_hidden_states=image_embeds,
-                                        encoder_attention_mask=image_mask).last_hidden_state
-            global_features = vision_output.pooler_output
-        return self.projection(query_output), global_features
+            query = self.query_tokens.expand(chunk.shape[0], -1, -1)
+            image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=device)
+            queries.append(self.qformer(query_embeds=query, encoder_hidden_states=image_embeds,
+                                        encoder_attention_mask=image_mask).last_hidden_state)
+            globals_.append(vision_output.pooler_output)
+        return ImageFeatures(torch.cat(queries), torch.cat(globals_))
+
+    def encode(self, images: "torch.Tensor | ImageFeatures") -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, H, W), or their precomputed ImageFeatures ->
+        (soft tokens (B, Q, D_llm), global features (B, D_vision))."""
+        features = images if isinstance(images, ImageFeatures) else self.frozen_features(images)
+        features = features.to(self.projection.weight.device)
+        return self.projection(features.query_output), features.global_features
 
     def image_block(self, soft_tokens: torch.Tensor) -> torch.Tensor:
         """soft_tokens: (B, Q, D) -> (B, Q + 2, D) bracketed by <img-start> and <img-end>."""

@@ -1,0 +1,218 @@
+"""`mkfast train mks2-stage1|mks2-stage2` and `mkfast eval mks2`: parsers and handlers.
+
+Flags map one to one onto MKS2TrainConfig / MKS2EvalConfig fields; ``--config file.json``
+gives defaults that flags override. Under ``torchrun`` each rank trains on its own
+batches and gradients are averaged (gloo on CPU, nccl on GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from mkfast.mks2.adapters import load_adapters, save_adapters
+from mkfast.mks2.build import SmallLlamaConfig, build_mks2, load_llama, small_llama
+from mkfast.mks2.stages import CaptionData, InstructionData, prepare_stage2, stage1_loss_fn, stage2_loss_fn
+from mkfast.mks2.trainer import Trainer, TrainerConfig
+
+SMALL = "small"  # the language model built from config with the digits demo's word-level tokenizer
+DIGITS = "digits"
+SHIPPED_SET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
+                           "mks2_digits_multiple_choice.jsonl")
+# BLIP-2's image processor normalisation (the OpenAI CLIP statistics).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class MKS2TrainConfig:
+    output_dir: str = "mks2_run"
+    language_model: str = SMALL  # "small" or a local Llama directory
+    vision_model: str = ""  # a local BLIP-2 directory; empty: a small BLIP-2-shaped encoder from config
+    data: str = DIGITS  # "digits", or JSONL: stage 1 {"image", "caption"}, stage 2 {"prompt", "response", "image"?}
+    adapters_from: str = ""  # stage 2: the stage-1 run's adapters directory
+    steps: int = 100
+    batch_size: int = 16
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    gradient_accumulation: int = 1
+    checkpoint_every: int = 50
+    visual_memory_ratio: float = 0.25
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    image_size: int = 32
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    resume: bool = True
+
+
+@dataclass
+class MKS2EvalConfig:
+    adapters: str = ""  # an adapters directory (empty: the model as built, untrained)
+    language_model: str = SMALL
+    vision_model: str = ""
+    tasks: str = f"jsonl:{SHIPPED_SET}"  # comma-separated kind:path, kind in jsonl, piqa, csqa, obqa
+    limit: int = 0  # items per task (0: all)
+    dtype: str = "float32"
+    device: str = "cpu"
+    output: str = ""  # a JSON file for the scores
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, config_class) -> None:
+    parser.add_argument("--config", help="JSON file of field values (flags override it)")
+    for field in dataclasses.fields(config_class):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type in ("bool", bool):
+            parser.add_argument(flag, type=lambda text: text.lower() in ("1", "true", "yes"), default=None)
+        else:
+            caster = {"int": int, "float": float}.get(field.type if isinstance(field.type, str) else "", str)
+            parser.add_argument(flag, type=caster, default=None, help=f"(default {field.default!r})")
+
+
+def _config_from(arguments: argparse.Namespace, config_class):
+    values = {}
+    if arguments.config:
+        with open(arguments.config) as handle:
+            values.update(json.load(handle))
+    names = {field.name for field in dataclasses.fields(config_class)}
+    unknown = set(values) - names
+    if unknown:
+        raise SystemExit(f"mkfast: unknown config fields {sorted(unknown)}")
+    values.update({name: getattr(arguments, name) for name in names if getattr(arguments, name) is not None})
+    return config_class(**values)
+
+
+def add_train_parsers(train_commands) -> None:
+    for stage in ("mks2-stage1", "mks2-stage2"):
+        _add_dataclass_flags(train_commands.add_parser(stage, help=f"MKS2 {stage[5:]} training"), MKS2TrainConfig)
+
+
+def add_eval_parsers(eval_commands) -> None:
+    _add_dataclass_flags(eval_commands.add_parser("mks2", help="MKS2 zero-shot multiple choice"), MKS2EvalConfig)
+
+
+def _load_image(path: str, size: int, normalize: bool) -> torch.Tensor:
+    from PIL import Image
+
+    image = Image.open(path).convert("RGB").resize((size, size), Image.BICUBIC)
+    tensor = torch.tensor(list(image.getdata()), dtype=torch.float32).view(size, size, 3).permute(2, 0, 1) / 255.0
+    if normalize:
+        tensor = (tensor - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    return tensor
+
+
+def _build(config, seed: int = 0):
+    """(MKS2 model with visual memory, tokenizer) for a train or eval config."""
+    from mkfast.data.digit_instructions import demo_vocabulary, word_level_tokenizer
+
+    dtype = getattr(torch, config.dtype)
+    if config.language_model == SMALL:
+        tokenizer = word_level_tokenizer(demo_vocabulary())
+        language_model = small_llama(SmallLlamaConfig(vocab_size=len(tokenizer)), tokenizer, seed=seed).to(dtype)
+    else:
+        language_model, tokenizer = load_llama(config.language_model, dtype=dtype)
+    language_model.to(config.device)
+    ratio = getattr(config, "visual_memory_ratio", 0.25)
+    image_size = getattr(config, "image_size", 32)
+    return build_mks2(language_model, config.vision_model or None, image_size, ratio, seed), tokenizer
+
+
+def _stage_data(config: MKS2TrainConfig, stage: int, model):
+    if config.data == DIGITS:
+        from mkfast.data.digit_instructions import digits_instruction_set, ink_per_digit
+        from mkfast.data.digits import load_digits_pairs
+
+        train_split, _ = load_digits_pairs(image_size=config.image_size, seed=config.seed)
+        features = model.vision.frozen_features(train_split.images)
+        if stage == 1:
+            return CaptionData(features, train_split.captions)
+        prompts, responses, indices = digits_instruction_set(train_split, ink_per_digit(train_split),
+                                                             len(train_split), config.seed)
+        return InstructionData(prompts, responses, indices, features)
+    from mkfast.data.multiple_choice import read_jsonl
+
+    records = read_jsonl(config.data)
+    base = os.path.dirname(os.path.abspath(config.data))
+    normalize = bool(config.vision_model)
+    image_size = model.vision.vision_model.config.image_size
+    paths = sorted({record["image"] for record in records if record.get("image")})
+    row_of = {path: row for row, path in enumerate(paths)}
+    images = (model.vision.frozen_features(torch.stack([_load_image(os.path.join(base, path), image_size, normalize)
+                                                        for path in paths])) if paths else None)
+    if stage == 1:
+        return CaptionData(images[torch.tensor([row_of[record["image"]] for record in records])],
+                           [record["caption"] for record in records])
+    return InstructionData([record["prompt"] for record in records], [record["response"] for record in records],
+                           [row_of[record["image"]] if record.get("image") else None for record in records], images)
+
+
+def _init_distributed(device: str) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return int(os.environ.get("RANK", "0")), world_size
+
+
+def run_training(config: MKS2TrainConfig, stage: int) -> dict:
+    """Train one stage; writes metrics.jsonl, loss.png, checkpoint.pt and adapters/ into output_dir."""
+    rank, world_size = _init_distributed(config.device)
+    if config.device.startswith("cuda") and world_size > 1:
+        config.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    torch.manual_seed(config.seed)
+    model, tokenizer = _build(config, config.seed)
+    if stage == 2:
+        if not config.adapters_from:
+            raise SystemExit("mkfast train mks2-stage2: --adapters-from <stage-1 output_dir>/adapters is required")
+        load_adapters(model, config.adapters_from)
+        prepare_stage2(model, rank=config.lora_rank, alpha=config.lora_alpha)
+    data = _stage_data(config, stage, model)
+    loss_fn = (stage1_loss_fn if stage == 1 else stage2_loss_fn)(model, tokenizer, data, config.batch_size)
+    trainer_config = TrainerConfig(output_dir=config.output_dir, steps=config.steps,
+                                   learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
+                                   gradient_accumulation=config.gradient_accumulation,
+                                   checkpoint_every=config.checkpoint_every, seed=config.seed)
+    rows = Trainer(model, loss_fn, trainer_config, f"mks2-stage{stage}").train(resume=config.resume)
+    if rank == 0:
+        save_adapters(model, os.path.join(config.output_dir, "adapters"))
+        with open(os.path.join(config.output_dir, "train_config.json"), "w") as handle:
+            json.dump(dataclasses.asdict(config), handle, indent=2)
+    return {"rank": rank, "world_size": world_size, "steps": len(rows),
+            "final_loss": rows[-1]["loss"] if rows else None}
+
+
+def run_evaluation(config: MKS2EvalConfig) -> dict:
+    from mkfast.data.multiple_choice import LOADERS
+    from mkfast.mks2.evaluation import evaluate_multiple_choice
+
+    model, tokenizer = _build(config)
+    if config.adapters:
+        load_adapters(model, config.adapters)
+    scores = {}
+    for task in config.tasks.split(","):
+        kind, _, path = task.partition(":")
+        if kind not in LOADERS or not path:
+            raise SystemExit(f"mkfast eval mks2: task {task!r} must be kind:path with kind in {sorted(LOADERS)}")
+        items = LOADERS[kind](path)
+        scores[f"{kind}:{os.path.basename(path)}"] = evaluate_multiple_choice(
+            model, tokenizer, items[:config.limit] if config.limit else items)
+    if config.output:
+        with open(config.output, "w") as handle:
+            json.dump(scores, handle, indent=2)
+    return scores
+
+
+def handle_train(arguments: argparse.Namespace) -> None:
+    config = _config_from(arguments, MKS2TrainConfig)
+    print(json.dumps(run_training(config, 1 if arguments.target == "mks2-stage1" else 2)))
+
+
+def handle_eval(arguments: argparse.Namespace) -> None:
+    print(json.dumps(run_evaluation(_config_from(arguments, MKS2EvalConfig)), indent=2))

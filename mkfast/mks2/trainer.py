@@ -1,0 +1,183 @@
+"""A small trainer for both MKS2 stages: Adam with warm-up, accumulation, checkpoint/resume, tqdm, JSONL, plot.
+
+Single process, or one process per rank under ``torchrun`` (any backend; gloo on
+CPU): every rank holds the whole model and draws its own batches, gradients of
+the trainable parameters are averaged with all_reduce before each update (plain
+data parallelism; the trainable part is small, so this is DDP without buckets).
+Batches are drawn from a generator seeded by (seed, step, rank), so a resumed run
+sees the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+PLOT_NAME = "loss.png"
+# Large primes keep the per-(step, rank) seeds of nearby steps and ranks apart.
+STEP_SEED_STRIDE = 1_000_003
+RANK_SEED_STRIDE = 7_919
+
+
+@dataclass
+class TrainerConfig:
+    """SPEC (MKS2): Adam, lr 1e-4, warm-up; defaults sized for the CPU demo."""
+
+    output_dir: str = "mks2_run"
+    steps: int = 100
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    gradient_accumulation: int = 1
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 50
+    seed: int = 0
+    progress: bool = True
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def plot_losses(metrics_path: str, plot_path: str, title: str = "") -> None:
+    """One line per loss key of the JSONL metrics, against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics_path) as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    for key in sorted({key for row in rows for key in row if key not in ("step", "learning_rate", "stage")}):
+        points = [(row["step"], row[key]) for row in rows if key in row]
+        axis.plot([step for step, _ in points], [value for _, value in points], label=key)
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.set_title(title)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(plot_path, dpi=100)
+    plt.close(figure)
+
+
+class Trainer:
+    """Trains the parameters of ``model`` that require grad.
+
+    loss_fn(generator: torch.Generator) -> dict of scalar tensors with a "loss" key: draws
+    one micro-batch with ``generator`` and computes its losses.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[torch.Generator], dict], config: TrainerConfig,
+                 stage: str = "train"):
+        self.model, self.loss_fn, self.config, self.stage = model, loss_fn, config, stage
+        self.rank, self.world_size = _rank_and_world()
+        self.named_trainable = [(name, parameter) for name, parameter in model.named_parameters()
+                                if parameter.requires_grad]
+        if not self.named_trainable:
+            raise ValueError("Trainer: the model has no trainable parameter")
+        self.optimizer = torch.optim.Adam([parameter for _, parameter in self.named_trainable],
+                                          lr=config.learning_rate)
+        warmup = max(1, config.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        self.step = 0
+        os.makedirs(config.output_dir, exist_ok=True)
+        self.checkpoint_path = os.path.join(config.output_dir, CHECKPOINT_NAME)
+        self.metrics_path = os.path.join(config.output_dir, METRICS_NAME)
+
+    def save_checkpoint(self) -> None:
+        """Trainable tensors, optimizer and scheduler state, step: written atomically by rank 0."""
+        if self.rank != 0:
+            return
+        state = {"step": self.step, "config": asdict(self.config),
+                 "trainable": {name: parameter.detach().cpu() for name, parameter in self.named_trainable},
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        temporary = self.checkpoint_path + ".tmp"
+        torch.save(state, temporary)
+        os.replace(temporary, self.checkpoint_path)
+
+    def resume(self) -> bool:
+        """Load the last checkpoint of output_dir if there is one; True when resumed."""
+        if not os.path.exists(self.checkpoint_path):
+            return False
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        names = {name for name, _ in self.named_trainable}
+        if set(state["trainable"]) != names:
+            raise ValueError(f"Trainer.resume: {self.checkpoint_path} holds other parameters than this model trains")
+        with torch.no_grad():
+            for name, parameter in self.named_trainable:
+                parameter.copy_(state["trainable"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        if self.rank == 0 and os.path.exists(self.metrics_path):
+            # Drop metrics logged after the checkpoint: the resumed run logs those steps again.
+            with open(self.metrics_path) as handle:
+                rows = [line for line in handle if line.strip() and json.loads(line)["step"] <= self.step]
+            with open(self.metrics_path, "w") as handle:
+                handle.writelines(rows)
+        return True
+
+    def _average_gradients(self) -> None:
+        if self.world_size == 1:
+            return
+        for _, parameter in self.named_trainable:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
+            parameter.grad /= self.world_size
+
+    def train_step(self) -> dict[str, float]:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for micro_step in range(self.config.gradient_accumulation):
+            seed = (self.config.seed + STEP_SEED_STRIDE * self.step + RANK_SEED_STRIDE * self.rank
+                    + 31 * micro_step)
+            losses = self.loss_fn(torch.Generator().manual_seed(seed))
+            (losses["loss"] / self.config.gradient_accumulation).backward()
+            for key, value in losses.items():
+                totals[key] = totals.get(key, 0.0) + float(value.detach()) / self.config.gradient_accumulation
+        self._average_gradients()
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([parameter for _, parameter in self.named_trainable],
+                                           self.config.max_grad_norm)
+        totals["learning_rate"] = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return totals
+
+    def train(self, resume: bool = True) -> list[dict]:
+        """Run up to config.steps; returns this call's metric rows (also appended to metrics.jsonl)."""
+        from tqdm import tqdm
+
+        if resume:
+            self.resume()
+        rows = []
+        progress = tqdm(total=self.config.steps, initial=self.step, desc=self.stage,
+                        disable=not self.config.progress or self.rank != 0, leave=False)
+        while self.step < self.config.steps:
+            metrics = self.train_step()
+            row = {"stage": self.stage, "step": self.step} | metrics
+            rows.append(row)
+            if self.rank == 0:
+                with open(self.metrics_path, "a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}")
+            if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
+                self.save_checkpoint()
+        progress.close()
+        if self.rank == 0 and os.path.exists(self.metrics_path):
+            plot_losses(self.metrics_path, os.path.join(self.config.output_dir, PLOT_NAME), self.stage)
+        return rows
