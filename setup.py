@@ -105,7 +105,7 @@ setup(
     description="Fused kernels and models for MKS2 and RA-CM3",
     packages=find_packages(include=["mkfast", "mkfast.*"]) + ["mkfast.kernels"],
     package_dir={"mkfast.kernels": "kernels"},
-    package_data={"mkfast.data": ["*.txt", "*.json"]},
+    package_data={"mkfast.data": ["*.txt", "*.json", "*.jsonl"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",

@@ -84,6 +84,13 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--output-root", help="results root (default benchmarks/results)")
     bench.add_argument("--compare", nargs=2, metavar=("RESULTS_A", "RESULTS_B"),
                        help="show two result folders (e.g. benchmarks/results/h100 .../h200) side by side")
+    from mkfast.mks2 import commands as mks2_commands
+
+    train_targets = commands.add_parser("train", help="train a model stage").add_subparsers(dest="target",
+                                                                                           required=True)
+    eval_targets = commands.add_parser("eval", help="evaluate a model").add_subparsers(dest="target", required=True)
+    mks2_commands.add_train_parsers(train_targets)
+    mks2_commands.add_eval_parsers(eval_targets)
     arguments = parser.parse_args(argv)
     if arguments.command == "env":
         print(environment_report())
@@ -100,6 +107,10 @@ def main(argv: list[str] | None = None) -> None:
         print(compare(*arguments.compare))
     elif arguments.command == "bench":
         run_benchmarks(arguments.suites, arguments.quick, arguments.output_root)
+    elif arguments.command == "train" and arguments.target.startswith("mks2-"):
+        mks2_commands.handle_train(arguments)
+    elif arguments.command == "eval" and arguments.target == "mks2":
+        mks2_commands.handle_eval(arguments)
 
 
 if __name__ == "__main__":
