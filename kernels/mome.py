@@ -459,11 +459,17 @@ def mome_backward(grad_output, x, text_norm_weight, gate_weight, up_weight, down
     # Softmax over two experts: dlogit_visual = p_v p_t (dS_v - dS_t) = -dlogit_text.
     logit_grad_visual = probs[:, 0] * probs[:, 1] * (visual_score_grad - text_score_grad)
     logits_grad = torch.stack([logit_grad_visual, -logit_grad_visual], dim=1).contiguous()
-    grad_float = grad_output.float()
-    down_lora_B_grad = lora_scale * (grad_float * probs[:, 1:]).T @ down_lowrank.float()
-    fc2_lora_B_grad = lora_scale * (grad_float * probs[:, :1]).T @ fc2_lowrank.float()
-    text_input = x.float() * rstd[:, :1] * text_norm_weight.float()
-    visual_input = x.float() * rstd[:, 1:] * visual_norm_weight.float()
+    # Every product below keeps its (M, d) or (M, I) operand as stored and scales the (M, r)
+    # side instead (router weights p, rstd), so no (M, d) temporary is made:
+    # (p g)^T l = g^T (p l);  G^T x_t = ((rstd G)^T x) * w_t.
+    down_lora_B_grad = lora_scale * (grad_output.T @ (down_lowrank * probs[:, 1:]).to(dtype)).float()
+    fc2_lora_B_grad = lora_scale * (grad_output.T @ (fc2_lowrank * probs[:, :1]).to(dtype)).float()
+
+    def times_normalized_input(row_grads, column):
+        """row_grads^T @ norm(x): (k, d) from row_grads (M, k), for the text (0) or visual (1) norm."""
+        norm_weight = text_norm_weight if column == 0 else visual_norm_weight
+        return ((row_grads.float() * rstd[:, column:column + 1]).to(dtype).T @ x).float() * norm_weight.float()
+
     gate_lowrank, up_lowrank = text_lowrank[:, :rank], text_lowrank[:, rank:]
     gate_grad_lowrank, up_grad_lowrank, fc1_grad_lowrank = gate_grad @ gate_lora_B, up_grad @ up_lora_B, visual_grad @ fc1_lora_B
     col_blocks = triton.cdiv(hidden, SMALLEST_GEMM_BLOCK_N)
@@ -476,14 +482,14 @@ def mome_backward(grad_output, x, text_norm_weight, gate_weight, up_weight, down
         visual_size, rank, col_blocks, lora_scale, RANK_PAD=rank_pad, PRECISION=options["PRECISION"])
     # RMSNorm backward, the row-wide half: dx = rstd w.g - x rstd^3 / d * sum(x w.g), per norm.
     row_sums = partial.sum(dim=1)
-    x_grad = scaled_grad - x.float() * (rstd.pow(3) * row_sums).sum(dim=1, keepdim=True) / hidden
+    x_grad = scaled_grad.addcmul_(x, (rstd.pow(3) * row_sums).sum(dim=1, keepdim=True), value=-1.0 / hidden)
     grads = (
         x_grad,
-        lora_scale * gate_grad_lowrank.float().T @ text_input, lora_scale * gate_grad.T @ gate_lowrank,
-        lora_scale * up_grad_lowrank.float().T @ text_input, lora_scale * up_grad.T @ up_lowrank,
+        lora_scale * times_normalized_input(gate_grad_lowrank, 0), lora_scale * gate_grad.T @ gate_lowrank,
+        lora_scale * times_normalized_input(up_grad_lowrank, 0), lora_scale * up_grad.T @ up_lowrank,
         down_lora_A_grad, down_lora_B_grad,
-        lora_scale * fc1_grad_lowrank.float().T @ visual_input, lora_scale * visual_grad.T @ visual_lowrank,
+        lora_scale * times_normalized_input(fc1_grad_lowrank, 1), lora_scale * visual_grad.T @ visual_lowrank,
         fc2_lora_A_grad, fc2_lora_B_grad,
-        logits_grad.T @ text_input, logits_grad.sum(dim=0),
+        times_normalized_input(logits_grad, 0), logits_grad.sum(dim=0),
     )
     return [grad.to(dtype) for grad in grads]
