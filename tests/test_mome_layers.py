@@ -167,3 +167,15 @@ def test_triton_backend_saves_at_least_40_percent_less_than_the_peft_composition
         fused = _saved_activation_bytes(layer, x, lambda: layer(x))
     composed = _saved_activation_bytes(layer, x, lambda: layer.forward_composed(x))
     assert 0 < fused <= 0.6 * composed, f"fused saves {fused} B, the composition {composed} B"
+
+
+def test_layer_compiles_with_torch_compile_and_matches_eager():
+    layer = make_layer()
+    x = torch.randn(2, 3, 40, requires_grad=True)
+    with mkfast.use_backend("triton"):
+        compiled_output = torch.compile(layer)(x)
+        (compiled_grad,) = torch.autograd.grad(compiled_output.sum(), [x])
+        eager_output = layer(x)
+        (eager_grad,) = torch.autograd.grad(eager_output.sum(), [x])
+    assert_close(compiled_output, eager_output)
+    assert_close(compiled_grad, eager_grad)
