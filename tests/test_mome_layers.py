@@ -179,3 +179,23 @@ def test_layer_compiles_with_torch_compile_and_matches_eager():
         (eager_grad,) = torch.autograd.grad(eager_output.sum(), [x])
     assert_close(compiled_output, eager_output)
     assert_close(compiled_grad, eager_grad)
+
+
+def test_mlp_with_another_activation_is_refused():
+    mlp = LlamaStyleMLP(8, 16)
+    mlp.act_fn = nn.GELU()
+    with pytest.raises(TypeError, match="mlp.act_fn must be SiLU"):
+        MoMEFFN(mlp, VisualMemory(8), RMSNorm(8))
+
+
+def test_wraps_a_transformers_llama_mlp():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=4)
+    mlp, norm = LlamaMLP(config), LlamaRMSNorm(32, eps=config.rms_norm_eps)
+    layer = MoMEFFN(mlp, VisualMemory(32, eps=config.rms_norm_eps), norm, rank=2)
+    x = torch.randn(3, 32)
+    # Fresh LoRA (B = 0) and a fresh memory (fc2 = 0): h_M = S_2 * mlp(norm(x)).
+    probs = torch.softmax(layer.router(norm(x)), dim=-1)
+    assert_close(layer(x), probs[:, 1:] * mlp(norm(x)))

@@ -65,6 +65,14 @@ class MoMEFFN(nn.Module):
             layer = getattr(mlp, name, None)
             if not isinstance(layer, nn.Linear) or layer.bias is not None:
                 raise TypeError(f"MoMEFFN: mlp.{name} must be an nn.Linear without bias, got {layer!r}")
+        # The fused op computes SwiGLU with SiLU; a model configured with another hidden_act
+        # (transformers' LlamaMLP.act_fn) would otherwise be silently changed. Checked by value:
+        # transformers has its own SiLU classes.
+        activation = getattr(mlp, "act_fn", None)
+        if activation is not None:
+            probe = torch.linspace(-4, 4, 17)
+            if not torch.allclose(activation(probe), F.silu(probe)):
+                raise TypeError(f"MoMEFFN: mlp.act_fn must be SiLU (the fused op computes SwiGLU), got {activation!r}")
         if not isinstance(getattr(norm, "weight", None), torch.Tensor):
             raise TypeError(f"MoMEFFN: norm must be an RMSNorm module with a weight, got {type(norm).__name__}")
         self.mlp, self.visual_memory, self.norm = mlp, visual_memory, norm

@@ -14,8 +14,8 @@ from torch import nn
 # The paper names no activation; SiLU is the one of the Llama MLP the memory
 # sits next to, and lets the fused MoME kernel share one epilogue for both experts.
 ACTIVATION = "silu"
-# Llama-2's RMSNorm epsilon (HF config rms_norm_eps).
-DEFAULT_EPS = 1e-6
+# Llama-2's RMSNorm epsilon (rms_norm_eps in its Hugging Face config); pass the host model's own.
+DEFAULT_EPS = 1e-5
 
 
 class RMSNorm(nn.Module):

@@ -262,7 +262,7 @@ def mome_ffn(
     x: torch.Tensor, *, text_norm_weight, gate_weight, up_weight, down_weight, visual_norm_weight,
     fc1_weight, fc2_weight, gate_lora_A, gate_lora_B, up_lora_A, up_lora_B, down_lora_A, down_lora_B,
     fc1_lora_A, fc1_lora_B, fc2_lora_A, fc2_lora_B, router_weight, router_bias,
-    lora_scale: float, text_norm_eps: float = 1e-6, visual_norm_eps: float = 1e-6,
+    lora_scale: float, text_norm_eps: float = 1e-5, visual_norm_eps: float = 1e-5,
 ) -> torch.Tensor:
     """h_M = S_1 * LoRA-MVM(x) + S_2 * LoRA-SwiGLU(x), without the residual (see the module docstring).
 
@@ -273,6 +273,7 @@ def mome_ffn(
         <projection>_lora_A: (r, in_features); <projection>_lora_B: (out_features, r).
         router_weight: (2, d), router_bias: (2,): expert 0 is visual, 1 is text.
         lora_scale: alpha / r (PEFT convention).
+        text_norm_eps, visual_norm_eps: the two RMSNorms' epsilons (default: Llama-2's 1e-5).
 
     Returns:
         h_M: (..., d) in x's dtype.
