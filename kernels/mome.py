@@ -50,6 +50,7 @@ BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = (32, 32, 32, 4, 1) if triton_
 GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
                 for m, n, k, warps, stages in GEMM_TILES]
 SMALLEST_GEMM_BLOCK_N = min(tile[1] for tile in GEMM_TILES)
+GROUP_M = 8  # row blocks per group in the tile order (Triton matmul tutorial's value)
 MIN_DOT_SIZE = 16  # smallest tl.dot dimension; LoRA ranks are padded up to it
 
 
@@ -60,6 +61,24 @@ def _padded(size: int) -> int:
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: full-precision dots so fp32 results match the fp32 reference.
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _tile_coordinates(num_rows, num_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column block) of this program in a 1-D grid, GROUP_M row blocks at a time.
+
+    Consecutive programs sweep GROUP_M token blocks for each weight tile, so a wave of programs
+    reuses both its x tiles and its weight tiles from L2 (the Triton matmul tutorial's order);
+    row-major order would re-read all of x from memory once per column block.
+    """
+    program = tl.program_id(0)
+    row_blocks = tl.cdiv(num_rows, BLOCK_M)
+    programs_per_group = GROUP_M * tl.cdiv(num_cols, BLOCK_N)
+    first_row_block = (program // programs_per_group) * GROUP_M
+    group_rows = tl.minimum(row_blocks - first_row_block, GROUP_M)
+    row_block = first_row_block + (program % programs_per_group) % group_rows
+    col_block = (program % programs_per_group) // group_rows
+    return row_block, col_block
 
 
 @triton.jit
@@ -129,7 +148,7 @@ def _mome_expert_in_kernel(
     rstd_ptr, first_out_ptr, second_out_ptr, activation_out_ptr,
     tokens, tokens_bucket, hidden, width, rank, lowrank_stride, rstd_column, lora_scale,
     GATED: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """first_out = rstd * (x*w) W1^T + s * lowrank[:, :r] B1^T: (M, width); GATED also second (W2, lowrank[:, r:2r]).
 
@@ -137,8 +156,9 @@ def _mome_expert_in_kernel(
     values as rounded for storage, like the reference. It feeds the second layer and is freed
     after forward (backward recomputes it from the pre-activations).
     """
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_block, col_block = _tile_coordinates(tokens, width, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = (row_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < tokens, cols < width
     first_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     second_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -203,11 +223,12 @@ def _mome_expert_out_kernel(
     down_lora_B_ptr, fc2_lora_B_ptr, probs_ptr, out_ptr,
     tokens, tokens_bucket, hidden, intermediate, visual_size, rank, lora_scale,
     RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out = S_1 * (silu(f) W2^T + s l2 B2^T) + S_2 * (silu(g)*u Wd^T + s ld Bd^T): (M, d)."""
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_block, col_block = _tile_coordinates(tokens, hidden, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = (row_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < tokens, cols < hidden
     dtype = out_ptr.dtype.element_ty
     text_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -245,7 +266,7 @@ def _mome_expert_grad_hidden_kernel(
     partial_ptr, first_grad_ptr, second_grad_ptr, lora_A_grad_ptr,
     tokens, hidden, width, rank, prob_column, num_col_blocks, lora_scale,
     GATED: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One expert's hidden-layer gradient. g: (M, d), out_weight: (d, width), grad_lowrank = g B_out: (M, r).
 
@@ -253,8 +274,9 @@ def _mome_expert_grad_hidden_kernel(
     the router weight p). Writes partial[m, block] = sum_n u*a (for dS), d(pre) = p*u*act'(pre)
     and accumulates dA_out += s (p g B_out)^T a (fp32, atomically over token blocks).
     """
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_block, col_block = _tile_coordinates(tokens, width, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = (row_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < tokens, cols < width
     dtype = first_grad_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -280,7 +302,7 @@ def _mome_expert_grad_hidden_kernel(
         activation = first_act * second
     else:
         activation = first_act
-    tl.store(partial_ptr + rows * num_col_blocks + tl.program_id(1), tl.sum(acc * activation.to(dtype).to(tl.float32), axis=1), mask=row_mask)
+    tl.store(partial_ptr + rows * num_col_blocks + col_block, tl.sum(acc * activation.to(dtype).to(tl.float32), axis=1), mask=row_mask)
     prob = tl.load(probs_ptr + rows * 2 + prob_column, mask=row_mask, other=0.0)
     activation_grad = acc * prob[:, None]
     if GATED:
@@ -304,7 +326,7 @@ def _mome_grad_input_kernel(
     scaled_grad_ptr, partial_ptr,
     tokens, tokens_bucket, hidden, intermediate, visual_size, rank, num_col_blocks, lora_scale,
     RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Gradients of the two normalised inputs, then the per-tile half of the RMSNorm backward.
 
@@ -313,8 +335,9 @@ def _mome_grad_input_kernel(
     and partial[m, block, :] = (sum x g_t, sum x g_v) over this tile's columns (num_col_blocks
     is partial's row stride, sized for the narrowest tile; unused blocks stay zero).
     """
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_block, col_block = _tile_coordinates(tokens, hidden, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = (row_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < tokens, cols < hidden
     text_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for start in range(0, intermediate, BLOCK_K):
@@ -361,7 +384,7 @@ def _mome_grad_input_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
     tl.store(scaled_grad_ptr + offsets, text_rstd[:, None] * text_grad + visual_rstd[:, None] * visual_grad, mask=mask)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    partial_offsets = (rows * num_col_blocks + tl.program_id(1)) * 2
+    partial_offsets = (rows * num_col_blocks + col_block) * 2
     tl.store(partial_ptr + partial_offsets, tl.sum(x * text_grad, axis=1), mask=row_mask)
     tl.store(partial_ptr + partial_offsets + 1, tl.sum(x * visual_grad, axis=1), mask=row_mask)
 
@@ -371,7 +394,8 @@ def _launch_options(dtype: torch.dtype) -> dict:
 
 
 def _tile_grid(tokens: int, width: int):
-    return lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_N"]))
+    """1-D grid of (tokens / BLOCK_M) x (width / BLOCK_N) tiles, ordered by _tile_coordinates."""
+    return lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),)
 
 
 def mome_forward(x, text_norm_weight, gate_weight, up_weight, down_weight, visual_norm_weight, fc1_weight,
@@ -400,7 +424,7 @@ def mome_forward(x, text_norm_weight, gate_weight, up_weight, down_weight, visua
         x, text_norm_weight, visual_norm_weight, text_proj, fc1_lora_A, router_bias,
         text_lowrank, visual_lowrank, probs, rstd, tokens, hidden, rank, text_norm_eps, visual_norm_eps,
         TEXT_COLUMNS=_padded(2 * rank + 2), VISUAL_COLUMNS=rank_pad, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, **options)
-    tuned = dict(RANK_PAD=rank_pad, PRECISION=options["PRECISION"])
+    tuned = dict(RANK_PAD=rank_pad, PRECISION=options["PRECISION"], GROUP_M=GROUP_M)
     tokens_bucket = triton.next_power_of_2(tokens)
     # The activations feed the second layer and die with this call: backward recomputes them.
     text_act = torch.empty_like(gate_pre)
@@ -435,7 +459,7 @@ def mome_backward(grad_output, x, text_norm_weight, gate_weight, up_weight, down
     if tokens == 0:
         return [torch.zeros_like(x)] + [torch.zeros_like(tensor) for tensor in trainable]
     options, rank_pad = _launch_options(dtype), _padded(rank)
-    common = dict(RANK_PAD=rank_pad, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **options)
+    common = dict(RANK_PAD=rank_pad, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M, **options)
     row_blocks = triton.cdiv(tokens, BLOCK_M)
     grad_output = grad_output.contiguous()
     expert_grads = {}
@@ -449,7 +473,7 @@ def mome_backward(grad_output, x, text_norm_weight, gate_weight, up_weight, down
         first_grad = torch.empty_like(first)
         second_grad = torch.empty_like(second) if gated else first_grad
         lora_A_grad = torch.zeros(lora_A.shape, dtype=torch.float32, device=device)
-        _mome_expert_grad_hidden_kernel[(row_blocks, col_blocks)](
+        _mome_expert_grad_hidden_kernel[(row_blocks * col_blocks,)](
             grad_output, out_weight, grad_output @ lora_B, lora_A, first, second, probs, partial, first_grad,
             second_grad, lora_A_grad, tokens, hidden, width, rank, column, col_blocks, lora_scale,
             GATED=gated, **common)
@@ -479,7 +503,7 @@ def mome_backward(grad_output, x, text_norm_weight, gate_weight, up_weight, down
         x, gate_grad, up_grad, visual_grad, gate_weight, up_weight, fc1_weight, gate_grad_lowrank, up_grad_lowrank,
         fc1_grad_lowrank, gate_lora_A, up_lora_A, fc1_lora_A, logits_grad, router_weight, text_norm_weight,
         visual_norm_weight, rstd, scaled_grad, partial, tokens, triton.next_power_of_2(tokens), hidden, intermediate,
-        visual_size, rank, col_blocks, lora_scale, RANK_PAD=rank_pad, PRECISION=options["PRECISION"])
+        visual_size, rank, col_blocks, lora_scale, RANK_PAD=rank_pad, PRECISION=options["PRECISION"], GROUP_M=GROUP_M)
     # RMSNorm backward, the row-wide half: dx = rstd w.g - x rstd^3 / d * sum(x w.g), per norm.
     row_sums = partial.sum(dim=1)
     x_grad = scaled_grad.addcmul_(x, (rstd.pow(3) * row_sums).sum(dim=1, keepdim=True), value=-1.0 / hidden)

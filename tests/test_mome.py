@@ -123,6 +123,12 @@ def test_hidden_200_matches_reference(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_more_tokens_than_one_tile_group_match_reference(backend):
+    # 300 tokens = 10 row tiles of 32 under the interpreter: two groups of GROUP_M = 8, the last partial.
+    check_backend(backend, 300, 40, 72, 10, 8, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_small_inputs_where_each_norm_epsilon_matters_match_reference(backend):
     # mean(x^2) = 1e-4: the visual norm's epsilon (1e-3) dominates, the text one's (1e-5) does not.
     check_backend(backend, 5, 64, 96, 16, 4, torch.float32, x_scale=1e-2)
