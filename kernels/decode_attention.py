@@ -39,8 +39,9 @@ def _decode_split_kernel(
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
-    num_kv_heads, num_splits, group, new_tokens, head_dim, chunk_size, scale_log2,
+    num_kv_heads, num_splits, group, new_tokens, chunk_size, scale_log2,
     IS_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
     split = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -50,7 +51,10 @@ def _decode_split_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_valid = rows < group * new_tokens
-    d_valid = offs_d < head_dim
+    # HEAD_DIM is a compile-time constant so this mask folds away when D is a
+    # power of two: a runtime mask along the contiguous axis stops the loads from
+    # being vectorised and pipelined (cp.async), checked with ptxas for sm_90.
+    d_valid = offs_d < HEAD_DIM
     head = kv_head * group + rows // new_tokens
     token = rows % new_tokens
     seqlen = tl.load(CacheSeqlens + batch).to(tl.int32)
@@ -96,27 +100,27 @@ def _decode_split_kernel(
     # Partial buffers are (B, Hq, T, num_splits[, D]) contiguous.
     partial_row = ((batch * num_kv_heads * group + head) * new_tokens + token) * num_splits + split
     tl.store(PartialLse + partial_row, lse_log2, mask=row_valid)
-    tl.store(PartialOut + partial_row[:, None] * head_dim + offs_d[None, :], acc / l_safe[:, None],
+    tl.store(PartialOut + partial_row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None],
              mask=row_valid[:, None] & d_valid[None, :])
 
 
 @triton.jit
 def _decode_combine_kernel(
-    PartialOut, PartialLse, Out, num_splits, head_dim,
-    BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+    PartialOut, PartialLse, Out, num_splits,
+    BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     row = tl.program_id(0)  # one (batch, query head, new token); Out is contiguous (B, Hq, T, D)
     splits = tl.arange(0, BLOCK_SPLITS)
     offs_d = tl.arange(0, BLOCK_D)
     split_valid = splits < num_splits
-    d_valid = offs_d < head_dim
+    d_valid = offs_d < HEAD_DIM
     lse = tl.load(PartialLse + row * num_splits + splits, mask=split_valid, other=float("-inf"))
     # Every query sees at least its own key, so one split has a finite lse.
     weights = tl.exp2(lse - tl.max(lse, 0))
-    partial = tl.load(PartialOut + (row * num_splits + splits[:, None]) * head_dim + offs_d[None, :],
+    partial = tl.load(PartialOut + (row * num_splits + splits[:, None]) * HEAD_DIM + offs_d[None, :],
                       mask=split_valid[:, None] & d_valid[None, :], other=0.0)
     out = tl.sum(partial * weights[:, None], 0) / tl.sum(weights, 0)
-    tl.store(Out + row * head_dim + offs_d, out.to(Out.dtype.element_ty), mask=d_valid)
+    tl.store(Out + row * HEAD_DIM + offs_d, out.to(Out.dtype.element_ty), mask=d_valid)
 
 
 def _split_plan(batch: int, num_kv_heads: int, cache_length: int, device: torch.device) -> tuple[int, int, int]:
@@ -146,16 +150,18 @@ def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, scale: float) -
                               device=q.device)
     partial_lse = torch.empty((batch, num_heads, new_tokens, num_splits), dtype=torch.float32, device=q.device)
     gpu = q.device.type == "cuda"
+    # fp32 at D=256 with 3 stages needs 276+ KB of shared memory (ptxas, sm_90): one stage fewer.
+    num_stages = (NUM_STAGES_GPU - (q.dtype == torch.float32)) if gpu else 1
     _decode_split_kernel[(num_splits, batch * num_kv_heads)](
         q, k_cache, v_cache, cache_seqlens, partial_out, partial_lse,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
-        num_kv_heads, num_splits, group, new_tokens, head_dim, chunk_size, scale * LOG2_E,
-        IS_FP32=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=NUM_WARPS_GPU if gpu else 4, num_stages=NUM_STAGES_GPU if gpu else 1,
+        num_kv_heads, num_splits, group, new_tokens, chunk_size, scale * LOG2_E,
+        IS_FP32=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HEAD_DIM=head_dim,
+        num_warps=NUM_WARPS_GPU if gpu else 4, num_stages=num_stages,
     )
     out = torch.empty((batch, num_heads, new_tokens, head_dim), dtype=q.dtype, device=q.device)
     _decode_combine_kernel[(batch * num_heads * new_tokens,)](
-        partial_out, partial_lse, out, num_splits, head_dim,
-        BLOCK_SPLITS=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d,
+        partial_out, partial_lse, out, num_splits,
+        BLOCK_SPLITS=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d, HEAD_DIM=head_dim,
     )
     return out
