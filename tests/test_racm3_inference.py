@@ -1,0 +1,175 @@
+"""RA-CM3 inference: the sampling engine (KV cache, top-k/top-p, image-code constraint, CFG) and the tasks.
+
+Everything runs on tiny models built from config (a 2-layer Llama over a
+~280-id vocabulary, a 4x4-code VQGAN, a 1-layer CLIP); nothing is trained here
+except where a test makes a model prefer something on purpose.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mkfast.racm3.generator import GeneratorConfig, build_generator
+from mkfast.racm3.sampling import (
+    ImageCodeConstraint,
+    SamplingOptions,
+    filter_logits,
+    generate,
+    guided_logits,
+)
+from mkfast.racm3.vocabulary import IMAGE_CLOSE, IMAGE_OPEN, IMAGE_SOURCE, CM3Vocabulary
+
+CAPTIONS = [f"a handwritten digit {name}" for name in ("zero", "one", "two", "three", "four", "five")]
+CODEBOOK = 16
+CODES_PER_SIDE = 4  # 4x4 grid: decodable by the tiny VQGAN below (8x8 pixels, f=2)
+GRID = CODES_PER_SIDE * CODES_PER_SIDE
+TINY_GENERATOR = GeneratorConfig(hidden_size=32, num_layers=2, num_heads=2, num_key_value_heads=1,
+                                 intermediate_size=64, max_sequence_length=256)
+
+
+@pytest.fixture(scope="module")
+def vocabulary() -> CM3Vocabulary:
+    return CM3Vocabulary.from_corpus(CAPTIONS, CODEBOOK, text_vocabulary_size=270)
+
+
+@pytest.fixture(scope="module")
+def model(vocabulary):
+    torch.manual_seed(1)
+    return build_generator(len(vocabulary), TINY_GENERATOR, pad_token_id=vocabulary.pad_id).eval()
+
+
+def caption_prompt(vocabulary: CM3Vocabulary, caption: str, samples: int) -> torch.Tensor:
+    """``</doc> <img alt= caption src=`` repeated over ``samples`` rows: (samples, T)."""
+    special = vocabulary.special_ids
+    ids = [vocabulary.separator_id, special[IMAGE_OPEN], *vocabulary.encode_text(caption), special[IMAGE_SOURCE]]
+    return torch.tensor(ids).unsqueeze(0).expand(samples, -1)
+
+
+# ----------------------------------------------------------------------------- sampling
+def test_fixed_seed_sampling_is_deterministic_and_seed_dependent(model, vocabulary):
+    prompt = caption_prompt(vocabulary, CAPTIONS[2], samples=3)
+    options = SamplingOptions(temperature=1.0, top_k=50, top_p=0.95)
+    first = generate(model, prompt, 12, options, seed=7)
+    second = generate(model, prompt, 12, options, seed=7)
+    other = generate(model, prompt, 12, options, seed=8)
+    assert torch.equal(first, second)
+    assert not torch.equal(first, other)
+    # Rows of one batch are different samples, not copies of one.
+    assert not torch.equal(first[0], first[1])
+
+
+def test_kv_cache_decoding_matches_recomputing_the_prefix(model, vocabulary):
+    prompt = caption_prompt(vocabulary, CAPTIONS[1], samples=2)
+    greedy = SamplingOptions(temperature=0.0)
+    cached = generate(model, prompt, 10, greedy, use_cache=True)
+    recomputed = generate(model, prompt, 10, greedy, use_cache=False)
+    assert torch.equal(cached, recomputed)
+
+
+def test_top_k_and_top_p_keep_the_expected_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
+    kept = torch.isfinite(filter_logits(logits, top_k=2))
+    assert kept.tolist() == [[True, True, False, False], [False, False, True, True]]
+    # Nucleus: the mass before a token must be < top_p for it to stay.
+    assert torch.isfinite(filter_logits(logits, top_p=0.8)).tolist() == [[True, True, False, False],
+                                                                         [False, False, True, True]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.81)).tolist() == [[True, True, True, False],
+                                                                          [False, True, True, True]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.5)).sum().item() == 2  # the top token per row
+
+
+def test_top_k_one_equals_greedy(model, vocabulary):
+    prompt = caption_prompt(vocabulary, CAPTIONS[0], samples=2)
+    greedy = generate(model, prompt, 8, SamplingOptions(temperature=0.0))
+    top_one = generate(model, prompt, 8, SamplingOptions(temperature=1.3, top_k=1), seed=3)
+    assert torch.equal(greedy, top_one)
+
+
+def test_image_constraint_always_yields_a_decodable_grid(model, vocabulary):
+    from mkfast.racm3.image_tokenizer import VQGAN, VQGANConfig
+
+    tokenizer = VQGAN(VQGANConfig(resolution=8, base_channels=32, channel_multipliers=(1, 1), num_res_blocks=1,
+                                  attention_resolutions=(), z_channels=32, embedding_dim=8,
+                                  codebook_size=CODEBOOK)).eval()
+    prompt = caption_prompt(vocabulary, CAPTIONS[3], samples=4)
+    close_id = vocabulary.special_ids[IMAGE_CLOSE]
+    for seed in range(3):
+        # Extra tokens after the image: the constraint must also forbid stray codes there.
+        constraint = ImageCodeConstraint(vocabulary, GRID)
+        tokens = generate(model, prompt, GRID + 6, SamplingOptions(temperature=1.5), seed=seed,
+                          constraint=constraint)
+        assert bool((tokens[:, :GRID] >= vocabulary.image_offset).all())
+        assert bool((tokens[:, GRID] == close_id).all())
+        assert not bool((tokens[:, GRID + 1:] >= vocabulary.image_offset).any())
+        codes = torch.stack([vocabulary.decode_image(row[:GRID].tolist()) for row in tokens])
+        images = tokenizer.decode(codes.view(-1, CODES_PER_SIDE, CODES_PER_SIDE))
+        assert images.shape == (4, 3, 8, 8)
+
+
+def test_image_constraint_counts_codes_already_in_the_prompt(vocabulary):
+    constraint = ImageCodeConstraint(vocabulary, GRID)
+    source = vocabulary.special_ids[IMAGE_SOURCE]
+    image = vocabulary.image_offset
+    separator = vocabulary.separator_id
+    constraint.start(torch.tensor([[separator] * (GRID - 5) + [source] + [image] * 5,
+                                   [source] + [image] * GRID,
+                                   [source] + [image] * GRID + [vocabulary.special_ids[IMAGE_CLOSE]]][:2]
+                                  + [[separator] * (GRID + 1)]))
+    assert constraint.remaining.tolist() == [GRID - 5, 0, -1]
+    allowed = constraint.allowed()
+    assert bool(allowed[0, image:].all()) and not bool(allowed[0, :image].any())
+    assert allowed[1].nonzero().flatten().tolist() == [vocabulary.special_ids[IMAGE_CLOSE]]
+    assert not bool(allowed[2, image:].any()) and bool(allowed[2, :image].all())
+
+
+def test_guidance_scale_one_equals_plain_sampling(model, vocabulary):
+    prompt = caption_prompt(vocabulary, CAPTIONS[4], samples=3)
+    unconditional = caption_prompt(vocabulary, "", samples=3)  # "<img alt= src=": no caption
+    options = SamplingOptions(temperature=1.0, top_p=0.9)
+    plain = generate(model, prompt, GRID + 1, options, seed=5, constraint=ImageCodeConstraint(vocabulary, GRID))
+    guided = generate(model, prompt, GRID + 1, options, seed=5, constraint=ImageCodeConstraint(vocabulary, GRID),
+                      unconditional_prompt_ids=unconditional, guidance_scale=1.0)
+    assert torch.equal(plain, guided)
+    stronger = generate(model, prompt, GRID + 1, options, seed=5, constraint=ImageCodeConstraint(vocabulary, GRID),
+                        unconditional_prompt_ids=unconditional, guidance_scale=4.0)
+    assert not torch.equal(plain, stronger)
+
+
+def test_guided_first_step_is_greedy_over_mixed_logits(model, vocabulary):
+    prompt = caption_prompt(vocabulary, CAPTIONS[5], samples=1)
+    unconditional = caption_prompt(vocabulary, "", samples=1)
+    with torch.no_grad():
+        conditioned = model(input_ids=prompt).logits[:, -1].float()
+        unconditioned = model(input_ids=unconditional).logits[:, -1].float()
+    scale = 3.0
+    expected_logits = unconditioned + scale * (conditioned - unconditioned)
+    torch.testing.assert_close(guided_logits(conditioned, unconditioned, scale), expected_logits)
+    first = generate(model, prompt, 1, SamplingOptions(temperature=0.0), unconditional_prompt_ids=unconditional,
+                     guidance_scale=scale)
+    assert first.item() == int(expected_logits.argmax())
+
+
+def test_rows_stop_at_the_stop_token_and_are_padded_after(model, vocabulary):
+    prompt = caption_prompt(vocabulary, CAPTIONS[0], samples=4)
+    stop = vocabulary.separator_id
+    # Make the stop token likely enough to appear in some rows but not instantly everywhere.
+    allowed = torch.zeros(len(vocabulary), dtype=torch.bool)
+    allowed[[stop, *range(vocabulary.text_offset, vocabulary.text_offset + 3)]] = True
+    tokens = generate(model, prompt, 30, SamplingOptions(temperature=1.0), seed=1, allowed=allowed,
+                      stop_token_id=stop, pad_token_id=vocabulary.pad_id)
+    assert bool(torch.isin(tokens, torch.tensor([stop, vocabulary.pad_id, *range(vocabulary.text_offset,
+                                                 vocabulary.text_offset + 3)])).all())
+    stopped = 0
+    for row in tokens.tolist():
+        if stop in row:
+            stopped += 1
+            assert all(token == vocabulary.pad_id for token in row[row.index(stop) + 1:])
+    assert stopped > 0
+
+
+def test_bad_sampling_options_are_refused():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingOptions(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingOptions(temperature=-1.0)
