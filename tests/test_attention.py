@@ -187,3 +187,77 @@ def test_cuda_fp16_long_non_causal_documents_match_reference():
     document_ids = documents_from_lengths([1000, 24, 1024, 999], batch=2, device="cuda")
     q, k, v, grad_out = make_inputs(2, 8, 8, 3047, 128, torch.float16, "cuda")
     check_against_reference("triton", q, k, v, grad_out, causal=False, document_ids=document_ids)
+
+
+# --------------------------------------------------------------------------- sm_90 compile (no GPU needed)
+SM90_COMPILE_SCRIPT = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mkfast.kernels import attention, decode_attention
+
+def compile_for_sm90(kernel, constexprs, num_warps, num_stages):
+    # Specialise as a real launch would: unit d-strides, 16-divisible pointers and strides.
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name.startswith("stride_") and name.endswith("d"):
+            constexprs[name] = 1
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name[0].isupper():
+            integer = name in ("DocumentIds", "KeyBlockFirst", "KeyBlockLast", "QueryBlockFirst", "QueryBlockLast",
+                               "CacheSeqlens")
+            fp32 = name in ("Lse", "Delta", "PartialOut", "PartialLse")
+            signature[name] = "*i32" if integer else "*fp32" if fp32 else "*bf16"
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32" if "scale" in name else "i32"
+            if name.startswith("stride_"):
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    return {"shared": compiled.metadata.shared, "pipelined": "async_copy" in compiled.asm["ttgir"]}
+
+head = {"BLOCK_D": 128, "HEAD_DIM": 128, "IS_FP32": False}
+masks = {"CAUSAL": True, "HAS_DOCUMENTS": True}
+results = {}
+for name, kernel, table in (("forward", attention._attn_fwd_kernel, attention.FORWARD_CONFIGS),
+                            ("dkdv", attention._attn_bwd_dkdv_kernel, attention.BACKWARD_DKDV_CONFIGS),
+                            ("dq", attention._attn_bwd_dq_kernel, attention.BACKWARD_DQ_CONFIGS)):
+    block_m, block_n, num_warps, num_stages = table[128]
+    results[name] = compile_for_sm90(kernel, dict(head, **masks, BLOCK_M=block_m, BLOCK_N=block_n), num_warps, num_stages)
+results["decode"] = compile_for_sm90(decode_attention._decode_split_kernel,
+                                     dict(head, BLOCK_M=16, BLOCK_N=decode_attention.BLOCK_N_GPU),
+                                     decode_attention.NUM_WARPS_GPU, decode_attention.NUM_STAGES_GPU)
+print(json.dumps(results))
+"""
+H100_SHARED_MEMORY_BYTES = 227 * 1024
+
+
+def test_kernels_compile_for_sm90_with_pipelined_loads():
+    """bf16, D=128, causal + documents: compiled for Hopper with ptxas, no GPU needed.
+
+    Catches GPU-only compile errors on CPU CI, shared memory over an H100's
+    limit, and loads that stopped pipelining (a runtime mask on the contiguous
+    axis did that once to the decode kernel).
+    """
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")) \
+            and shutil.which("ptxas") is None:
+        pytest.skip("no ptxas to compile for sm_90")
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    completed = subprocess.run([sys.executable, "-c", SM90_COMPILE_SCRIPT], env=environment,
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(completed.stdout.strip().splitlines()[-1])
+    for name, result in results.items():
+        assert result["shared"] <= H100_SHARED_MEMORY_BYTES, (name, result)
+        assert result["pipelined"], (name, result)
