@@ -4,3 +4,7 @@ from mkfast.layers.mome import MoMEFFN  # noqa: E402
 from mkfast.layers.visual_memory import RMSNorm, VisualMemory  # noqa: E402
 
 __all__ = ["MoMEFFN", "RMSNorm", "VisualMemory"]
+
+from mkfast.layers.attention import mkfast_attention_forward, register_transformers_attention  # noqa: E402
+
+__all__ += ["mkfast_attention_forward", "register_transformers_attention"]
