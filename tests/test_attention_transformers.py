@@ -104,3 +104,28 @@ def test_attention_dropout_is_refused():
     query = torch.randn(1, 2, 3, 16)
     with pytest.raises(ValueError, match="dropout"):
         attention_layer.mkfast_attention_forward(module, query, query, query, None, dropout=0.1)
+
+
+@pytest.mark.cuda
+def test_cuda_logits_generation_and_training_step_match_sdpa():
+    assert register_transformers_attention()
+    torch.manual_seed(0)
+    config = dict(TINY_LLAMA, num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                  num_key_value_heads=2)  # head dim 64, GQA
+    sdpa = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config, attn_implementation="sdpa")).cuda()
+    ours = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config, attn_implementation="mkfast")).cuda()
+    ours.load_state_dict(sdpa.state_dict())
+    input_ids = torch.randint(1, 97, (2, 300), device="cuda")
+    with torch.no_grad():
+        assert_close(ours(input_ids, use_cache=False).logits, sdpa(input_ids, use_cache=False).logits,
+                     dtype=torch.float32, scale=10.0)  # fp32 Triton vs cuBLAS/SDPA summation order
+        settings = dict(max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(input_ids), pad_token_id=0)
+        assert torch.equal(ours.generate(input_ids, **settings), sdpa.generate(input_ids, **settings))
+    ours, sdpa = ours.to(torch.bfloat16), sdpa.to(torch.bfloat16)
+    ours_loss = ours(input_ids, labels=input_ids, use_cache=False).loss
+    sdpa_loss = sdpa(input_ids, labels=input_ids, use_cache=False).loss
+    ours_loss.backward()
+    sdpa_loss.backward()
+    assert_close(ours_loss, sdpa_loss, dtype=torch.bfloat16)
+    assert_close(ours.model.layers[0].self_attn.q_proj.weight.grad, sdpa.model.layers[0].self_attn.q_proj.weight.grad,
+                 dtype=torch.bfloat16, scale=5.0)  # bf16 gradients through two layers

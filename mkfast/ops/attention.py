@@ -220,7 +220,9 @@ def attention(
             (GQA/MQA); S_kv >= S_q (a KV cache: queries are the last S_q positions).
         causal: mask keys after each query (aligned to the end when S_kv > S_q).
         document_ids: (B, S) int32/int64 or None; a token attends only to its own
-            document. Needs S_q == S_kv. Ids need not be sorted or contiguous.
+            document. Needs S_q == S_kv. Ids need not be sorted or contiguous
+            (sorted ids, as in packing, let the kernels skip the most blocks);
+            they must fit in int32.
         scale: softmax scale, default 1/sqrt(D).
 
     Returns:
