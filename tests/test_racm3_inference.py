@@ -173,3 +173,133 @@ def test_bad_sampling_options_are_refused():
         SamplingOptions(top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingOptions(temperature=-1.0)
+
+
+# ----------------------------------------------------------------------------- tasks
+@pytest.fixture(scope="module")
+def pipeline(vocabulary, model):
+    from mkfast.racm3.encoder import MixedModalEncoder, SmallCLIPConfig, build_small_clip
+    from mkfast.racm3.image_tokenizer import VQGAN, VQGANConfig
+    from mkfast.racm3.inference import RACM3Inference
+    from mkfast.racm3.retrieval import RetrievalCorpus
+
+    torch.manual_seed(2)
+    tokenizer = VQGAN(VQGANConfig(resolution=8, base_channels=32, channel_multipliers=(1, 1), num_res_blocks=1,
+                                  attention_resolutions=(), z_channels=32, embedding_dim=8,
+                                  codebook_size=CODEBOOK)).eval()
+    encoder = MixedModalEncoder(build_small_clip(SmallCLIPConfig(vision_layers=1, text_layers=1))).eval()
+    images = torch.rand(len(CAPTIONS), 3, 8, 8)
+    corpus = RetrievalCorpus(vocabulary, encoder, CAPTIONS, images, tokenizer.encode(images))
+    return RACM3Inference(model, corpus, tokenizer)
+
+
+def test_text_to_image_samples_reranks_by_clip_score_and_is_seeded(pipeline):
+    from mkfast.racm3.metrics import clip_scores
+
+    result = pipeline.text_to_image(CAPTIONS[1], k=2, num_samples=3, seed=4)
+    assert result.images.shape == (3, 3, 8, 8) and result.codes.shape == (3, CODES_PER_SIDE, CODES_PER_SIDE)
+    assert 1 <= len(result.retrieved) <= 2
+    assert result.scores.tolist() == sorted(result.scores.tolist(), reverse=True)
+    torch.testing.assert_close(clip_scores(pipeline.encoder, result.images, [CAPTIONS[1]] * 3), result.scores)
+    torch.testing.assert_close(pipeline.image_tokenizer.decode(result.codes), result.images)
+    again = pipeline.text_to_image(CAPTIONS[1], k=2, num_samples=3, seed=4)
+    assert torch.equal(again.codes, result.codes)
+    without = pipeline.text_to_image(CAPTIONS[1], k=0, num_samples=2, seed=4, guidance_scale=2.0)
+    assert without.retrieved == [] and without.images.shape == (2, 3, 8, 8)
+
+
+def test_prompts_prepend_retrieved_documents_like_training(pipeline, vocabulary):
+    documents = [pipeline.corpus.documents[row] for row in (2, 0)]
+    ids = pipeline.context_ids(documents)
+    separator = vocabulary.separator_id
+    expected = [separator] + documents[0].token_ids.tolist() + [separator] + documents[1].token_ids.tolist() + [separator]
+    assert ids == expected
+    assert pipeline.context_ids([]) == [separator]
+
+
+def _train_to_prefer(model, sequence: list[int], steps: int = 40):
+    """A copy of ``model`` trained on one sequence until it prefers it."""
+    import copy
+
+    trained = copy.deepcopy(model).train()
+    optimizer = torch.optim.Adam(trained.parameters(), lr=1e-2)
+    input_ids = torch.tensor(sequence).unsqueeze(0)
+    for _ in range(steps):
+        loss = trained(input_ids=input_ids, labels=input_ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return trained.eval()
+
+
+def test_perplexity_reranking_picks_the_true_caption_among_candidates(pipeline, vocabulary):
+    from mkfast.racm3.inference import RACM3Inference
+
+    image = pipeline.corpus.images[3]
+    codes = pipeline.image_tokenizer.encode(image.unsqueeze(0))[0]
+    true_caption = CAPTIONS[3]
+    sequence = ([vocabulary.separator_id] + pipeline._infill_caption_prefix(codes)
+                + vocabulary.encode_text(true_caption) + [vocabulary.separator_id])
+    preferring = RACM3Inference(_train_to_prefer(pipeline.model, sequence), pipeline.corpus, pipeline.image_tokenizer)
+    candidates = [CAPTIONS[0], CAPTIONS[5], true_caption, CAPTIONS[2]]
+    ranked, values = preferring.rerank_captions(codes, candidates)
+    assert ranked[0] == true_caption
+    assert values == sorted(values) and len(ranked) == len(candidates)
+    # End to end: sampled candidates, reranked; the preferred caption comes out.
+    result = preferring.image_to_text(image, k=0, num_captions=4, seed=0,
+                                      options=SamplingOptions(temperature=0.7))
+    assert result.caption == true_caption
+    assert result.perplexities == sorted(result.perplexities) and result.candidates[0] == result.caption
+
+
+def test_image_to_text_with_retrieval_returns_text_candidates(pipeline):
+    result = pipeline.image_to_text(pipeline.corpus.images[0], k=2, num_captions=3, seed=1, max_caption_tokens=6)
+    assert 1 <= len(result.retrieved) <= 2
+    assert 1 <= len(result.candidates) <= 3 and result.caption == result.candidates[0]
+    assert all(isinstance(candidate, str) for candidate in result.candidates)
+
+
+def test_infilling_changes_only_the_masked_region_and_uses_given_context(pipeline, vocabulary):
+    codes = pipeline.corpus.codes[1]
+    region = torch.zeros_like(codes, dtype=torch.bool)
+    region[1, 1:3] = True
+    region[3, 0] = True  # two runs in raster order -> <mask:0>, <mask:1>
+    context = [pipeline.corpus.documents[4]]
+    filled, images = pipeline.infill_image(codes, region, text=CAPTIONS[1], context_documents=context,
+                                           num_samples=3, seed=2, options=SamplingOptions(temperature=2.0))
+    assert filled.shape == (3, *codes.shape) and images.shape == (3, 3, 8, 8)
+    assert bool((filled[:, ~region] == codes[~region]).all())
+    assert bool(((filled >= 0) & (filled < CODEBOOK)).all())
+    assert not bool((filled[:, region] == filled[0, region]).all())  # samples differ at temperature 2
+    again, _ = pipeline.infill_image(codes, region, text=CAPTIONS[1], context_documents=context, num_samples=3,
+                                     seed=2, options=SamplingOptions(temperature=2.0))
+    assert torch.equal(filled, again)
+    with pytest.raises(ValueError, match="region"):
+        pipeline.infill_image(codes, torch.zeros_like(region), text=CAPTIONS[1])
+
+
+def test_k_shot_ensemble_averages_exactly_the_per_prompt_probabilities(pipeline):
+    query = pipeline.corpus.codes[0]
+    pairs = [(pipeline.demonstration(pipeline.corpus.codes[x], "a handwritten digit X"),
+              pipeline.demonstration(pipeline.corpus.codes[y], "a handwritten digit Y"))
+             for x, y in ((1, 2), (3, 4), (5, 1))]
+    ensemble = pipeline.classify_ensemble(query, pairs)
+    separately = torch.stack([pipeline.label_probabilities(query, list(pair)) for pair in pairs])
+    assert torch.equal(ensemble.per_prompt, separately)
+    assert torch.equal(ensemble.probabilities, separately.mean(dim=0))
+    assert float(ensemble.probabilities.sum()) == pytest.approx(1.0)
+    assert ensemble.prediction == int(separately.mean(dim=0).argmax())
+    # The plain variant puts every demonstration in one prompt: a different number in general.
+    single = pipeline.classify_single_prompt(query, [document for pair in pairs for document in pair])
+    torch.testing.assert_close(single.probabilities,
+                               pipeline.label_probabilities(query, [d for pair in pairs for d in pair]))
+    assert single.per_prompt.shape == (1, 2)
+
+
+def test_save_images_writes_pngs(tmp_path):
+    from PIL import Image
+
+    from mkfast.racm3.inference import save_images
+
+    paths = save_images(torch.rand(2, 3, 8, 8), str(tmp_path), "sample")
+    assert [Image.open(path).size for path in paths] == [(8, 8), (8, 8)]
