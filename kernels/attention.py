@@ -183,6 +183,25 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
+def _attn_bwd_delta_kernel(Out, GradOut, Delta, stride_ob, stride_oh, stride_os, stride_od,
+                           stride_gb, stride_gh, stride_gs, stride_gd, num_heads, query_length,
+                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """delta_i = sum_d dO_i * O_i (= sum_j P_ij dP_ij), the softmax-backward correction per row, fp32."""
+    batch_head = tl.program_id(1)
+    batch = batch_head // num_heads
+    head = batch_head % num_heads
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < query_length)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    out = tl.load(Out + batch * stride_ob + head * stride_oh + rows[:, None] * stride_os + offs_d[None, :] * stride_od,
+                  mask=mask, other=0.0)
+    grad_out = tl.load(GradOut + batch * stride_gb + head * stride_gh + rows[:, None] * stride_gs
+                       + offs_d[None, :] * stride_gd, mask=mask, other=0.0)
+    delta = tl.sum(out.to(tl.float32) * grad_out.to(tl.float32), 1)
+    tl.store(Delta + batch_head * query_length + rows, delta, mask=rows < query_length)
+
+
+@triton.jit
 def _attn_bwd_dkdv_inner(grad_k, grad_v, k, v, cols, key_docs, q_base, g_base, lse_base, delta_base, doc_base,
                          stride_qs, stride_qd, stride_gs, stride_gd,
                          start, end, offset, query_length, key_length, scale_log2,
@@ -448,8 +467,13 @@ def attention_backward(grad_out, q, k, v, out, lse, causal: bool, document_ids, 
     num_kv_heads, key_length = k.shape[1], k.shape[2]
     flags = dict(CAUSAL=causal, HAS_DOCUMENTS=document_ids is not None, IS_FP32=q.dtype == torch.float32,
                  **_head_dims(head_dim))
-    # delta_i = sum_d dO_i * O_i = sum_j P_ij dP_ij: the softmax-backward correction per row.
-    delta = (grad_out.float() * out.float()).sum(-1).contiguous()
+    delta = torch.empty((batch, num_heads, query_length), dtype=torch.float32, device=q.device)
+    # One pass over O and dO instead of two fp32 copies (torch would materialise them).
+    delta_block = 64 if q.device.type == "cuda" else INTERPRETER_CONFIG[0]
+    _attn_bwd_delta_kernel[(triton.cdiv(query_length, delta_block), batch * num_heads)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), num_heads, query_length,
+        BLOCK_M=delta_block, **_head_dims(head_dim),
+    )
     grad_q = q.new_empty(q.shape)
     grad_k = k.new_empty(k.shape)
     grad_v = v.new_empty(v.shape)
