@@ -113,6 +113,22 @@ def training_cases(quick: bool, device: torch.device):
     return [(TOKENS_PER_BATCH // seq, seq, head_dim, torch.bfloat16) for seq in seqs for head_dim in (64, 128)]
 
 
+def decode_providers(q, k_cache, v_cache, lengths, device):
+    """name -> function; q (B, H, 1, D) over full (B, H, L, D) caches."""
+    providers = {
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k_cache, v_cache),
+        "reference": lambda: decode_attention_reference(q, k_cache, v_cache, lengths),
+    }
+    if device.type == "cuda":
+        providers["mkfast"] = lambda: mkfast.ops.decode_attention(q, k_cache, v_cache, lengths, check_lengths=False)
+        if importlib.util.find_spec("flash_attn") is not None:
+            from flash_attn import flash_attn_with_kvcache
+
+            q_t, k_t, v_t = (tensor.transpose(1, 2) for tensor in (q, k_cache, v_cache))
+            providers["flash-attn"] = lambda: flash_attn_with_kvcache(q_t, k_t, v_t, cache_seqlens=lengths)
+    return providers
+
+
 def decode_measurements(quick: bool, device: torch.device, repetitions: int) -> list[Measurement]:
     measurements = []
     cache_length = DECODE_CACHE_LENGTH if device.type == "cuda" else 1024
@@ -125,18 +141,7 @@ def decode_measurements(quick: bool, device: torch.device, repetitions: int) -> 
         element = q.element_size()
         bytes_moved = element * (2 * k_cache.numel() + 2 * q.numel())
         case = {"mode": "decode", "B": batch, "H": DECODE_HEADS, "L": cache_length, "D": DECODE_HEAD_DIM}
-        providers = {
-            "sdpa": lambda: F.scaled_dot_product_attention(q, k_cache, v_cache),
-            "reference": lambda: decode_attention_reference(q, k_cache, v_cache, lengths),
-        }
-        if device.type == "cuda":
-            providers["mkfast"] = lambda: mkfast.ops.decode_attention(q, k_cache, v_cache, lengths,
-                                                                       check_lengths=False)
-            if importlib.util.find_spec("flash_attn") is not None:
-                from flash_attn import flash_attn_with_kvcache
-
-                q_t, k_t, v_t = (tensor.transpose(1, 2) for tensor in (q, k_cache, v_cache))
-                providers["flash-attn"] = lambda: flash_attn_with_kvcache(q_t, k_t, v_t, cache_seqlens=lengths)
+        providers = decode_providers(q, k_cache, v_cache, lengths, device)
         for provider, fn in providers.items():
             timings = measure(fn, device, warmup=2, repetitions=repetitions)
             measurements.append(Measurement(case, provider, timings, work={"gbps": bytes_moved},

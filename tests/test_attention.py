@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_close, devices_to_test, interpreter_dtypes, run_opcheck
 
 import mkfast
-from helpers import assert_close, devices_to_test, interpreter_dtypes, run_opcheck
 from mkfast.ops.attention import attention, attention_reference
 
 # fp16 gradients sum S products of rounded values: twice the output tolerance.
@@ -255,7 +255,7 @@ def test_kernels_compile_for_sm90_with_pipelined_loads():
         pytest.skip("no ptxas to compile for sm_90")
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     completed = subprocess.run([sys.executable, "-c", SM90_COMPILE_SCRIPT], env=environment,
-                               capture_output=True, text=True, timeout=600)
+                               capture_output=True, text=True, timeout=600, check=False)
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads(completed.stdout.strip().splitlines()[-1])
     for name, result in results.items():

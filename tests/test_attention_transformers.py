@@ -9,12 +9,13 @@ import mkfast
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import assert_close  # noqa: E402
-from mkfast.layers import attention as attention_layer  # noqa: E402
-from mkfast.layers.attention import document_ids_from_position_ids, register_transformers_attention  # noqa: E402
+from helpers import assert_close
 
-TINY_LLAMA = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+from mkfast.layers import attention as attention_layer
+from mkfast.layers.attention import document_ids_from_position_ids, register_transformers_attention
+
+TINY_LLAMA = {"vocab_size": 97, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_logits_match_eager(models, calls):
 def test_greedy_generation_with_kv_cache_matches_eager(models, calls):
     ours, eager = models
     prompt = torch.randint(1, 97, (2, 10))
-    settings = dict(max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(prompt), pad_token_id=0)
+    settings = {"max_new_tokens": 6, "do_sample": False, "attention_mask": torch.ones_like(prompt), "pad_token_id": 0}
     with torch.no_grad(), mkfast.use_backend("triton"):
         generated = ours.generate(prompt, **settings)
     expected = eager.generate(prompt, **settings)
@@ -110,8 +111,7 @@ def test_attention_dropout_is_refused():
 def test_cuda_logits_generation_and_training_step_match_sdpa():
     assert register_transformers_attention()
     torch.manual_seed(0)
-    config = dict(TINY_LLAMA, num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                  num_key_value_heads=2)  # head dim 64, GQA
+    config = {**TINY_LLAMA, "hidden_size": 256, "intermediate_size": 512}  # head dim 64, GQA 4:2
     sdpa = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config, attn_implementation="sdpa")).cuda()
     ours = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config, attn_implementation="mkfast")).cuda()
     ours.load_state_dict(sdpa.state_dict())
@@ -119,7 +119,8 @@ def test_cuda_logits_generation_and_training_step_match_sdpa():
     with torch.no_grad():
         assert_close(ours(input_ids, use_cache=False).logits, sdpa(input_ids, use_cache=False).logits,
                      dtype=torch.float32, scale=10.0)  # fp32 Triton vs cuBLAS/SDPA summation order
-        settings = dict(max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(input_ids), pad_token_id=0)
+        settings = {"max_new_tokens": 8, "do_sample": False, "attention_mask": torch.ones_like(input_ids),
+                    "pad_token_id": 0}
         assert torch.equal(ours.generate(input_ids, **settings), sdpa.generate(input_ids, **settings))
     ours, sdpa = ours.to(torch.bfloat16), sdpa.to(torch.bfloat16)
     ours_loss = ours(input_ids, labels=input_ids, use_cache=False).loss

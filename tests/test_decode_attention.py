@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_close, devices_to_test, interpreter_dtypes, run_opcheck
 
 import mkfast
-from helpers import assert_close, devices_to_test, interpreter_dtypes, run_opcheck
 from mkfast.ops.attention import attention_reference, decode_attention, decode_attention_reference
 
 # (batch, query heads, kv heads, new tokens T, cache length L_max, D)
