@@ -91,6 +91,12 @@ def main(argv: list[str] | None = None) -> None:
     eval_targets = commands.add_parser("eval", help="evaluate a model").add_subparsers(dest="target", required=True)
     mks2_commands.add_train_parsers(train_targets)
     mks2_commands.add_eval_parsers(eval_targets)
+    from mkfast.racm3 import inference_commands as racm3_inference_commands
+
+    generate_targets = commands.add_parser("generate", help="generate with a trained model").add_subparsers(
+        dest="target", required=True)
+    racm3_inference_commands.add_generate_parsers(generate_targets)
+    racm3_inference_commands.add_eval_parsers(eval_targets)
     arguments = parser.parse_args(argv)
     if arguments.command == "env":
         print(environment_report())
@@ -111,6 +117,10 @@ def main(argv: list[str] | None = None) -> None:
         mks2_commands.handle_train(arguments)
     elif arguments.command == "eval" and arguments.target == "mks2":
         mks2_commands.handle_eval(arguments)
+    elif arguments.command == "generate" and arguments.target == "racm3":
+        racm3_inference_commands.handle_generate(arguments)
+    elif arguments.command == "eval" and arguments.target == "racm3":
+        racm3_inference_commands.handle_eval(arguments)
 
 
 if __name__ == "__main__":
