@@ -97,6 +97,7 @@ def test_keys_longer_than_queries_are_causal_at_the_end():
     # A KV cache: 20 new queries are positions 30..49 of 50 keys.
     q, k, v, grad_out = make_inputs(2, 4, 2, 20, 64, torch.float32, "cpu", key_length=50)
     check_against_reference("triton", q, k, v, grad_out, causal=True)
+    check_against_reference("triton", q, k, v, grad_out, causal=False)  # cross-attention: every key
     # Not the same as aligning the queries to the start: position 0 sees 31 keys, not 1.
     shifted = attention_reference(q, k[:, :, :20], v[:, :, :20], causal=True)
     assert not torch.allclose(attention_reference(q, k, v, causal=True), shifted, atol=1e-3)
