@@ -166,6 +166,9 @@ def test_rows_stop_at_the_stop_token_and_are_padded_after(model, vocabulary):
             stopped += 1
             assert all(token == vocabulary.pad_id for token in row[row.index(stop) + 1:])
     assert stopped > 0
+    late = generate(model, prompt, 30, SamplingOptions(temperature=1.0), seed=1, allowed=allowed,
+                    stop_token_id=stop, pad_token_id=vocabulary.pad_id, min_new_tokens=5)
+    assert not bool((late[:, :5] == stop).any())
 
 
 def test_bad_sampling_options_are_refused():

@@ -168,7 +168,7 @@ class RACM3Inference:
         prompt_ids = torch.tensor(context + self._infill_caption_prefix(codes.cpu())).unsqueeze(0)
         tokens = generate(self.model, prompt_ids.expand(num_captions, -1), max_caption_tokens, options, seed=seed,
                           allowed=self._text_ids_allowed(), stop_token_id=self.vocabulary.separator_id,
-                          pad_token_id=self.vocabulary.pad_id).cpu()
+                          pad_token_id=self.vocabulary.pad_id, min_new_tokens=1).cpu()
         candidates = list(dict.fromkeys(self.vocabulary.decode_text(row.tolist()) for row in tokens))
         ranked, values = self.rerank_captions(codes.cpu(), candidates, context)
         return ImageToTextResult(ranked[0], rows, ranked, values)

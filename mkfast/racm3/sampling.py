@@ -187,13 +187,15 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, options: Samp
              *, seed: int | None = None, generator: torch.Generator | None = None,
              constraint: ImageCodeConstraint | None = None, allowed: torch.Tensor | None = None,
              unconditional_prompt_ids: torch.Tensor | None = None, guidance_scale: float = 1.0,
-             stop_token_id: int | None = None, pad_token_id: int = 0, use_cache: bool = True) -> torch.Tensor:
+             stop_token_id: int | None = None, pad_token_id: int = 0, min_new_tokens: int = 0,
+             use_cache: bool = True) -> torch.Tensor:
     """Sample up to ``max_new_tokens`` per row after ``prompt_ids`` (B, T) -> (B, max_new_tokens) int64.
 
     allowed: (V,) bool, tokens a row may ever emit (combined with the constraint).
     unconditional_prompt_ids: (B, T') the unconditioned stream for classifier-free
     guidance (scale ``guidance_scale``); it receives the same sampled tokens.
-    A row that emits ``stop_token_id`` is finished: later positions hold ``pad_token_id``.
+    A row that emits ``stop_token_id`` is finished: later positions hold ``pad_token_id``;
+    the stop token cannot be sampled before ``min_new_tokens`` (no empty captions).
     Randomness: ``generator`` or a new one seeded with ``seed`` (default 0) on the model's device.
     """
     options = options or SamplingOptions()
@@ -221,6 +223,9 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, options: Samp
         if constraint is not None:
             rule = constraint.allowed(device)
             mask = rule if mask is None else mask & rule
+        if stop_token_id is not None and step < min_new_tokens:
+            mask = torch.ones(batch, logits.shape[-1], dtype=torch.bool, device=device) if mask is None else mask.clone()
+            mask[:, stop_token_id] = False
         tokens = sample_next(logits, options, generator, mask)
         tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
         outputs[:, step] = tokens
