@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> None:
                                                                                            required=True)
     eval_targets = commands.add_parser("eval", help="evaluate a model").add_subparsers(dest="target", required=True)
     mks2_commands.add_train_parsers(train_targets)
+    from mkfast.racm3 import commands as racm3_commands
+
+    racm3_commands.add_train_parser(train_targets)
     mks2_commands.add_eval_parsers(eval_targets)
     from mkfast.racm3 import inference_commands as racm3_inference_commands
 
@@ -115,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
         run_benchmarks(arguments.suites, arguments.quick, arguments.output_root)
     elif arguments.command == "train" and arguments.target.startswith("mks2-"):
         mks2_commands.handle_train(arguments)
+    elif arguments.command == "train" and arguments.target == "racm3":
+        racm3_commands.run_from_arguments(arguments)
     elif arguments.command == "eval" and arguments.target == "mks2":
         mks2_commands.handle_eval(arguments)
     elif arguments.command == "generate" and arguments.target == "racm3":

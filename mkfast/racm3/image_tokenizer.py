@@ -218,7 +218,10 @@ class VQGAN(nn.Module):
         self.post_quant_conv = nn.Conv2d(config.embedding_dim, config.z_channels, 1)
         self.quantize = VectorQuantize(dim=config.embedding_dim, codebook_size=config.codebook_size,
                                        decay=CODEBOOK_DECAY, commitment_weight=COMMITMENT_WEIGHT,
-                                       accept_image_fmap=True)
+                                       accept_image_fmap=True,
+                                       # The library all-reduces EMA updates whenever torch.distributed is
+                                       # initialised; the tokenizer trains on one rank (rank 0 of a DDP run).
+                                       sync_codebook=False)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """images (B, 3, R, R) in [0, 1] -> (reconstruction (B, 3, R, R), codes (B, r, r), commitment loss)."""
