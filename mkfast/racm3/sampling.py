@@ -163,17 +163,20 @@ class ImageCodeConstraint:
     def allowed(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """(B, V) bool: what each row may emit next."""
         vocabulary_size = len(self.vocabulary)
-        is_image = torch.arange(vocabulary_size) >= self.vocabulary.image_offset
-        only_close = torch.zeros(vocabulary_size, dtype=torch.bool)
+        is_image = torch.arange(vocabulary_size, device=device) >= self.vocabulary.image_offset
+        only_close = torch.zeros(vocabulary_size, dtype=torch.bool, device=device)
         only_close[self.close_id] = True
-        rows = []
-        for owed in self.remaining.tolist():
-            rows.append(is_image if owed > 0 else only_close if owed == 0 else ~is_image)
-        return torch.stack(rows).to(device)
+        owed = self.remaining.to(device).unsqueeze(1)
+        return torch.where(owed > 0, is_image, torch.where(owed == 0, only_close, ~is_image))
 
     def update(self, tokens: torch.Tensor) -> None:
-        for row, token in enumerate(tokens.tolist()):
-            self._advance_row(self.remaining, row, token)
+        """tokens (B,): the tokens just emitted (vectorised :meth:`_advance_row`)."""
+        tokens = tokens.to(self.remaining.device)
+        remaining = self.remaining
+        is_code = tokens >= self.vocabulary.image_offset
+        remaining = torch.where((remaining > 0) & is_code, remaining - 1, remaining)
+        remaining = torch.where((self.remaining == 0) & (tokens == self.close_id), -1, remaining)
+        self.remaining = torch.where(tokens == self.source_id, self.codes_per_image, remaining)
 
 
 def _make_generator(seed: int | None, generator: torch.Generator | None, device: torch.device):

@@ -1,0 +1,82 @@
+"""RA-CM3 image sampling speed: KV-cache decoding vs recomputing the whole prefix at every step.
+
+    python -m benchmarks.bench_generation [--quick]
+
+One setup function builds the generator (the digits demo's size, random
+weights: speed does not depend on them) and the text-to-image prompt
+(K retrieved documents + ``<img alt= caption src=``); both providers call
+``mkfast.racm3.sampling.generate`` on the same prompt with the image-code
+constraint, differing only in ``use_cache``. Tokens/s = samples x codes per
+image / median time, reported in the notes and the JSON case (codes, samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.common import Measurement, measure, run_suite
+from mkfast.racm3.generator import GeneratorConfig, build_generator
+from mkfast.racm3.sampling import ImageCodeConstraint, SamplingOptions, generate
+from mkfast.racm3.vocabulary import IMAGE_CLOSE, IMAGE_OPEN, IMAGE_SOURCE, CM3Vocabulary
+
+# The demo's generator (hidden 128, 4 layers); RoPE needs no table size, 2048 covers K=2 16x16 images.
+BENCH_GENERATOR = GeneratorConfig(max_sequence_length=2048)
+CODEBOOK = 64  # the demo's VQ codebook
+CAPTION = "a handwritten digit seven"
+
+
+def setup(codes_per_image: int, samples: int, retrieved: int, device: torch.device):
+    """(model, vocabulary, prompt_ids (samples, T)) shared by both providers."""
+    vocabulary = CM3Vocabulary.from_corpus([CAPTION, "a handwritten digit two"], CODEBOOK, text_vocabulary_size=280)
+    torch.manual_seed(0)
+    model = build_generator(len(vocabulary), BENCH_GENERATOR, vocabulary.pad_id, device=device).eval()
+    special = vocabulary.special_ids
+    generator = torch.Generator().manual_seed(0)
+    ids = [vocabulary.separator_id]
+    for _ in range(retrieved):  # retrieved documents: <img alt= caption src= codes > </doc>
+        codes = torch.randint(0, CODEBOOK, (codes_per_image,), generator=generator)
+        ids += [special[IMAGE_OPEN], *vocabulary.encode_text(CAPTION), special[IMAGE_SOURCE],
+                *vocabulary.encode_image(codes), special[IMAGE_CLOSE], vocabulary.separator_id]
+    ids += [special[IMAGE_OPEN], *vocabulary.encode_text(CAPTION), special[IMAGE_SOURCE]]
+    prompt = torch.tensor(ids, device=device).unsqueeze(0).expand(samples, -1)
+    return model, vocabulary, prompt
+
+
+def main(quick: bool = False, device: str | None = None, output_root: str | None = None) -> None:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # shared 2-core machine: one thread gives stable numbers
+    # (codes per image, samples, retrieved documents): the demo's 8x8 grid at 1 and 10
+    # samples (RA-CM3 samples 10 per caption), and a 16x16 grid where the prefix is longer.
+    cases = [(64, 1, 0)] if quick else [(64, 1, 2), (64, 10, 2), (256, 1, 2)]
+    if device.type == "cuda" and not quick:
+        cases += [(1024, 10, 2)]  # RA-CM3's 32x32 grid
+    measurements, rates = [], []
+    for codes_per_image, samples, retrieved in cases:
+        model, vocabulary, prompt = setup(codes_per_image, samples, retrieved, device)
+        case = {"codes": codes_per_image, "samples": samples, "K": retrieved, "prompt_tokens": prompt.shape[1]}
+        for provider, use_cache in (("kv cache", True), ("recompute prefix", False)):
+            def run(use_cache=use_cache):
+                return generate(model, prompt, codes_per_image + 1, SamplingOptions(temperature=1.0), seed=0,
+                                constraint=ImageCodeConstraint(vocabulary, codes_per_image), use_cache=use_cache)
+
+            timings = measure(run, device, warmup=1, repetitions=2 if quick else 3)
+            measurements.append(Measurement(case, provider, timings))
+            tokens_per_second = samples * codes_per_image / (measurements[-1].median_ms / 1e3)
+            rates.append(f"{case}: {provider} {tokens_per_second:.0f} tokens/s")
+            print(rates[-1], flush=True)
+    notes = ("Image sampling (temperature 1, image-code constraint) with the demo-sized generator "
+             "(hidden 128, 4 layers, random weights), one call = samples x (codes + '>') new tokens. "
+             "Tokens/s (image codes per second, from the median): " + "; ".join(rates) + ".")
+    run_suite("generation", measurements, device, baseline="recompute prefix", notes=notes, output_root=output_root)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device")
+    parser.add_argument("--output-root")
+    arguments = parser.parse_args()
+    main(quick=arguments.quick, device=arguments.device, output_root=arguments.output_root)
