@@ -21,6 +21,16 @@ from mkfast.racm3.metrics import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: a second thread buys nothing, and on a busy 2-core machine thread
+    oversubscription made a decode step 57x slower (1.4 ms -> 80 ms, measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------- CIDEr-D
 def test_cider_d_matches_a_hand_computed_two_image_corpus():
     # References: image 0 "a cat", image 1 "a dog"; log(#images) = log 2.

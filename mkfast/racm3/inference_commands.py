@@ -54,10 +54,11 @@ def load_pipeline(run_dir: str, variant: str = "retrieval", cache_dir: str | Non
 
 def load_image(path: str, size: int) -> torch.Tensor:
     """A PNG/JPEG file -> (3, size, size) in [0, 1]."""
+    import numpy
     from PIL import Image
 
     image = Image.open(path).convert("RGB").resize((size, size), Image.BICUBIC)
-    return torch.tensor(list(image.getdata()), dtype=torch.float32).view(size, size, 3).permute(2, 0, 1) / 255.0
+    return torch.from_numpy(numpy.asarray(image, dtype=numpy.float32).copy()).permute(2, 0, 1) / 255.0
 
 
 def parse_region(text: str, side: int) -> torch.Tensor:
