@@ -3,6 +3,8 @@
 //
 // Plan per call:
 //   1. score memory in chunks with one GEMM per chunk (queries x chunk^T, fp32);
+//      from kPrefilterMinBatch queries on, a bf16 GEMM estimates the scores and
+//      only rows its error bound cannot rule out are scored in fp32;
 //   2. per query (threads over queries), keep a bounded heap of the best
 //      `pool_size` rows that can ever be taken (score <= threshold, not excluded):
 //      rows above the threshold are always skipped, so they never enter the pool;
@@ -16,6 +18,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -27,6 +33,18 @@ namespace {
 // 8192 rows x 768 fp32 = 24 MiB per chunk: large enough that GEMM overhead is
 // negligible, small enough that the (b, chunk) score block stays in cache for b<=64.
 constexpr int64_t kRowsPerChunk = 8192;
+// From this many queries on, scores are first estimated with a bf16 GEMM (AMX /
+// AVX512-BF16 where the CPU has them) and only rows the estimate cannot rule out
+// are scored exactly in fp32. Measured on 2 busy cores, N=2e5, d=768, min of 6
+// interleaved runs: equal to the fp32 GEMM path at b=64, 2.1x faster at b=256;
+// at b=32 it measured slower, because rounding the chunk to bf16 costs as much
+// as an fp32 GEMM with few queries.
+constexpr int64_t kPrefilterMinBatch = 64;
+// Rows per chunk on the prefilter path: 4096 x 768 fp32 = 12 MiB, so the
+// conversion, the norms and the GEMM re-read the chunk from cache, not DRAM.
+constexpr int64_t kPrefilterRowsPerChunk = 4096;
+// bf16 unit roundoff (8 significant bits, round to nearest).
+constexpr double kBf16Roundoff = 1.0 / 256.0;
 
 struct Candidate {
   float score;
@@ -62,6 +80,9 @@ class CandidatePool {
     std::push_heap(heap_.begin(), heap_.end(), ranks_before);
   }
 
+  // The candidate a new row has to beat (only meaningful when full()).
+  const Candidate& worst() const { return heap_.front(); }
+
   std::vector<Candidate> sorted() const {
     std::vector<Candidate> ranked = heap_;
     std::sort(ranked.begin(), ranked.end(), ranks_before);
@@ -80,6 +101,36 @@ float row_dot(const scalar_t* a, const scalar_t* b, int64_t dim) {
     acc += static_cast<float>(a[i]) * static_cast<float>(b[i]);
   }
   return acc;
+}
+
+// fp32 dot product with 16 independent partial sums, so the compiler vectorises
+// it (a single running sum is a serial dependency chain it may not reorder).
+template <typename scalar_t>
+float exact_dot(const float* query, const scalar_t* row, int64_t dim) {
+  constexpr int kLanes = 16;
+  float partial[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= dim; i += kLanes) {
+    for (int lane = 0; lane < kLanes; ++lane) {
+      partial[lane] += query[i + lane] * static_cast<float>(row[i + lane]);
+    }
+  }
+  float acc = 0.f;
+  for (int lane = 0; lane < kLanes; ++lane) acc += partial[lane];
+  for (; i < dim; ++i) acc += query[i] * static_cast<float>(row[i]);
+  return acc;
+}
+
+// Relative error bound of the bf16 estimate against the exact fp32 score:
+// |estimate - score| <= relative_bound(dim) * |q| * |m|. Terms: rounding q and
+// m to bf16 (2u + u^2), fp32 accumulation of the estimate and of the exact score
+// (2 gamma_d, gamma_d = d 2^-24 / (1 - d 2^-24)), rounding the GEMM's output to
+// bf16 (u (1 + ...)); the 1.25 factor covers the second-order terms with room.
+inline double relative_bound(int64_t dim) {
+  const double unit = kBf16Roundoff;
+  const double fp32_unit = std::ldexp(1.0, -24);
+  const double gamma = dim * fp32_unit / (1.0 - dim * fp32_unit);
+  return 1.25 * (3.0 * unit + 4.0 * unit * unit + 3.0 * gamma);
 }
 
 bool is_excluded(const int64_t* excluded, int64_t count, int64_t index) {
@@ -114,6 +165,122 @@ int64_t walk_pool(
   return taken;
 }
 
+// Rounds one row to bf16 (nearest even) into `bf16_bits` and returns its squared
+// L2 norm. 16 partial sums and branch-free integer rounding let the compiler
+// vectorise the loop; target_clones adds AVX-512 and AVX2 builds picked at load
+// time (the extension is otherwise compiled for baseline x86-64). A NaN/inf
+// value makes the result NaN/inf, which disables skipping downstream.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+float round_row_to_bf16(const float* source, int64_t dim, uint16_t* destination) {
+  constexpr int kLanes = 16;
+  float partial[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= dim; i += kLanes) {
+    for (int lane = 0; lane < kLanes; ++lane) {
+      const float value = source[i + lane];
+      uint32_t bits;
+      std::memcpy(&bits, &value, sizeof(bits));
+      destination[i + lane] = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+      partial[lane] += value * value;
+    }
+  }
+  float sum_of_squares = 0.f;
+  for (int lane = 0; lane < kLanes; ++lane) sum_of_squares += partial[lane];
+  for (; i < dim; ++i) {
+    const float value = source[i];
+    uint32_t bits;
+    std::memcpy(&bits, &value, sizeof(bits));
+    destination[i] = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+    sum_of_squares += value * value;
+  }
+  return sum_of_squares;
+}
+
+// A chunk of rows rounded to bf16; returns the largest row L2 norm (NaN if any is NaN).
+// at::Tensor::to(kBFloat16) plus a separate norm pass measured slower than the
+// fp32 GEMM they were meant to replace at b=64, hence this one-pass loop.
+template <typename scalar_t>
+float round_rows_to_bf16(const scalar_t* rows_data, int64_t rows, int64_t dim, uint16_t* bf16_bits) {
+  std::vector<float> row_norms(static_cast<size_t>(rows));
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> row_f32(std::is_same_v<scalar_t, float> ? 0 : static_cast<size_t>(dim));
+    for (int64_t r = begin; r < end; ++r) {
+      const float* source;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        source = rows_data + r * dim;
+      } else {
+        for (int64_t i = 0; i < dim; ++i) row_f32[i] = static_cast<float>(rows_data[r * dim + i]);
+        source = row_f32.data();
+      }
+      row_norms[static_cast<size_t>(r)] = std::sqrt(round_row_to_bf16(source, dim, bf16_bits + r * dim));
+    }
+  });
+  float largest = 0.f;
+  for (const float norm : row_norms) {
+    if (!(norm <= largest)) largest = norm;  // NaN propagates
+  }
+  return largest;
+}
+
+// One pass over memory filling each pending query's pool, scoring exactly only
+// the rows that a bf16 estimate cannot rule out. A row is skipped when its
+// estimate, widened by the error bound, is certainly above the threshold or
+// certainly below the pool's worst candidate: the pools end up exactly as if
+// every row had been scored in fp32.
+template <typename scalar_t>
+void scan_with_bf16_prefilter(
+    const at::Tensor& batch_queries,
+    const at::Tensor& memory,
+    float threshold,
+    const std::vector<int64_t>& pending,
+    const int64_t* exclude_data,
+    int64_t exclude_width,
+    std::vector<CandidatePool>& pools) {
+  const int64_t batch = batch_queries.size(0);
+  const int64_t num_rows = memory.size(0);
+  const int64_t dim = memory.size(1);
+  const scalar_t* memory_data = memory.data_ptr<scalar_t>();
+  const float* query_data = batch_queries.data_ptr<float>();
+  const at::Tensor queries_bf16 = batch_queries.to(at::kBFloat16);
+  const at::Tensor query_norms = batch_queries.norm(2, {1}).contiguous();
+  const float* query_norm_data = query_norms.data_ptr<float>();
+  const double relative = relative_bound(dim);
+
+  at::Tensor chunk_bf16 = at::empty({std::min(kPrefilterRowsPerChunk, num_rows), dim}, memory.options().dtype(at::kBFloat16));
+  uint16_t* chunk_bits = reinterpret_cast<uint16_t*>(chunk_bf16.data_ptr<at::BFloat16>());
+
+  for (int64_t start = 0; start < num_rows; start += kPrefilterRowsPerChunk) {
+    const int64_t rows = std::min(kPrefilterRowsPerChunk, num_rows - start);
+    const float max_row_norm = round_rows_to_bf16(memory_data + start * dim, rows, dim, chunk_bits);
+    const at::Tensor estimates = at::mm(queries_bf16, chunk_bf16.narrow(0, 0, rows).t()).contiguous();
+    const at::BFloat16* estimate_data = estimates.data_ptr<at::BFloat16>();
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t q = begin; q < end; ++q) {
+        const int64_t query = pending[q];
+        const int64_t* excluded = exclude_data + query * exclude_width;
+        const float* query_row = query_data + q * dim;
+        // NaN or inf inputs make the bound NaN/inf: no row is skipped, the exact path decides.
+        const float bound = static_cast<float>(relative * query_norm_data[q] * max_row_norm);
+        CandidatePool& pool = pools[q];
+        const at::BFloat16* row_estimates = estimate_data + q * rows;
+        for (int64_t r = 0; r < rows; ++r) {
+          const float estimate = static_cast<float>(row_estimates[r]);
+          if (estimate - bound > threshold) continue;
+          if (pool.full() && estimate + bound < pool.worst().score) continue;
+          const float score = exact_dot(query_row, memory_data + (start + r) * dim, dim);
+          if (!(score <= threshold)) continue;
+          const Candidate candidate{score, start + r};
+          if (!pool.would_accept(candidate)) continue;
+          if (exclude_width > 0 && is_excluded(excluded, exclude_width, candidate.index)) continue;
+          pool.insert(candidate);
+        }
+      }
+    });
+  }
+}
+
 template <typename scalar_t>
 void topk_dedup_cpu_impl(
     const at::Tensor& queries_f32,
@@ -139,7 +306,9 @@ void topk_dedup_cpu_impl(
         queries_f32.index_select(0, at::tensor(pending, at::TensorOptions().dtype(at::kLong)));
     std::vector<CandidatePool> pools(static_cast<size_t>(batch), CandidatePool(pool_size));
 
-    for (int64_t start = 0; start < num_rows; start += kRowsPerChunk) {
+    if (batch >= kPrefilterMinBatch) {
+      scan_with_bf16_prefilter<scalar_t>(batch_queries, memory, threshold, pending, exclude_data, exclude_width, pools);
+    } else for (int64_t start = 0; start < num_rows; start += kRowsPerChunk) {
       const int64_t rows = std::min(kRowsPerChunk, num_rows - start);
       at::Tensor chunk = memory.narrow(0, start, rows).to(at::kFloat);
       at::Tensor chunk_scores = at::mm(batch_queries, chunk.t()).contiguous();
