@@ -283,7 +283,6 @@ class Memory:
             pool = min(2 * pool, len(self))
         return scores, self._ids_of_rows(rows)
 
-
     # ----------------------------------------------------------------- sharded
     def search_sharded(self, queries: torch.Tensor, k: int, threshold: float = DEFAULT_THRESHOLD,
                        exclude_ids: torch.Tensor | None = None, group=None, pool: int | None = None):
@@ -303,7 +302,7 @@ class Memory:
         """
         import torch.distributed as dist
 
-        world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+        rank = dist.get_rank(group)
         queries, _ = self._prepare(queries, k, None)
         device = self.embeddings.device
         batch_sizes = _all_gather_sizes(queries.shape[0], device, group)
@@ -430,7 +429,7 @@ def _all_gather_padded(tensor, sizes, group, fill=0):
 
 
 def _walk_candidates(query, embeddings, candidate_rows, k, threshold, exclude_rows=None,
-                     truncated=False, boundary=None):
+                     truncated=False):
     """The greedy walk of one query over candidate rows (the exact filter of topk_dedup).
 
     query: (d,), embeddings: (N, d), candidate_rows: (C,) int64, -1 = none.
@@ -442,8 +441,6 @@ def _walk_candidates(query, embeddings, candidate_rows, k, threshold, exclude_ro
         valid = valid[~torch.isin(valid, exclude_rows[exclude_rows >= 0])]
     # Sorted by row, so that ties in score rank the lower row first as in topk_dedup.
     valid = torch.unique(valid)
-    if boundary is not None:
-        valid = valid[boundary(valid)]
     if len(valid) == 0:
         return torch.full((k,), float("-inf")), torch.full((k,), -1, dtype=torch.int64), not truncated
     device = embeddings.device
