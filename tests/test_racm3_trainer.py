@@ -2,6 +2,8 @@
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 
@@ -85,11 +87,17 @@ def test_resume_after_a_kill_gives_the_same_losses_as_an_uninterrupted_run(tmp_p
     assert os.path.exists(tmp_path / "killed" / "loss.png")
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _run_command(arguments, output_dir, nproc=1):
     launcher = [sys.executable, "-m", "mkfast.racm3.commands"]
     if nproc > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                    "--master_port", "29517", "-m", "mkfast.racm3.commands"]
+                    "--master_port", str(_free_port()), "-m", "mkfast.racm3.commands"]
     config = {"data_limit": 48, "vq_training": {"steps": 2, "batch_size": 8}, "clip_training": {"steps": 2,
               "batch_size": 8}, "generator": {"hidden_size": 32, "num_layers": 1, "num_heads": 2,
               "num_key_value_heads": 2, "intermediate_size": 64, "max_sequence_length": 256},
@@ -98,17 +106,25 @@ def _run_command(arguments, output_dir, nproc=1):
     output_dir.mkdir(parents=True, exist_ok=True)
     config_path.write_text(json.dumps(config))
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(launcher + ["--config", str(config_path), "--output-dir", str(output_dir),
+    # Own session, so that a hung run is killed with all its workers (no orphans left holding a port).
+    process = subprocess.Popen(launcher + ["--config", str(config_path), "--output-dir", str(output_dir),
                                            "--no-progress"] + arguments,
-                               capture_output=True, text=True, timeout=240, env=environment)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return completed
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    assert process.returncode == 0, stderr[-3000:]
+    return stdout
 
 
 def test_two_process_gloo_run_trains_and_checkpoints(tmp_path):
     output_dir = tmp_path / "ddp"
-    completed = _run_command([], output_dir, nproc=2)
-    assert "trained to step 3" in completed.stdout
+    stdout = _run_command([], output_dir, nproc=2)
+    assert "trained to step 3" in stdout
     records = read_metrics(output_dir / "metrics.jsonl")
     assert [record["step"] for record in records] == [0, 1, 2]  # rank 0 logs once per step
     assert all(record["loss"] > 0 for record in records)
