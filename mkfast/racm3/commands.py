@@ -40,7 +40,8 @@ COMPONENTS_FILE = "components.pt"
 
 @dataclass
 class RunConfig:
-    data: str = "digits"  # "digits" (embedded demo set) or a folder holding captions.jsonl
+    # "digits" (embedded demo set), a folder holding captions.jsonl, or webdataset shards ("shards/*.tar")
+    data: str = "digits"
     data_limit: int | None = None  # use the first N training pairs (smoke runs)
     image_size: int = IMAGE_SIZE
     vq: VQGANConfig = field(default_factory=lambda: DEMO_VQ)
@@ -92,10 +93,14 @@ def load_pairs(config: RunConfig):
         from mkfast.data.digits import load_digits_pairs
 
         train, _ = load_digits_pairs(image_size=config.image_size, seed=config.training.seed)
+    elif config.data.endswith(".tar") or "*" in config.data:
+        from mkfast.data.pairs import load_webdataset_shards
+
+        train = load_webdataset_shards(config.data, image_size=config.image_size, limit=config.data_limit)
     else:
         from mkfast.data.pairs import load_image_folder
 
-        train = load_image_folder(config.data, image_size=config.image_size)
+        train = load_image_folder(config.data, image_size=config.image_size, limit=config.data_limit)
     if config.data_limit:
         train = type(train)(train.images[:config.data_limit], train.labels[:config.data_limit],
                             train.captions[:config.data_limit])
