@@ -382,3 +382,17 @@ def test_generate_command_writes_results_and_pngs(fake_demo_run, tmp_path):
           "--output-dir", str(tmp_path / "i2t")])
     caption = json.loads((tmp_path / "i2t" / "results.json").read_text())
     assert caption["task"] == "image_to_text" and caption["caption"] == caption["candidates"][0]
+
+
+def test_load_pipeline_reads_a_training_command_run(tmp_path):
+    from mkfast.racm3.commands import load_config, train_racm3
+    from mkfast.racm3.inference_commands import load_pipeline
+
+    config = load_config(None, {"training.output_dir": str(tmp_path), "data_limit": 24, "training.steps": 1,
+                                "training.batch_size": 2, "vq_training.steps": 1, "clip_training.steps": 1})
+    config.training.progress = False
+    train_racm3(config)
+    pipeline = load_pipeline(str(tmp_path))
+    assert len(pipeline.corpus) == 24 and pipeline.codes_per_image == config.vq.codes_per_side ** 2
+    result = pipeline.text_to_image("a handwritten digit one", k=1, num_samples=1)
+    assert result.images.shape == (1, 3, config.image_size, config.image_size)

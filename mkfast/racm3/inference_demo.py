@@ -6,7 +6,8 @@ results.json, retrieval/ and no_retrieval/ generator checkpoints) or what
 demo does not save its VQ tokenizer, CLIP and vocabulary; when no components.pt
 is found they are rebuilt by replaying the demo's stages with its seed and sizes
 (deterministic on one machine; the replay is checked by recomputing a held-out
-loss the demo recorded) and cached in ``output_dir/components.pt``.
+loss the demo recorded) and saved as ``racm3_output_dir/components.pt`` (or
+``output_dir/components.pt`` when the run dir is read-only) for the next call.
 
 Reported (held-out digits; the paper's numbers are at 2.7B / LAION scale):
   - text-to-image: CLIP score of the reranked best image, CLIP digit accuracy (the
@@ -101,9 +102,15 @@ def load_demo_run(racm3_output_dir: str, cache_dir: str | None = None) -> dict:
     replayed = found is None
     if replayed:
         components = replay_demo_components(summary["quick"], seed)
-        if cache_dir:
-            os.makedirs(cache_dir, exist_ok=True)
-            torch.save(components, candidates[-1])
+        # Next time: found in the run dir itself (the layout `mkfast train racm3` writes), else in cache_dir.
+        for path in candidates:
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                torch.save(components, path + ".tmp")
+                os.replace(path + ".tmp", path)
+                break
+            except OSError:
+                continue
     else:
         components = torch.load(found, map_location="cpu", weights_only=False)
     tokenizer = VQGAN(DEMO_VQ)
