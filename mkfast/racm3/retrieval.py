@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from mkfast.racm3.documents import Document, causally_mask, format_document
 from mkfast.racm3.encoder import QUERY_DROPOUT, MixedModalEncoder
+from mkfast.racm3.memory import Memory
 from mkfast.racm3.vocabulary import PART_STRUCTURE, CM3Vocabulary
 
 RETRIEVAL_THRESHOLD = 0.9  # RA-CM3's diversity filter
@@ -32,18 +33,16 @@ ROLE_MAIN = 1
 IGNORE = -100
 
 
-def search_memory(memory_embeddings: torch.Tensor, queries: torch.Tensor, k: int,
-                  threshold: float = RETRIEVAL_THRESHOLD, exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """The one place retrieval happens: (b, d) queries against (N, d) memory -> (b, k) indices, -1 padded.
+def search_memory(memory, queries: torch.Tensor, k: int, threshold: float = RETRIEVAL_THRESHOLD,
+                  exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """The one place retrieval happens: (b, d) queries -> (b, k) document ids, -1 padded.
 
-    Uses ``mkfast.ops.topk_dedup`` (exact MIPS + RA-CM3's diversity filter);
-    exclude: (b, E) int64 rows never returned (the example itself in training).
+    memory: a :class:`mkfast.racm3.memory.Memory` (exact MIPS + RA-CM3's diversity
+    filter through ``mkfast.ops.topk_dedup``); exclude: (b, E) int64 document ids
+    never returned (the example itself in training).
     """
-    from mkfast.ops.topk_dedup import topk_dedup
-
-    _, indices = topk_dedup(queries.to(memory_embeddings.dtype), memory_embeddings, k,
-                            threshold=threshold, exclude=exclude)
-    return indices
+    _, document_ids = memory.search(queries.to(memory.embeddings.dtype), k, threshold=threshold, exclude_ids=exclude)
+    return document_ids
 
 
 @dataclass
@@ -86,6 +85,8 @@ class RetrievalCorpus:
         if memory_embeddings is None and encoder is not None:
             memory_embeddings = encoder.encode_documents(texts, images)
         self.memory_embeddings = memory_embeddings
+        # Document id i = training example i, so excluding an example is excluding its id.
+        self.memory = None if memory_embeddings is None else Memory(memory_embeddings.float().cpu())
         self.documents = [format_document(vocabulary, text, code) for text, code in zip(texts, codes)]
 
     def __len__(self) -> int:
@@ -113,7 +114,7 @@ class RetrievalCorpus:
             return [[] for _ in counts]
         queries = self.encode_queries(texts, images, query_parts, options.query_dropout, generator)
         exclusion = None if exclude is None else torch.tensor(exclude, dtype=torch.int64).unsqueeze(1)
-        indices = search_memory(self.memory_embeddings.cpu(), queries, max(counts), options.threshold, exclusion)
+        indices = search_memory(self.memory, queries, max(counts), options.threshold, exclusion)
         return [[index for index in row[:count] if index >= 0] for row, count in zip(indices.tolist(), counts)]
 
     def training_batch(self, example_indices: list[int], options: SequenceOptions,
