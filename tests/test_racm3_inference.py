@@ -396,3 +396,45 @@ def test_load_pipeline_reads_a_training_command_run(tmp_path):
     assert len(pipeline.corpus) == 24 and pipeline.codes_per_image == config.vq.codes_per_side ** 2
     result = pipeline.text_to_image("a handwritten digit one", k=1, num_samples=1)
     assert result.images.shape == (1, 3, config.image_size, config.image_size)
+
+
+# ----------------------------------------------------------------------------- GPU (run where one exists)
+@pytest.mark.cuda
+def test_kv_cache_decoding_through_mkfast_decode_attention_matches_sdpa_on_cuda(vocabulary):
+    from mkfast.layers.attention import register_transformers_attention
+    from mkfast.racm3.sampling import DecodingStream
+
+    register_transformers_attention()
+    torch.manual_seed(3)
+    config = GeneratorConfig(hidden_size=128, num_layers=2, num_heads=4, num_key_value_heads=2,
+                             intermediate_size=256, max_sequence_length=2048, attention_implementation="sdpa")
+    reference = build_generator(len(vocabulary), config, vocabulary.pad_id, device="cuda").eval()
+    ours = build_generator(len(vocabulary), GeneratorConfig(**{**config.__dict__, "attention_implementation": "mkfast"}),
+                           vocabulary.pad_id, device="cuda").eval()
+    ours.load_state_dict(reference.state_dict())
+    prompt = caption_prompt(vocabulary, CAPTIONS[2], samples=4).cuda()
+    tokens = generate(reference, prompt, 40, SamplingOptions(temperature=1.0), seed=0)
+    streams = [DecodingStream(model, prompt) for model in (reference, ours)]
+    for step in range(tokens.shape[1]):
+        torch.testing.assert_close(streams[1].logits, streams[0].logits, atol=2e-2, rtol=2e-2)
+        for stream in streams:
+            stream.append(tokens[:, step])
+
+
+@pytest.mark.cuda
+def test_bf16_sampling_of_a_32x32_grid_on_cuda(vocabulary):
+    """RA-CM3's grid: exactly 1024 codes and '>' per sample, bf16 weights, 10 samples, with guidance."""
+    big_vocabulary = CM3Vocabulary(vocabulary.text_tokenizer, 8192)
+    model = build_generator(len(big_vocabulary), GeneratorConfig(max_sequence_length=2048), big_vocabulary.pad_id,
+                            device="cuda").to(torch.bfloat16).eval()
+    prompt = caption_prompt(big_vocabulary, CAPTIONS[1], samples=10).cuda()
+    unconditional = caption_prompt(big_vocabulary, "", samples=10).cuda()
+    tokens = generate(model, prompt, 1025, SamplingOptions(temperature=1.0, top_k=100), seed=0,
+                      constraint=ImageCodeConstraint(big_vocabulary, 1024), unconditional_prompt_ids=unconditional,
+                      guidance_scale=3.0)
+    assert bool((tokens[:, :1024] >= big_vocabulary.image_offset).all())
+    assert bool((tokens[:, 1024] == big_vocabulary.special_ids[IMAGE_CLOSE]).all())
+    again = generate(model, prompt, 1025, SamplingOptions(temperature=1.0, top_k=100), seed=0,
+                     constraint=ImageCodeConstraint(big_vocabulary, 1024), unconditional_prompt_ids=unconditional,
+                     guidance_scale=3.0)
+    assert torch.equal(tokens, again)
