@@ -1,16 +1,19 @@
 """RA-CM3 trainer: schedule, data order, exact resume after a kill, `mkfast train racm3` single and 2-process gloo."""
 
 import json
+import math
 import os
 import signal
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import assert_close
 from mkfast.racm3.generator import GeneratorConfig, build_generator
 from mkfast.racm3.retrieval import RetrievalCorpus, SequenceOptions
 from mkfast.racm3.trainer import Trainer, TrainingConfig, batch_example_indices, learning_rate_factor, read_metrics
@@ -147,3 +150,40 @@ def test_config_file_and_flags_map_onto_run_config(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         mkfast_main(["train", "racm3", "--help"])
     assert exit_info.value.code == 0 and "--max-retrieved" in capsys.readouterr().out
+
+
+def test_right_padded_batches_need_no_attention_mask():
+    """The trainer feeds no attention_mask (so the plain-causal kernel path runs): exact for right padding."""
+    corpus = _corpus()
+    batch = corpus.training_batch(list(range(6)), SequenceOptions(max_sequence_length=128),
+                                  torch.Generator().manual_seed(0))
+    assert bool((batch.attention_mask == 0).any())  # the batch has padding
+    torch.manual_seed(0)
+    model = build_generator(len(corpus.vocabulary), TINY, corpus.vocabulary.pad_id).eval()
+    with torch.no_grad():
+        masked = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        unmasked = model(input_ids=batch.input_ids).logits
+    real = batch.attention_mask.bool()
+    assert_close(unmasked[real], masked[real], dtype=torch.float32)
+
+
+@pytest.mark.cuda
+def test_generator_on_gpu_uses_mkfast_attention_and_trains_in_bf16(tmp_path):
+    from mkfast.racm3.generator import attention_implementation
+
+    assert attention_implementation("auto", "cuda") == "mkfast"
+    corpus = _corpus()
+    torch.manual_seed(0)
+    model = build_generator(len(corpus.vocabulary), TINY, corpus.vocabulary.pad_id, device="cuda")
+    assert model.config._attn_implementation == "mkfast"
+    reference = build_generator(len(corpus.vocabulary), replace(TINY, attention_implementation="sdpa"),
+                                corpus.vocabulary.pad_id, device="cuda")
+    reference.load_state_dict(model.state_dict())
+    input_ids = torch.randint(0, len(corpus.vocabulary), (3, 77), device="cuda")
+    with torch.no_grad():
+        assert_close(model(input_ids=input_ids).logits, reference(input_ids=input_ids).logits, dtype=torch.float32,
+                     scale=10.0)
+    config = TrainingConfig(steps=3, batch_size=4, learning_rate=3e-3, warmup_steps=1, checkpoint_every=3,
+                            output_dir=str(tmp_path), progress=False)
+    records = Trainer(model, corpus, config, SequenceOptions(max_sequence_length=128)).train()
+    assert len(records) == 3 and all(math.isfinite(record["loss"]) for record in records)

@@ -74,7 +74,7 @@ def evaluate_main_loss(model, corpus: RetrievalCorpus, texts: list[str], images:
         stop = start + EVALUATION_CHUNK
         batch = corpus.evaluation_batch(texts[start:stop], images[start:stop], codes[start:stop], query_part,
                                         retrieved_count, options, generator)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logits = model(input_ids=batch.input_ids).logits  # right padding: causal mask suffices (see trainer)
         losses = token_losses(logits, batch.labels)
         main = (batch.labels != IGNORE) & (batch.target_roles == ROLE_MAIN)
         for name, part in (("image", PART_IMAGE), ("text", PART_TEXT)):

@@ -27,13 +27,12 @@ class GeneratorConfig:
 
 
 def _mkfast_attention_registered() -> bool:
-    """Whether ``attn_implementation="mkfast"`` is registered with transformers (by mkfast.layers.attention)."""
+    """Register ``attn_implementation="mkfast"`` (mkfast.layers.attention); False where it cannot be."""
     try:
-        import mkfast.layers.attention  # noqa: F401  (registers on import when it exists)
-        from transformers import AttentionInterface
+        from mkfast.layers.attention import register_transformers_attention
     except ImportError:
         return False
-    return "mkfast" in AttentionInterface._global_mapping
+    return register_transformers_attention()
 
 
 def attention_implementation(requested: str = "auto", device: torch.device | str = "cpu") -> str:

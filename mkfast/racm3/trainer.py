@@ -147,7 +147,10 @@ class Trainer:
                             batch.retrieved[local]).to(self.device)
         self.model.train()
         with self._autocast():
-            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            # No attention_mask: batches are right-padded, so under the causal mask no real token
+            # sees a pad, and pads carry no loss. Without a mask the plain-causal path (the mkfast
+            # kernel where registered) runs instead of a 4-D masked SDPA.
+            logits = self.model(input_ids=batch.input_ids).logits
         loss, record = retrieval_augmented_loss(logits, batch, config.alpha)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
