@@ -13,6 +13,7 @@ image / median time, reported in the notes and the JSON case (codes, samples).
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 
@@ -44,6 +45,12 @@ def setup(codes_per_image: int, samples: int, retrieved: int, device: torch.devi
     return model, vocabulary, prompt
 
 
+def sample_image(model, vocabulary, prompt, codes_per_image: int, use_cache: bool):
+    """What both providers run: one constrained image per prompt row."""
+    return generate(model, prompt, codes_per_image + 1, SamplingOptions(temperature=1.0), seed=0,
+                    constraint=ImageCodeConstraint(vocabulary, codes_per_image), use_cache=use_cache)
+
+
 def main(quick: bool = False, device: str | None = None, output_root: str | None = None) -> None:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
@@ -58,10 +65,7 @@ def main(quick: bool = False, device: str | None = None, output_root: str | None
         model, vocabulary, prompt = setup(codes_per_image, samples, retrieved, device)
         case = {"codes": codes_per_image, "samples": samples, "K": retrieved, "prompt_tokens": prompt.shape[1]}
         for provider, use_cache in (("kv cache", True), ("recompute prefix", False)):
-            def run(use_cache=use_cache):
-                return generate(model, prompt, codes_per_image + 1, SamplingOptions(temperature=1.0), seed=0,
-                                constraint=ImageCodeConstraint(vocabulary, codes_per_image), use_cache=use_cache)
-
+            run = functools.partial(sample_image, model, vocabulary, prompt, codes_per_image, use_cache)
             timings = measure(run, device, warmup=1, repetitions=2 if quick else 3)
             measurements.append(Measurement(case, provider, timings))
             tokens_per_second = samples * codes_per_image / (measurements[-1].median_ms / 1e3)

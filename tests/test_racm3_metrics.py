@@ -111,7 +111,7 @@ def test_fid_from_samples_approaches_the_gaussians_distance():
     assert result["fid"] == pytest.approx(3.75, rel=0.05)
     assert result["extractor"] == "first 3 pixels"
     assert result["real"] == result["generated"] == count
-    mean, covariance = gaussian_statistics(real.reshape(count, 3))
+    _, covariance = gaussian_statistics(real.reshape(count, 3))
     torch.testing.assert_close(covariance, torch.eye(3, dtype=torch.float64), atol=0.05, rtol=0)
 
 

@@ -32,12 +32,13 @@ import torch
 
 from mkfast.racm3.inference import NONSENSE_LABELS, RACM3Inference
 from mkfast.racm3.metrics import CLIPImageFeatures, accuracy, cider_d, clip_scores, fid, normalise_caption
-from mkfast.racm3.sampling import SamplingOptions
 
 COMPONENTS_FILE = "components.pt"
 SHOTS = (1, 2, 4, 8)
 # Documents are ~75 tokens; the demo generator was trained on 256-token sequences (3 documents).
 TRAINED_SEQUENCE_LENGTH = 256
+# Digit captions are 4-6 BPE tokens; 16 lets a wrong caption run on without wasting steps.
+DEMO_MAX_CAPTION_TOKENS = 16
 
 
 @dataclass
@@ -65,8 +66,16 @@ def _latest_checkpoint(directory: str) -> str:
 def replay_demo_components(quick: bool, seed: int):
     """The demo's tokenizer, CLIP and vocabulary, rebuilt with its seed and sizes (see the module docstring)."""
     from mkfast.data.digits import load_digits_pairs
-    from mkfast.racm3.demo import DEMO_TEXT_VOCABULARY, DEMO_VQ, FULL as DEMO_FULL, IMAGE_SIZE, QUICK as DEMO_QUICK
-    from mkfast.racm3.encoder import CLIPTrainingConfig, MixedModalEncoder, SmallCLIPConfig, build_small_clip, train_clip
+    from mkfast.racm3.demo import DEMO_TEXT_VOCABULARY, DEMO_VQ, IMAGE_SIZE
+    from mkfast.racm3.demo import FULL as DEMO_FULL
+    from mkfast.racm3.demo import QUICK as DEMO_QUICK
+    from mkfast.racm3.encoder import (
+        CLIPTrainingConfig,
+        MixedModalEncoder,
+        SmallCLIPConfig,
+        build_small_clip,
+        train_clip,
+    )
     from mkfast.racm3.image_tokenizer import VQGAN, VQTrainingConfig, train_image_tokenizer
     from mkfast.racm3.vocabulary import CM3Vocabulary
 
@@ -165,7 +174,7 @@ def evaluate_text_to_image(pipeline: RACM3Inference, captions: list[str], k: int
 def evaluate_image_to_text(pipeline: RACM3Inference, images: torch.Tensor, captions: list[str], k: int,
                            sizes: InferenceSizes, seed: int) -> dict:
     generated = [pipeline.image_to_text(image, k=k, num_captions=sizes.caption_samples, seed=seed + index,
-                                        max_caption_tokens=16).caption for index, image in enumerate(images)]
+                                        max_caption_tokens=DEMO_MAX_CAPTION_TOKENS).caption for index, image in enumerate(images)]
     cider, _ = cider_d(generated, [[caption] for caption in captions])
     return {"caption_accuracy": accuracy([normalise_caption(text) for text in generated],
                                          [normalise_caption(text) for text in captions]),

@@ -125,7 +125,7 @@ class _Vector:
 
 
 def _tf_idf(counts: Counter, document_frequency: Counter, log_reference_count: float, max_n: int) -> _Vector:
-    weights = [dict() for _ in range(max_n)]
+    weights: list[dict] = [{} for _ in range(max_n)]
     norms = [0.0] * max_n
     length = 0
     for ngram, term_frequency in counts.items():
