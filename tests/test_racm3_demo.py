@@ -18,7 +18,7 @@ def test_quick_demo_reports_held_out_losses_of_both_runs(tmp_path):
             assert 0 < run[key] < math.log(vocabulary_size)
         assert os.path.exists(tmp_path / name / "loss.png")
         assert os.path.exists(tmp_path / name / "metrics.jsonl")
-    assert os.path.exists(tmp_path / "loss_comparison.png")
+    assert os.path.exists(tmp_path / "loss_comparison.png") and os.path.exists(tmp_path / "components.pt")
     # The no-retrieval run never saw a retrieved token; the retrieval run did.
     retrieval_records = [json.loads(line) for line in open(tmp_path / "retrieval" / "metrics.jsonl")]
     plain_records = [json.loads(line) for line in open(tmp_path / "no_retrieval" / "metrics.jsonl")]

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
 import torch
 
-from mkfast.racm3.demo import DEMO_TEXT_VOCABULARY, DEMO_VQ, IMAGE_SIZE
+from mkfast.racm3.demo import COMPONENTS_FILE, DEMO_TEXT_VOCABULARY, DEMO_VQ, IMAGE_SIZE
 from mkfast.racm3.encoder import CLIPTrainingConfig, MixedModalEncoder, SmallCLIPConfig, build_small_clip, train_clip
 from mkfast.racm3.generator import GeneratorConfig, build_generator
 from mkfast.racm3.image_tokenizer import (
@@ -34,8 +34,6 @@ from mkfast.racm3.image_tokenizer import (
 from mkfast.racm3.retrieval import RetrievalCorpus, SequenceOptions
 from mkfast.racm3.trainer import Trainer, TrainingConfig
 from mkfast.racm3.vocabulary import CM3Vocabulary
-
-COMPONENTS_FILE = "components.pt"
 
 
 @dataclass

@@ -13,7 +13,7 @@ f = 2 ** (len(channel_multipliers) - 1).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -317,7 +317,3 @@ def train_image_tokenizer(model: VQGAN, images: torch.Tensor, config: VQTraining
         losses.append(loss.item())
     model.eval()
     return losses
-
-
-def config_to_dict(config: VQGANConfig) -> dict:
-    return asdict(config)
