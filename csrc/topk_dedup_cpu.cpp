@@ -30,19 +30,32 @@
 namespace mkfast {
 namespace {
 
-// 8192 rows x 768 fp32 = 24 MiB per chunk: large enough that GEMM overhead is
-// negligible, small enough that the (b, chunk) score block stays in cache for b<=64.
-constexpr int64_t kRowsPerChunk = 8192;
+// Rows per chunk on the fp32-GEMM path: as many as keep the (b, rows) fp32 score
+// block within kScoreBlockBytes (it is re-read at once by the selection, from
+// cache), and a fp16/bf16 memory's fp32 copy of the chunk within
+// kConvertedChunkBytes. Few, large GEMMs matter at small b: every GEMM is a
+// parallel region, and on a loaded 2-core machine each region's barrier cost
+// more than the b=1 GEMV itself (fixed 8192-row chunks measured 4x the
+// read-once floor at N=1e6, b=1, while one torch GEMV measured 1.1x).
+constexpr int64_t kScoreBlockBytes = int64_t{4} << 20;
+constexpr int64_t kConvertedChunkBytes = int64_t{32} << 20;
+constexpr int64_t kMinRowsPerChunk = 1024;
+
+int64_t rows_per_chunk(int64_t batch, int64_t dim, bool memory_is_fp32) {
+  int64_t rows = kScoreBlockBytes / (4 * std::max<int64_t>(batch, 1));
+  if (!memory_is_fp32) rows = std::min(rows, kConvertedChunkBytes / (4 * std::max<int64_t>(dim, 1)));
+  return std::max(rows, kMinRowsPerChunk);
+}
 // From this many queries on, scores are first estimated with a bf16 GEMM (AMX /
 // AVX512-BF16 where the CPU has them) and only rows the estimate cannot rule out
 // are scored exactly in fp32. Measured on 2 busy cores, N=2e5, d=768, min of 6
-// interleaved runs: equal to the fp32 GEMM path at b=64, 2.1x faster at b=256;
-// at b=32 it measured slower, because rounding the chunk to bf16 costs as much
-// as an fp32 GEMM with few queries.
-constexpr int64_t kPrefilterMinBatch = 64;
-// Rows per chunk on the prefilter path: 4096 x 768 fp32 = 12 MiB, so the
-// conversion, the norms and the GEMM re-read the chunk from cache, not DRAM.
-constexpr int64_t kPrefilterRowsPerChunk = 4096;
+// interleaved runs: 2.1x faster than the fp32 GEMM path at b=256, equal at b=64;
+// at N=1e6, b=64 the benchmark measured it 1.5x slower than torch, so it starts
+// at b=128. Rounding a chunk to bf16 costs as much as an fp32 GEMM with few queries.
+constexpr int64_t kPrefilterMinBatch = 128;
+// Rows per chunk on the prefilter path: 16384 x 768 fp32 = 48 MiB. Fewer chunks
+// mean fewer parallel regions (three per chunk), which a loaded machine punishes.
+constexpr int64_t kPrefilterRowsPerChunk = 16384;
 // bf16 unit roundoff (8 significant bits, round to nearest).
 constexpr double kBf16Roundoff = 1.0 / 256.0;
 
@@ -308,8 +321,9 @@ void topk_dedup_cpu_impl(
 
     if (batch >= kPrefilterMinBatch) {
       scan_with_bf16_prefilter<scalar_t>(batch_queries, memory, threshold, pending, exclude_data, exclude_width, pools);
-    } else for (int64_t start = 0; start < num_rows; start += kRowsPerChunk) {
-      const int64_t rows = std::min(kRowsPerChunk, num_rows - start);
+    } else for (int64_t start = 0, chunk_rows = rows_per_chunk(batch, dim, std::is_same_v<scalar_t, float>);
+                start < num_rows; start += chunk_rows) {
+      const int64_t rows = std::min(chunk_rows, num_rows - start);
       at::Tensor chunk = memory.narrow(0, start, rows).to(at::kFloat);
       at::Tensor chunk_scores = at::mm(batch_queries, chunk.t()).contiguous();
       const float* score_data = chunk_scores.data_ptr<float>();

@@ -66,7 +66,7 @@ def test_backend_matches_reference_walk_with_planted_duplicates(backend, dtype, 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 def test_cpu_bf16_prefilter_batches_match_reference(dtype):
-    # From 64 queries on the CPU kernel estimates scores with a bf16 GEMM and rescores
+    # From 128 queries on the CPU kernel estimates scores with a bf16 GEMM and rescores
     # only rows the estimate cannot rule out. Half the memory is a tight fan around
     # one direction whose scores differ by ~1e-4, far below bf16 resolution (~4e-3),
     # so a prefilter that dropped rows on the estimate alone would rank them wrongly.
@@ -74,10 +74,19 @@ def test_cpu_bf16_prefilter_batches_match_reference(dtype):
     direction = F.normalize(torch.randn(1, dim), dim=-1)
     fan = F.normalize(direction + 2e-3 * torch.randn(1500, dim), dim=-1)
     memory = torch.cat([_memory_with_near_duplicates(1500, dim), fan])[torch.randperm(3000)].to(dtype)
-    queries = torch.cat([F.normalize(direction + 0.6 * torch.randn(40, dim), dim=-1), _queries_near_rows(memory, 30)])
-    exclude = torch.randint(-1, 3000, (70, 3))
+    queries = torch.cat([F.normalize(direction + 0.6 * torch.randn(80, dim), dim=-1), _queries_near_rows(memory, 60)])
+    exclude = torch.randint(-1, 3000, (140, 3))
     _assert_matches_reference("cpu", queries.to(dtype), memory, 8, exclude=exclude)
     _assert_matches_reference("cpu", queries.to(dtype), memory, 3, threshold=0.5)
+
+
+@pytest.mark.parametrize("batch", [63, 140])
+def test_cpu_memory_spanning_several_chunks(batch):
+    # 20000 rows span several chunks of both CPU paths (fp32 GEMM below 128 queries,
+    # bf16 prefilter from 128): pools must carry over chunk boundaries.
+    memory = _memory_with_near_duplicates(20_000, 16)
+    queries = _queries_near_rows(memory, batch, noise=0.3)
+    _assert_matches_reference("cpu", queries, memory, 4)
 
 
 @pytest.mark.parametrize("backend,dtype", CPU_BACKEND_DTYPES)
