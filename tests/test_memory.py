@@ -1,7 +1,6 @@
 """RA-CM3's retrieval memory: build, save/load, exact / FAISS / sharded search, all against topk_dedup_reference."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -141,16 +140,13 @@ def test_faiss_ivf_candidates_pass_the_same_filter(memory):
     assert torch.equal(ids, expected_ids)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _sharded_worker(rank, world_size, port, output_dir, pool):
+def _sharded_worker(rank, world_size, output_dir, pool):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    from mkfast.distributed import shutdown
+
+    # A file rendezvous: no port to race for, and no store that dies with rank 0.
+    dist.init_process_group("gloo", init_method=f"file://{output_dir}/rendezvous", rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)
         embeddings = _embeddings_with_near_duplicates()
@@ -164,7 +160,7 @@ def _sharded_worker(rank, world_size, port, output_dir, pool):
         torch.save({"queries": queries, "exclude_ids": exclude_ids, "scores": scores, "ids": ids},
                    os.path.join(output_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        shutdown()
 
 
 @pytest.mark.parametrize("pool", [None, 2])
@@ -173,7 +169,7 @@ def test_sharded_search_over_two_gloo_processes_equals_single_process(tmp_path, 
     # truncated-shard boundary cuts the walk short and the pool must double.
     import torch.multiprocessing as multiprocessing
 
-    multiprocessing.spawn(_sharded_worker, args=(2, _free_port(), str(tmp_path), pool), nprocs=2, join=True)
+    multiprocessing.spawn(_sharded_worker, args=(2, str(tmp_path), pool), nprocs=2, join=True)
     memory = Memory.from_arrays(_embeddings_with_near_duplicates(), _document_ids(NUM_DOCUMENTS))
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")

@@ -129,6 +129,8 @@ def test_multiple_choice_accuracy_is_one_when_the_answer_is_what_the_model_prefe
 def _gloo_worker(rank, world_size, init_file, output_dir):
     import torch.distributed as dist
 
+    from mkfast.distributed import shutdown
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
     model, tokenizer = _tiny_mks2()
@@ -145,7 +147,7 @@ def _gloo_worker(rank, world_size, init_file, output_dir):
                 if parameter.requires_grad)
     torch.save({"identical": all(torch.equal(gathered[0], other) for other in gathered), "moved": moved},
                os.path.join(output_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    shutdown()
 
 
 def test_two_process_gloo_stage2_keeps_ranks_identical(tmp_path):

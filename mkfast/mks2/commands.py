@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mkfast.distributed import init_from_environment, shutdown
 from mkfast.mks2.adapters import load_adapters, save_adapters
 from mkfast.mks2.build import SmallLlamaConfig, build_mks2, load_llama, small_llama
 from mkfast.mks2.stages import CaptionData, InstructionData, prepare_stage2, stage1_loss_fn, stage2_loss_fn
@@ -152,18 +153,9 @@ def _stage_data(config: MKS2TrainConfig, stage: int, model):
                            [row_of[record["image"]] if record.get("image") else None for record in records], images)
 
 
-def _init_distributed(device: str) -> tuple[int, int]:
-    import torch.distributed as dist
-
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return int(os.environ.get("RANK", "0")), world_size
-
-
 def run_training(config: MKS2TrainConfig, stage: int) -> dict:
     """Train one stage; writes metrics.jsonl, loss.png, checkpoint.pt and adapters/ into output_dir."""
-    rank, world_size = _init_distributed(config.device)
+    rank, world_size = init_from_environment(config.device.startswith("cuda"))
     if config.device.startswith("cuda") and world_size > 1:
         config.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     torch.manual_seed(config.seed)
@@ -184,6 +176,7 @@ def run_training(config: MKS2TrainConfig, stage: int) -> dict:
         save_adapters(model, os.path.join(config.output_dir, "adapters"))
         with open(os.path.join(config.output_dir, "train_config.json"), "w") as handle:
             json.dump(dataclasses.asdict(config), handle, indent=2)
+    shutdown()
     return {"rank": rank, "world_size": world_size, "steps": len(rows),
             "final_loss": rows[-1]["loss"] if rows else None}
 

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mkfast.distributed import rank_and_world_size
+
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
@@ -40,12 +42,6 @@ class TrainerConfig:
     checkpoint_every: int = 50
     seed: int = 0
     progress: bool = True
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def plot_losses(metrics_path: str, plot_path: str, title: str = "") -> None:
@@ -80,7 +76,7 @@ class Trainer:
     def __init__(self, model: nn.Module, loss_fn: Callable[[torch.Generator], dict], config: TrainerConfig,
                  stage: str = "train"):
         self.model, self.loss_fn, self.config, self.stage = model, loss_fn, config, stage
-        self.rank, self.world_size = _rank_and_world()
+        self.rank, self.world_size = rank_and_world_size()
         self.named_trainable = [(name, parameter) for name, parameter in model.named_parameters()
                                 if parameter.requires_grad]
         if not self.named_trainable:
@@ -161,8 +157,8 @@ class Trainer:
         """Run up to config.steps; returns this call's metric rows (also appended to metrics.jsonl)."""
         from tqdm import tqdm
 
-        if resume:
-            self.resume()
+        if not (resume and self.resume()) and self.rank == 0 and os.path.exists(self.metrics_path):
+            os.remove(self.metrics_path)  # a fresh run: metrics of an earlier run in this directory go
         rows = []
         progress = tqdm(total=self.config.steps, initial=self.step, desc=self.stage,
                         disable=not self.config.progress or self.rank != 0, leave=False)

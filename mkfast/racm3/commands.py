@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
 import torch
 
+from mkfast.distributed import init_from_environment, shutdown
 from mkfast.racm3.demo import COMPONENTS_FILE, DEMO_TEXT_VOCABULARY, DEMO_VQ, IMAGE_SIZE
 from mkfast.racm3.encoder import CLIPTrainingConfig, MixedModalEncoder, SmallCLIPConfig, build_small_clip, train_clip
 from mkfast.racm3.generator import GeneratorConfig, build_generator
@@ -134,21 +135,9 @@ def restore_components(config: RunConfig, components: dict):
     return tokenizer.eval(), encoder.eval(), CM3Vocabulary.from_json(components["vocabulary"])
 
 
-def _initialise_distributed() -> tuple[int, int]:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def train_racm3(config: RunConfig) -> list[dict]:
     """Run (or resume) the pipeline; returns this process's per-step records."""
-    rank, world_size = _initialise_distributed()
+    rank, world_size = init_from_environment(torch.cuda.is_available())
     config.training.progress = config.training.progress and rank == 0
     os.makedirs(config.training.output_dir, exist_ok=True)
     components_path = os.path.join(config.training.output_dir, COMPONENTS_FILE)
@@ -166,8 +155,7 @@ def train_racm3(config: RunConfig) -> list[dict]:
     torch.manual_seed(config.training.seed)
     model = build_generator(len(vocabulary), config.generator, vocabulary.pad_id, device=device)
     records = Trainer(model, corpus, config.training, config.sequence).train(resume=True)
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
+    shutdown()
     return records
 
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from mkfast.distributed import rank_and_world_size
 from mkfast.racm3.retrieval import LOSS_ALPHA, RetrievalCorpus, SequenceOptions, retrieval_augmented_loss
 
 CHECKPOINT_PATTERN = "checkpoint_{step:08d}.pt"
@@ -64,12 +65,6 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
 
 
-def _distributed() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def latest_checkpoint(output_dir: str) -> str | None:
     paths = sorted(glob.glob(os.path.join(output_dir, CHECKPOINT_PATTERN.replace("{step:08d}", "*"))))
     return paths[-1] if paths else None
@@ -82,7 +77,7 @@ class Trainer:
                  options: SequenceOptions | None = None):
         self.config, self.corpus = config, corpus
         self.options = options or SequenceOptions()
-        self.rank, self.world_size = _distributed()
+        self.rank, self.world_size = rank_and_world_size()
         self.device = next(model.parameters()).device
         self.model = model
         if self.world_size > 1:
