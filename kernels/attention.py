@@ -286,7 +286,7 @@ def _attn_bwd_dkdv_kernel(
 
     grad_k = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     grad_v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for head_in_group in range(0, group):
+    for head_in_group in range(group):
         head = kv_head * group + head_in_group
         q_base = Q + batch * stride_qb + head * stride_qh
         g_base = GradOut + batch * stride_gb + head * stride_gh

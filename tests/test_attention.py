@@ -172,6 +172,12 @@ def test_document_ids_with_a_kv_cache_are_refused():
         attention(q, k, v, document_ids=torch.zeros(1, 4, dtype=torch.int32))
 
 
+def test_triton_refuses_more_batch_heads_than_one_grid_axis_holds():
+    q = torch.zeros(1, 65_536, 1, 16)
+    with mkfast.use_backend("triton"), pytest.raises(ValueError, match="split the batch"):
+        attention(q, q, q)
+
+
 # --------------------------------------------------------------------------- GPU only
 @pytest.mark.cuda
 @pytest.mark.parametrize("head_dim", [64, 128])

@@ -66,6 +66,13 @@ def test_split_plan_uses_several_splits_and_ignores_cache_past_each_length():
         assert torch.equal(decode_attention(q, k_cache, v_cache, lengths), out)
 
 
+def test_triton_refuses_more_batch_heads_than_one_grid_axis_holds():
+    q = torch.zeros(65_536, 1, 1, 16)
+    cache = torch.zeros(65_536, 1, 2, 16)
+    with mkfast.use_backend("triton"), pytest.raises(ValueError, match="split the batch"):
+        decode_attention(q, cache, cache, torch.ones(65_536, dtype=torch.int32))
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_opcheck(backend):
     q, k_cache, v_cache, lengths = make_cache(2, 2, 1, 2, 20, 16, torch.float32, "cpu")

@@ -108,10 +108,21 @@ def _attention_reference_backward(grad_out, q, k, v, out, lse, causal, document_
 
 
 # --------------------------------------------------------------------------- triton backend
+# CUDA grids allow 65535 programs on axis 1, where the Triton kernels put (batch, head).
+MAX_TRITON_BATCH_HEADS = 65535
+
+
+def _check_triton_grid(op: str, batch: int, heads: int) -> None:
+    if batch * heads > MAX_TRITON_BATCH_HEADS:
+        raise ValueError(f"{op}: the triton backend handles batch * heads <= {MAX_TRITON_BATCH_HEADS}, "
+                         f"got {batch} * {heads}; split the batch")
+
+
 @attention_backends.register("triton", triton_unavailable_reason)
 def _attention_triton_forward(q, k, v, causal, document_ids, scale):
     from mkfast.kernels.attention import attention_forward
 
+    _check_triton_grid(OP, q.shape[0], q.shape[1])
     return attention_forward(q, k, v, causal, document_ids, scale)
 
 
@@ -274,6 +285,7 @@ def decode_attention_reference(
 def _decode_attention_triton(q, k_cache, v_cache, cache_seqlens, scale):
     from mkfast.kernels.decode_attention import decode_attention_forward
 
+    _check_triton_grid(DECODE_OP, k_cache.shape[0], k_cache.shape[1])
     return decode_attention_forward(q, k_cache, v_cache, cache_seqlens, scale)
 
 
