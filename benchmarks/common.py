@@ -32,6 +32,10 @@ DEVICE_PEAKS = {
 }
 
 
+RATE_LABELS = {"tflops": "TFLOP/s", "gbps": "GB/s", "tokens": "tokens/s"}
+PEAK_KEYS = {"tflops": "tflops_bf16", "gbps": "hbm_gbps"}
+
+
 def device_tag(device: torch.device | str | None = None) -> str:
     """Folder name of a device: ``h100``, ``h200``, another GPU's short name, or ``cpu``."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -118,7 +122,7 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | No
 @dataclass
 class Measurement:
     """One provider on one case. ``work`` maps a unit ("tflops", "gbps") to the
-    amount of work per call (FLOPs or bytes) so rates are derived, never typed in."""
+    amount of work per call (FLOPs, bytes or tokens) so rates are derived, never typed in."""
 
     case: dict
     provider: str
@@ -132,7 +136,7 @@ class Measurement:
 
     def rates(self) -> dict[str, float]:
         seconds = self.median_ms / 1e3
-        scale = {"tflops": 1e12, "gbps": 1e9}
+        scale = {"tflops": 1e12, "gbps": 1e9, "tokens": 1.0}
         return {unit: amount / seconds / scale[unit] for unit, amount in self.work.items()}
 
 
@@ -211,8 +215,8 @@ def render(json_path: str) -> None:
         speedup_text = f"{speedup / row['median_ms']:.2f}x" if speedup else "-"
         rate_text, peak_text = [], []
         for unit, value in row["rates"].items():
-            rate_text.append(f"{value:.1f} {'TFLOP/s' if unit == 'tflops' else 'GB/s'}")
-            peak = peaks.get("tflops_bf16" if unit == "tflops" else "hbm_gbps")
+            rate_text.append(f"{value:.1f} {RATE_LABELS[unit]}")
+            peak = peaks.get(PEAK_KEYS.get(unit, ""))
             if peak:
                 peak_text.append(f"{100 * value / peak:.0f}%")
         memory = row.get("peak_memory_mb")
