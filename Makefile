@@ -24,8 +24,7 @@ $(INSTALLED): $(SOURCES) | $(PYTHON)
 install: $(INSTALLED)
 
 demo: $(INSTALLED)
-	$(VENV)/bin/mkfast env
-	$(VENV)/bin/mkfast bench --quick
+	$(VENV)/bin/mkfast demo
 
 test: $(INSTALLED)
 	$(PYTHON) -m pytest -q

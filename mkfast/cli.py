@@ -10,6 +10,8 @@ import sys
 
 import torch
 
+from mkfast.demo import STAGES as DEMO_STAGES
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     demo = commands.add_parser("demo", help="the whole project on the embedded digits set")
     demo.add_argument("--quick", action="store_true", help="tiny settings (under 3 minutes on 2 CPU cores)")
     demo.add_argument("--output-dir", default="demo_out")
-    demo.add_argument("--stages", nargs="*", help="subset of: environment racm3 mks2 kernels")
+    demo.add_argument("--stages", nargs="*", choices=list(DEMO_STAGES), help="a subset of the stages, in order")
     bench = commands.add_parser("bench", help="run kernel benchmarks; results under benchmarks/results/<device>/")
     bench.add_argument("suites", nargs="*", help="suite names (default: all)")
     bench.add_argument("--quick", action="store_true", help="small shapes, few repetitions (results to demo_out/)")

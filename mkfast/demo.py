@@ -3,8 +3,10 @@
 Stages (each writes under ``output_dir``):
   1. environment: versions, extension build, backend choices;
   2. RA-CM3: VQ tokenizer, CLIP, memory, generator trained with and without retrieval;
-  3. MKS2: stage 1, stage 2, multiple-choice evaluation against a LoRA baseline;
-  4. kernels: a quick pass of every benchmark suite on this device.
+  3. RA-CM3 inference: images and captions sampled from those generators (K=2 vs K=0 vs CM3),
+     CLIP score, FID on CLIP features, caption accuracy, k-shot classification, an image grid;
+  4. MKS2: stage 1, stage 2, multiple-choice evaluation against a LoRA baseline;
+  5. kernels: a quick pass of every benchmark suite on this device.
 Then one summary table is printed and ``results.json`` + ``index.html`` (which
 shows every plot and image grid produced) are written. A stage that fails is
 reported, the others still run, and the command exits non-zero.
@@ -12,8 +14,10 @@ reported, the others still run, and the command exits non-zero.
 
 from __future__ import annotations
 
+import glob
 import html
 import json
+import math
 import os
 import time
 import traceback
@@ -38,6 +42,13 @@ def _racm3_stage(output_dir: str, quick: bool) -> dict:
     return run_demo(output_dir, quick=quick)
 
 
+def _racm3_inference_stage(output_dir: str, quick: bool) -> dict:
+    from mkfast.racm3.inference_demo import run_inference_demo
+
+    # The generators the racm3 stage trained (its directory is this one's sibling).
+    return run_inference_demo(os.path.join(os.path.dirname(output_dir), "racm3"), output_dir, quick=quick)
+
+
 def _mks2_stage(output_dir: str, quick: bool) -> dict:
     from mkfast.mks2.demo import run_demo
 
@@ -45,35 +56,82 @@ def _mks2_stage(output_dir: str, quick: bool) -> dict:
 
 
 def _kernels_stage(output_dir: str, quick: bool) -> dict:
-    from mkfast.cli import benchmark_suites, run_benchmarks
+    from mkfast.cli import run_benchmarks
 
     # Always the quick sizes here: the full suites are `make bench`.
-    run_benchmarks([], quick=True, output_root=output_dir)
-    return {"suites": benchmark_suites()}
+    root = os.path.join(output_dir, "benchmarks")
+    run_benchmarks([], quick=True, output_root=root)
+    return {"speedups": benchmark_speedups(root)}
+
+
+def benchmark_speedups(results_root: str) -> dict[str, dict[str, float]]:
+    """Per suite and provider: the geometric mean over cases of the baseline's time over the provider's."""
+    speedups: dict[str, dict[str, float]] = {}
+    for path in sorted(glob.glob(os.path.join(results_root, "*", "*.json"))):
+        with open(path) as handle:
+            record = json.load(handle)
+        if "measurements" not in record:
+            continue  # not a benchmark suite's file
+        baseline = record.get("baseline")
+        by_case: dict[str, dict[str, float]] = {}
+        for row in record["measurements"]:
+            by_case.setdefault(json.dumps(row["case"], sort_keys=True), {})[row["provider"]] = row["median_ms"]
+        ratios: dict[str, list[float]] = {}
+        for providers in by_case.values():
+            if baseline in providers:
+                for provider, milliseconds in providers.items():
+                    if provider != baseline:
+                        ratios.setdefault(provider, []).append(providers[baseline] / milliseconds)
+        speedups[f"{record['suite']} vs {baseline}"] = {
+            provider: math.exp(sum(map(math.log, values)) / len(values)) for provider, values in ratios.items()
+        }
+    return speedups
 
 
 STAGES: dict[str, Callable[[str, bool], dict]] = {
     "environment": _environment_stage,
     "racm3": _racm3_stage,
+    "racm3_inference": _racm3_inference_stage,
     "mks2": _mks2_stage,
     "kernels": _kernels_stage,
 }
 
 
-def _scalar_rows(prefix: str, value, rows: list[tuple[str, str]]) -> None:
-    """Flatten nested results into (key, value) rows for the summary table."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _scalar_rows(f"{prefix}.{key}" if prefix else str(key), item, rows)
-    elif isinstance(value, float):
-        rows.append((prefix, f"{value:.4g}"))
-    elif isinstance(value, (int, str, bool)) and len(str(value)) < 80:
-        rows.append((prefix, str(value)))
+# The rows the printed summary shows (every number is in results.json and index.html):
+# (label, path into the results, with "*" standing for every key at that level).
+HEADLINE = [
+    ("RA-CM3 held-out image-token loss, K~U{0,1,2} training", "racm3.runs.retrieval.held_out_image_token_loss"),
+    ("RA-CM3 held-out image-token loss, no retrieval", "racm3.runs.no_retrieval.held_out_image_token_loss"),
+    ("RA-CM3 held-out caption-token loss, K~U{0,1,2} training", "racm3.runs.retrieval.held_out_caption_token_loss"),
+    ("RA-CM3 held-out caption-token loss, no retrieval", "racm3.runs.no_retrieval.held_out_caption_token_loss"),
+    ("text-to-image CLIP score (best of N), *", "racm3_inference.*.text_to_image.clip_score_best"),
+    ("text-to-image digit accuracy (CLIP), *", "racm3_inference.*.text_to_image.clip_digit_accuracy"),
+    ("image-to-text digit-name accuracy, *", "racm3_inference.*.image_to_text.digit_name_accuracy"),
+    ("k-shot accuracy (ensemble), k=*", "racm3_inference.k_shot.ensemble_accuracy.*"),
+    ("MKS2 held-out text questions acc, *", "mks2.results.*.held_out_text_questions.acc"),
+    ("benchmark speedup over the baseline (geomean), *", "kernels.speedups.*.*"),
+    ("seconds, *", "*.seconds"),
+]
+
+
+def _lookup(value, keys: list[str], matched: list[str], rows: list[tuple[str, str]], label: str) -> None:
+    if not keys:
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        rows.append((label.replace("*", " · ".join(matched)) if matched else label, text))
+        return
+    if not isinstance(value, dict):
+        return
+    head, rest = keys[0], keys[1:]
+    for key in (list(value) if head == "*" else [head]):
+        if key in value:
+            _lookup(value[key], rest, matched + [str(key)] if head == "*" else matched, rows, label)
 
 
 def summary_table(results: dict) -> str:
+    """The HEADLINE rows found in ``results``, as an aligned two-column table."""
     rows: list[tuple[str, str]] = []
-    _scalar_rows("", results, rows)
+    for label, path in HEADLINE:
+        _lookup(results, path.split("."), [], rows, label)
     width = max((len(key) for key, _ in rows), default=10)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
 
