@@ -19,14 +19,13 @@ benchmark: CPU runs time the reference and SDPA only, at small sizes.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 
 import torch
 import torch.nn.functional as F
 
 import mkfast
-from benchmarks.common import Measurement, measure, peak_memory_mb, run_suite
+from benchmarks.common import Measurement, command_line, measure, peak_memory_mb, run_suite
 from mkfast.ops.attention import attention_allowed_mask, attention_reference, decode_attention_reference
 
 TOKENS_PER_BATCH = 16 * 1024  # the B*S
@@ -182,9 +181,4 @@ def main(quick: bool = False, device: str | None = None, output_root: str | None
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device")
-    parser.add_argument("--output-root")
-    arguments = parser.parse_args()
-    main(quick=arguments.quick, device=arguments.device, output_root=arguments.output_root)
+    command_line(main, __doc__)

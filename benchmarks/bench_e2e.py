@@ -22,14 +22,13 @@ few of them); CPU sizes are small, and on CPU mkfast's ops run their reference b
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 
 import torch
 
 import mkfast
-from benchmarks.common import Measurement, measure, peak_memory_mb, run_suite
+from benchmarks.common import Measurement, command_line, cpu_threads, interleaved_timings, peak_memory_mb, run_suite
 
 # ~1B Llama-architecture generator (head dim 128, the attention target's), CM3 vocabulary
 # of 32k text tokens + 8192 image codes; RA-CM3 trains at 4096 tokens per sequence.
@@ -43,8 +42,7 @@ MKS2_GPU = {"hidden": 4096, "layers": 4, "heads": 32, "intermediate": 11008, "vo
 MKS2_CPU = {"hidden": 256, "layers": 2, "heads": 4, "intermediate": 688, "vocab": 1000, "batch": 2, "sequence": 128}
 MKS2_CPU_QUICK = {**MKS2_CPU, "sequence": 32}
 LORA_RANK, LORA_ALPHA = 8, 16  # SPEC.md, Stage 2
-# One CPU thread: on the shared 2-core machine a second OpenMP thread mostly spins (see bench_mome).
-CPU_THREADS = 1
+CPU_THREADS = 1  # see benchmarks.common.cpu_threads
 
 
 def _llama(shape: dict, attention: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -93,17 +91,6 @@ def _peft_style(model):
             del layer.forward
 
 
-def _interleaved(calls: dict, device: torch.device, warmup_rounds: int, repetitions: int) -> dict[str, list[float]]:
-    """Round-robin, one call per provider per round: background load hits every provider alike."""
-    timings = {name: [] for name in calls}
-    for round_index in range(warmup_rounds + repetitions):
-        for name, call in calls.items():
-            timing = measure(call, device, warmup=0, repetitions=1)
-            if round_index >= warmup_rounds:
-                timings[name] += timing
-    return timings
-
-
 def racm3_measurements(shape: dict, device: torch.device, dtype: torch.dtype, warmup_rounds: int,
                        repetitions: int) -> list[Measurement]:
     from mkfast.layers.attention import ATTENTION_NAME, register_transformers_attention
@@ -115,7 +102,7 @@ def racm3_measurements(shape: dict, device: torch.device, dtype: torch.dtype, wa
         for name, attention in (("mkfast", ATTENTION_NAME), ("sdpa", "sdpa"))
     }
     case = {**shape, "dtype": str(dtype).removeprefix("torch.")}
-    timings = _interleaved(calls, device, warmup_rounds, repetitions)
+    timings = interleaved_timings(calls, device, warmup_rounds=warmup_rounds, repetitions=repetitions)
     token_count = shape["batch"] * shape["sequence"]
     return [Measurement(case, name, timings[name], work={"tokens": token_count},
                         peak_memory_mb=peak_memory_mb(call, device)) for name, call in calls.items()]
@@ -147,7 +134,7 @@ def mks2_measurements(shape: dict, device: torch.device, dtype: torch.dtype, war
 
     calls = {"mkfast": step, "eager reference": forced("reference"), "peft-style": peft_style}
     case = {**shape, "lora_rank": LORA_RANK, "dtype": str(dtype).removeprefix("torch.")}
-    timings = _interleaved(calls, device, warmup_rounds, repetitions)
+    timings = interleaved_timings(calls, device, warmup_rounds=warmup_rounds, repetitions=repetitions)
     token_count = shape["batch"] * shape["sequence"]
     return [Measurement(case, name, timings[name], work={"tokens": token_count},
                         peak_memory_mb=peak_memory_mb(call, device)) for name, call in calls.items()]
@@ -155,13 +142,8 @@ def mks2_measurements(shape: dict, device: torch.device, dtype: torch.dtype, war
 
 def main(quick: bool = False, device: str | None = None, output_root: str | None = None) -> None:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(CPU_THREADS)
-    try:
+    with cpu_threads(device, CPU_THREADS):
         _run(quick, device, output_root)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(quick: bool, device: torch.device, output_root: str | None) -> None:
@@ -189,8 +171,4 @@ def _run(quick: bool, device: torch.device, output_root: str | None) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default=None)
-    arguments = parser.parse_args()
-    main(quick=arguments.quick, device=arguments.device)
+    command_line(main, __doc__)

@@ -12,12 +12,11 @@ image / median time, reported in the notes and the JSON case (codes, samples).
 
 from __future__ import annotations
 
-import argparse
 import functools
 
 import torch
 
-from benchmarks.common import Measurement, measure, run_suite
+from benchmarks.common import Measurement, command_line, cpu_threads, measure, run_suite
 from mkfast.racm3.generator import GeneratorConfig, build_generator
 from mkfast.racm3.sampling import ImageCodeConstraint, SamplingOptions, generate
 from mkfast.racm3.vocabulary import IMAGE_CLOSE, IMAGE_OPEN, IMAGE_SOURCE, CM3Vocabulary
@@ -53,34 +52,30 @@ def sample_image(model, vocabulary, prompt, codes_per_image: int, use_cache: boo
 
 def main(quick: bool = False, device: str | None = None, output_root: str | None = None) -> None:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # shared 2-core machine: one thread gives stable numbers
+    with cpu_threads(device, 1):
+        _run(quick, device, output_root)
+
+
+def _run(quick: bool, device: torch.device, output_root: str | None) -> None:
     # (codes per image, samples, retrieved documents): the demo's 8x8 grid at 1 and 10
     # samples (RA-CM3 samples 10 per caption), and a 16x16 grid where the prefix is longer.
     cases = [(64, 1, 0)] if quick else [(64, 1, 2), (64, 10, 2), (256, 1, 2)]
     if device.type == "cuda" and not quick:
         cases += [(1024, 10, 2)]  # RA-CM3's 32x32 grid
-    measurements, rates = [], []
+    measurements = []
     for codes_per_image, samples, retrieved in cases:
         model, vocabulary, prompt = setup(codes_per_image, samples, retrieved, device)
         case = {"codes": codes_per_image, "samples": samples, "K": retrieved, "prompt_tokens": prompt.shape[1]}
         for provider, use_cache in (("kv cache", True), ("recompute prefix", False)):
             run = functools.partial(sample_image, model, vocabulary, prompt, codes_per_image, use_cache)
             timings = measure(run, device, warmup=1, repetitions=2 if quick else 3)
-            measurements.append(Measurement(case, provider, timings))
-            tokens_per_second = samples * codes_per_image / (measurements[-1].median_ms / 1e3)
-            rates.append(f"{case}: {provider} {tokens_per_second:.0f} tokens/s")
-            print(rates[-1], flush=True)
+            measurements.append(Measurement(case, provider, timings, work={"tokens": samples * codes_per_image}))
+            print(f"{case}: {provider} {measurements[-1].rates()['tokens']:.0f} image codes/s", flush=True)
     notes = ("Image sampling (temperature 1, image-code constraint) with the demo-sized generator "
-             "(hidden 128, 4 layers, random weights), one call = samples x (codes + '>') new tokens. "
-             "Tokens/s (image codes per second, from the median): " + "; ".join(rates) + ".")
+             "(hidden 128, 4 layers, random weights), one call = samples x (codes + '>') new tokens; "
+             "tokens/s counts the image codes.")
     run_suite("generation", measurements, device, baseline="recompute prefix", notes=notes, output_root=output_root)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device")
-    parser.add_argument("--output-root")
-    arguments = parser.parse_args()
-    main(quick=arguments.quick, device=arguments.device, output_root=arguments.output_root)
+    command_line(main, __doc__)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import mkfast
-from benchmarks.common import Measurement, measure, peak_memory_mb, run_suite
+from benchmarks.common import Measurement, command_line, cpu_threads, interleaved_timings, peak_memory_mb, run_suite
 from mkfast.layers.mome import MoMEFFN
 from mkfast.layers.visual_memory import RMSNorm, VisualMemory
 from mkfast.ops.mome import FLOAT_NAMES, FROZEN_NAMES, TRAINABLE_NAMES, mome_ffn_reference
@@ -139,13 +139,8 @@ def saved_memory_report(tokens: int) -> dict[str, float]:
 
 def main(quick: bool = False, device: str | None = None, output_root: str | None = None) -> None:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(CPU_THREADS)
-    try:
+    with cpu_threads(device, CPU_THREADS):
         _run(quick, device, output_root)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(quick: bool, device: torch.device, output_root: str | None) -> None:
@@ -176,14 +171,7 @@ def _run(quick: bool, device: torch.device, output_root: str | None) -> None:
             }
             calls["frozen GEMMs (matmul)"] = (
                 lambda backward=(mode != "forward"): frozen_gemms(layer, x.detach(), grad_output, backward))
-            # Round-robin over providers, one call each per round: on a shared machine every
-            # provider then sees the same background load, so the ratios stay meaningful.
-            timings = {name: [] for name in calls}
-            for round_index in range(warmup_rounds + repetitions):
-                for name, call in calls.items():
-                    timing = measure(call, device, warmup=0, repetitions=1)
-                    if round_index >= warmup_rounds:
-                        timings[name] += timing
+            timings = interleaved_timings(calls, device, warmup_rounds=warmup_rounds, repetitions=repetitions)
             for name, call in calls.items():
                 measurements.append(Measurement(case, name, timings[name], work={"tflops": flops},
                                                 peak_memory_mb=peak_memory_mb(call, device)))
@@ -203,14 +191,11 @@ def _run(quick: bool, device: torch.device, output_root: str | None) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device")
-    parser.add_argument("--output-root")
-    parser.add_argument("--saved-memory-only", type=int, metavar="TOKENS",
-                        help="print the saved-for-backward MiB per provider as JSON (run with TRITON_INTERPRET=1)")
-    arguments = parser.parse_args()
-    if arguments.saved_memory_only:
-        print(json.dumps(saved_memory_report(arguments.saved_memory_only)))
-        raise SystemExit(0)
-    main(quick=arguments.quick, device=arguments.device, output_root=arguments.output_root)
+    # The interpreter child of _triton_saved_memory_on_cpu; every other call is the usual command line.
+    saved_memory = argparse.ArgumentParser(add_help=False)
+    saved_memory.add_argument("--saved-memory-only", type=int, metavar="TOKENS")
+    known, _ = saved_memory.parse_known_args()
+    if known.saved_memory_only:
+        print(json.dumps(saved_memory_report(known.saved_memory_only)))
+    else:
+        command_line(main, __doc__)

@@ -14,14 +14,13 @@ the run slows all of them alike.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 
 import torch
 import torch.nn.functional as F
 
 import mkfast
-from benchmarks.common import Measurement, measure, run_suite
+from benchmarks.common import Measurement, command_line, interleaved_timings, run_suite
 
 DIM = 768  # CLIP ViT-L/14 embeddings (SPEC.md, "Retriever")
 THRESHOLD = 0.9
@@ -122,13 +121,7 @@ def main(quick: bool = False, device: str | None = None, output_root: str | None
             queries = queries.to(device=device, dtype=dtype)
             case = {"N": num_rows, "d": DIM, "b": batch, "k": k, "dtype": str(dtype).removeprefix("torch.")}
             providers = _providers(queries, memory, k, index, device)
-            repetitions = 3
-            timings = {name: [] for name in providers}
-            for name, fn in providers.items():
-                measure(fn, device, warmup=1, repetitions=0)  # warm-up
-            for _ in range(repetitions):
-                for name, fn in providers.items():
-                    timings[name] += measure(fn, device, warmup=0, repetitions=1)
+            timings = interleaved_timings(providers, device, warmup_rounds=1, repetitions=3)
             for name in providers:
                 measurements.append(Measurement(case, name, timings[name],
                                                 work={"gbps": memory.numel() * memory.element_size()}))
@@ -142,9 +135,4 @@ def main(quick: bool = False, device: str | None = None, output_root: str | None
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device")
-    parser.add_argument("--output-root")
-    arguments = parser.parse_args()
-    main(quick=arguments.quick, device=arguments.device, output_root=arguments.output_root)
+    command_line(main, __doc__)

@@ -9,6 +9,8 @@ calls :func:`run_suite`. Results land in ``benchmarks/results/<device>/``:
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import datetime
 import glob
 import json
@@ -105,6 +107,48 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
         timings.append(elapsed)
         spent += elapsed / 1e3
     return timings
+
+
+def interleaved_timings(calls: dict[str, Callable[[], object]], device: torch.device, *, warmup_rounds: int,
+                        repetitions: int) -> dict[str, list[float]]:
+    """Milliseconds per provider, measured round-robin: one call of each provider per round.
+
+    On a shared machine every provider then sees the same background load, so the
+    ratios between them stay meaningful even when absolute times drift.
+    """
+    timings: dict[str, list[float]] = {name: [] for name in calls}
+    for round_index in range(warmup_rounds + repetitions):
+        for name, call in calls.items():
+            timing = measure(call, device, warmup=0, repetitions=1)
+            if round_index >= warmup_rounds:
+                timings[name] += timing
+    return timings
+
+
+@contextlib.contextmanager
+def cpu_threads(device: torch.device, count: int = 1):
+    """``count`` torch threads while inside, on CPU only (restored after).
+
+    On the shared 2-core machine a second OpenMP thread mostly spins under other jobs'
+    load: the same forward measured 30x slower and erratic with 2 threads (bench_mome).
+    """
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def command_line(main: Callable[..., None], description: str | None = None) -> None:
+    """``python -m benchmarks.bench_<suite> [--quick] [--device D] [--output-root DIR]`` calls ``main``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--output-root", help="results folder root (default: benchmarks/results)")
+    arguments = parser.parse_args()
+    main(quick=arguments.quick, device=arguments.device, output_root=arguments.output_root)
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
