@@ -76,6 +76,10 @@ def faiss_index(memory):
     """IndexFlatIP over the memory (GPU index when faiss-gpu is installed and memory is on a GPU)."""
     import faiss
 
+    # faiss-cpu 1.15 ships a BLAS threshold of 128000 queries, so a batch of 64 took its
+    # per-query path: 690 ms vs 51 ms with BLAS at N=1e5 (measured here). 20, the value
+    # FAISS long documented, gives every batch size its faster path.
+    faiss.cvar.distance_compute_blas_threshold = 20
     index = faiss.IndexFlatIP(memory.shape[1])
     index.add(memory.float().cpu().numpy())
     if memory.is_cuda and hasattr(faiss, "StandardGpuResources"):
