@@ -1,10 +1,12 @@
-"""The one place the training commands start and stop torch.distributed (torchrun's environment)."""
+"""The one place the trainers meet torch.distributed: torchrun's environment, FSDP2, full checkpoints."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
+from torch import nn
 
 
 def rank_and_world_size() -> tuple[int, int]:
@@ -31,3 +33,81 @@ def shutdown() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------------- FSDP2
+def llama_fsdp_units(language_model: nn.Module) -> list[nn.Module]:
+    """The modules of a LlamaForCausalLM-like model to shard one by one, innermost first.
+
+    The embedding is a unit of its own because callers look it up outside the model's
+    forward (MKS2 splices image tokens into the input embeddings); the inner model holds
+    the final norm; lm_head is last. The outer model keeps no parameter of its own.
+    """
+    inner = language_model.model
+    return [*inner.layers, inner.embed_tokens, inner, language_model.lm_head]
+
+
+def fully_shard_units(units: list[nn.Module]) -> None:
+    """FSDP2 over the default process group: each unit's parameters become DTensor shards,
+    gathered for its forward and backward, gradients reduce-scattered (averaged over ranks).
+    Build optimisers after this call: it replaces the parameters."""
+    from torch.distributed.fsdp import fully_shard
+
+    for unit in units:
+        fully_shard(unit)
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_ that also takes a mix of FSDP2-sharded and plain parameters
+    (torch's refuses the mix); returns the total norm before clipping."""
+    if not any(is_sharded(parameter) for parameter in parameters) or all(is_sharded(p) for p in parameters):
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        return float(norm.full_tensor() if is_sharded(norm) else norm)
+    squares = []
+    for parameter in parameters:
+        if parameter.grad is not None:
+            norm = torch.linalg.vector_norm(parameter.grad.float())
+            squares.append(float(norm.full_tensor() if is_sharded(norm) else norm) ** 2)
+    total = math.sqrt(sum(squares))
+    coefficient = min(1.0, max_norm / (total + 1e-6))  # torch's clip coefficient
+    for parameter in parameters:
+        if parameter.grad is not None:
+            parameter.grad.mul_(coefficient)
+    return total
+
+
+def _state_dict_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Full (unsharded) tensors, gathered to rank 0's CPU memory when there are ranks.
+    return StateDictOptions(full_state_dict=True, cpu_offload=torch.distributed.is_initialized())
+
+
+def full_training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model state, optimizer state) as full tensors keyed by parameter name, for a plain,
+    DDP or FSDP2 model alike. A collective under torch.distributed: every rank calls it;
+    rank 0 gets the tensors (the others may get empty dicts)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    options = _state_dict_options()
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                             optimizer_state: dict) -> None:
+    """The inverse of :func:`full_training_state`; every rank passes the full states."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)

@@ -124,16 +124,27 @@ def _run_command(arguments, output_dir, nproc=1):
     return stdout
 
 
-def test_two_process_gloo_run_trains_and_checkpoints(tmp_path):
-    output_dir = tmp_path / "ddp"
-    stdout = _run_command([], output_dir, nproc=2)
-    assert "trained to step 3" in stdout
-    records = read_metrics(output_dir / "metrics.jsonl")
-    assert [record["step"] for record in records] == [0, 1, 2]  # rank 0 logs once per step
-    assert all(record["loss"] > 0 for record in records)
-    state = torch.load(output_dir / "checkpoint_00000003.pt", weights_only=False)
-    assert state["step"] == 3
-    assert (output_dir / "components.pt").exists() and (output_dir / "loss.png").exists()
+def test_two_process_gloo_runs_ddp_and_fsdp2_alike_with_full_checkpoints(tmp_path):
+    runs = {}
+    for name, flags in (("ddp", []), ("fsdp", ["--fsdp"])):
+        output_dir = tmp_path / name
+        stdout = _run_command(flags, output_dir, nproc=2)
+        assert "trained to step 3" in stdout
+        records = read_metrics(output_dir / "metrics.jsonl")
+        assert [record["step"] for record in records] == [0, 1, 2]  # rank 0 logs once per step
+        state = torch.load(output_dir / "checkpoint_00000003.pt", weights_only=False)
+        assert state["step"] == 3
+        assert (output_dir / "components.pt").exists() and (output_dir / "loss.png").exists()
+        runs[name] = (records, state)
+    (ddp_records, ddp_state), (fsdp_records, fsdp_state) = runs["ddp"], runs["fsdp"]
+    # Same data, same initial weights: only the gradient reduction (all-reduce vs reduce-scatter) differs.
+    torch.testing.assert_close([r["loss"] for r in fsdp_records], [r["loss"] for r in ddp_records],
+                               rtol=1e-4, atol=1e-5)
+    # FSDP2's checkpoint holds full (unsharded) tensors under the plain model's names.
+    assert fsdp_state["model"].keys() == ddp_state["model"].keys()
+    for name, tensor in ddp_state["model"].items():
+        assert not hasattr(fsdp_state["model"][name], "placements"), name
+        torch.testing.assert_close(fsdp_state["model"][name], tensor, rtol=1e-3, atol=1e-4)
 
 
 def test_config_file_and_flags_map_onto_run_config(tmp_path, capsys):

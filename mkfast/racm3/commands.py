@@ -178,6 +178,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, (name, kind) in OVERRIDE_FLAGS.items():
         parser.add_argument(flag, type=kind, dest=name, help=f"overrides {name}")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard the generator with FSDP2 instead of replicating it (DDP)")
 
 
 def add_train_parser(train_targets) -> None:
@@ -192,6 +194,8 @@ def run_from_arguments(arguments: argparse.Namespace) -> None:
     config = load_config(arguments.config, overrides)
     if arguments.no_progress:
         config.training.progress = False
+    if arguments.fsdp:
+        config.training.fsdp = True
     records = train_racm3(config)
     if records and int(os.environ.get("RANK", "0")) == 0:
         print(f"racm3: trained to step {records[-1]['step'] + 1}, last loss {records[-1]['loss']:.4f}; "

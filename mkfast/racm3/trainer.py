@@ -6,8 +6,11 @@ draw in it (K, query part, query dropout, masking) come from generators seeded
 by (seed, s), and the model, optimiser and schedule states are checkpointed, so
 a run killed at any point and resumed logs the same losses as an uninterrupted one.
 
-Single process, or under ``torchrun`` (DDP; gloo on CPU, nccl on GPU): every
-rank builds the same global batch order and trains on its slice of each batch.
+Single process, or under ``torchrun`` (gloo on CPU, nccl on GPU): every rank
+builds the same global batch order and trains on its slice of each batch, with
+the model replicated (DDP) or, with ``fsdp=True``, sharded by FSDP2 layer by layer
+for models whose weights, gradients and Adam state do not fit on one device.
+Checkpoints hold full tensors either way, so a run can resume with the other choice.
 """
 
 from __future__ import annotations
@@ -19,7 +22,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from mkfast.distributed import rank_and_world_size
+from mkfast.distributed import (
+    clip_grad_norm,
+    full_training_state,
+    fully_shard_units,
+    llama_fsdp_units,
+    load_full_training_state,
+    rank_and_world_size,
+)
 from mkfast.racm3.retrieval import LOSS_ALPHA, RetrievalCorpus, SequenceOptions, retrieval_augmented_loss
 
 CHECKPOINT_PATTERN = "checkpoint_{step:08d}.pt"
@@ -42,6 +52,7 @@ class TrainingConfig:
     seed: int = 0
     output_dir: str = "racm3_run"
     progress: bool = True
+    fsdp: bool = False  # under torchrun: shard the generator with FSDP2 instead of replicating it (DDP)
 
 
 def learning_rate_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -80,7 +91,9 @@ class Trainer:
         self.rank, self.world_size = rank_and_world_size()
         self.device = next(model.parameters()).device
         self.model = model
-        if self.world_size > 1:
+        if self.world_size > 1 and config.fsdp:
+            fully_shard_units(llama_fsdp_units(model))
+        elif self.world_size > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=config.betas,
@@ -92,11 +105,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> str | None:
+        """Every rank calls this (gathering sharded tensors is collective); rank 0 writes."""
+        model_state, optimizer_state = full_training_state(self._unwrapped(), self.optimizer)
         if self.rank != 0:
             return None
         os.makedirs(self.config.output_dir, exist_ok=True)
         path = os.path.join(self.config.output_dir, CHECKPOINT_PATTERN.format(step=self.step))
-        state = {"step": self.step, "model": self._unwrapped().state_dict(), "optimizer": self.optimizer.state_dict(),
+        state = {"step": self.step, "model": model_state, "optimizer": optimizer_state,
                  "scheduler": self.scheduler.state_dict(), "config": asdict(self.config)}
         temporary = path + ".tmp"
         torch.save(state, temporary)
@@ -110,9 +125,8 @@ class Trainer:
         path = latest_checkpoint(self.config.output_dir)
         if path is None:
             return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        self._unwrapped().load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        load_full_training_state(self._unwrapped(), self.optimizer, state["model"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         if self.rank == 0 and os.path.exists(self.metrics_path):
@@ -149,7 +163,7 @@ class Trainer:
         loss, record = retrieval_augmented_loss(logits, batch, config.alpha)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip))
+        record["grad_norm"] = clip_grad_norm(list(self.model.parameters()), config.grad_clip)
         record["learning_rate"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
