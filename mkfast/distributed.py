@@ -36,14 +36,18 @@ def shutdown() -> None:
 
 
 # ---------------------------------------------------------------------- FSDP2
-def llama_fsdp_units(language_model: nn.Module) -> list[nn.Module]:
+def llama_fsdp_units(language_model: nn.Module, embedding_looked_up_outside: bool = False) -> list[nn.Module]:
     """The modules of a LlamaForCausalLM-like model to shard one by one, innermost first.
 
-    The embedding is a unit of its own because callers look it up outside the model's
-    forward (MKS2 splices image tokens into the input embeddings); the inner model holds
-    the final norm; lm_head is last. The outer model keeps no parameter of its own.
+    Default: every decoder layer, the embedding, the inner model (its final norm) and lm_head.
+    ``embedding_looked_up_outside``: the caller embeds tokens itself before the model's forward
+    (MKS2 splices image tokens into the input embeddings); FSDP2 would take the embedding for
+    its root then, so only the layers and lm_head are sharded and the embedding and final norm
+    stay replicated (frozen in MKS2, so nothing of theirs needs reducing).
     """
     inner = language_model.model
+    if embedding_looked_up_outside:
+        return [*inner.layers, language_model.lm_head]
     return [*inner.layers, inner.embed_tokens, inner, language_model.lm_head]
 
 
@@ -100,14 +104,17 @@ def full_training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> t
 
 
 def load_full_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
-                             optimizer_state: dict) -> None:
-    """The inverse of :func:`full_training_state`; every rank passes the full states."""
+                             optimizer_state: dict, strict: bool = True) -> None:
+    """The inverse of :func:`full_training_state`; every rank passes the full states.
+    ``strict=False``: ``model_state`` may hold a subset of the parameters (the trained ones)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
-    options = StateDictOptions(full_state_dict=True)
+    options = StateDictOptions(full_state_dict=True, strict=strict)
+    # Leftover gradients would make torch skip building the optimizer state it loads into.
+    optimizer.zero_grad(set_to_none=True)
     set_model_state_dict(model, model_state, options=options)
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)

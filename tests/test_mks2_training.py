@@ -145,14 +145,31 @@ def _gloo_worker(rank, world_size, init_file, output_dir):
     dist.all_gather(gathered, flat)
     moved = any(not torch.equal(parameter, initial[name]) for name, parameter in model.named_parameters()
                 if parameter.requires_grad)
-    torch.save({"identical": all(torch.equal(gathered[0], other) for other in gathered), "moved": moved},
-               os.path.join(output_dir, f"rank{rank}.pt"))
+    trained = {name: parameter.detach().clone() for name, parameter in model.named_parameters()
+               if parameter.requires_grad}
+    torch.save({"identical": all(torch.equal(gathered[0], other) for other in gathered), "moved": moved,
+                "trained": trained}, os.path.join(output_dir, f"rank{rank}.pt"))
+    # The same run with the language model sharded by FSDP2 (its checkpoint holds full tensors).
+    from mkfast.distributed import llama_fsdp_units
+
+    model, tokenizer = _tiny_mks2()
+    prepare_stage2(model, rank=4, alpha=8)
+    Trainer(model, stage2_loss_fn(model, tokenizer, INSTRUCTIONS, 2),
+            TrainerConfig(output_dir=os.path.join(output_dir, "fsdp"), steps=2, learning_rate=1e-2, progress=False),
+            fsdp_units=llama_fsdp_units(model.language_model, embedding_looked_up_outside=True)).train(resume=False)
     shutdown()
 
 
-def test_two_process_gloo_stage2_keeps_ranks_identical(tmp_path):
+def test_two_process_gloo_stage2_keeps_ranks_identical_and_fsdp2_matches(tmp_path):
     """Each rank draws different batches; averaged gradients keep the LoRA/router weights equal on both."""
     multiprocessing.spawn(_gloo_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert result["identical"] and result["moved"]
+    # FSDP2 averages the sharded gradients by reduce-scatter instead of all-reduce: the same update.
+    sharded = torch.load(tmp_path / "fsdp" / "checkpoint.pt", weights_only=False)
+    assert sharded["step"] == 2
+    replicated = torch.load(tmp_path / "rank0.pt")["trained"]
+    assert sharded["trainable"].keys() == replicated.keys()
+    for name, tensor in replicated.items():
+        torch.testing.assert_close(sharded["trainable"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mkfast.distributed import init_from_environment, shutdown
+from mkfast.distributed import init_from_environment, llama_fsdp_units, shutdown
 from mkfast.mks2.adapters import load_adapters, save_adapters
 from mkfast.mks2.build import SmallLlamaConfig, build_mks2, load_llama, small_llama
 from mkfast.mks2.stages import CaptionData, InstructionData, prepare_stage2, stage1_loss_fn, stage2_loss_fn
@@ -51,6 +51,7 @@ class MKS2TrainConfig:
     device: str = "cpu"
     seed: int = 0
     resume: bool = True
+    fsdp: bool = False  # under torchrun: shard the language model with FSDP2 instead of replicating it
 
 
 @dataclass
@@ -171,7 +172,8 @@ def run_training(config: MKS2TrainConfig, stage: int) -> dict:
                                    learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
                                    gradient_accumulation=config.gradient_accumulation,
                                    checkpoint_every=config.checkpoint_every, seed=config.seed)
-    rows = Trainer(model, loss_fn, trainer_config, f"mks2-stage{stage}").train(resume=config.resume)
+    fsdp_units = llama_fsdp_units(model.language_model, embedding_looked_up_outside=True) if config.fsdp else None
+    rows = Trainer(model, loss_fn, trainer_config, f"mks2-stage{stage}", fsdp_units).train(resume=config.resume)
     if rank == 0:
         save_adapters(model, os.path.join(config.output_dir, "adapters"))
         with open(os.path.join(config.output_dir, "train_config.json"), "w") as handle:

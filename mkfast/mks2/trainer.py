@@ -1,9 +1,11 @@
 """A small trainer for both MKS2 stages: Adam with warm-up, accumulation, checkpoint/resume, tqdm, JSONL, plot.
 
 Single process, or one process per rank under ``torchrun`` (any backend; gloo on
-CPU): every rank holds the whole model and draws its own batches, gradients of
-the trainable parameters are averaged with all_reduce before each update (plain
-data parallelism; the trainable part is small, so this is DDP without buckets).
+CPU): every rank draws its own batches, and gradients of the trainable parameters
+are averaged over ranks before each update. By default every rank holds the whole
+model and the (small) trainable part is all-reduced, DDP without buckets; with
+``fsdp_units`` the given modules (the language model's layers) are sharded by FSDP2,
+which averages their gradients itself, for a Llama that does not fit on one device.
 Batches are drawn from a generator seeded by (seed, step, rank), so a resumed run
 sees the batches the uninterrupted run would have seen.
 """
@@ -19,7 +21,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mkfast.distributed import rank_and_world_size
+from mkfast.distributed import (
+    clip_grad_norm,
+    full_training_state,
+    fully_shard_units,
+    is_sharded,
+    load_full_training_state,
+    rank_and_world_size,
+)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -74,9 +83,11 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[torch.Generator], dict], config: TrainerConfig,
-                 stage: str = "train"):
+                 stage: str = "train", fsdp_units: list[nn.Module] | None = None):
         self.model, self.loss_fn, self.config, self.stage = model, loss_fn, config, stage
         self.rank, self.world_size = rank_and_world_size()
+        if fsdp_units and self.world_size > 1:
+            fully_shard_units(fsdp_units)  # before the optimizer: it replaces the parameters
         self.named_trainable = [(name, parameter) for name, parameter in model.named_parameters()
                                 if parameter.requires_grad]
         if not self.named_trainable:
@@ -91,12 +102,16 @@ class Trainer:
         self.metrics_path = os.path.join(config.output_dir, METRICS_NAME)
 
     def save_checkpoint(self) -> None:
-        """Trainable tensors, optimizer and scheduler state, step: written atomically by rank 0."""
+        """Trainable tensors (full, also under FSDP2), optimizer and scheduler state, step.
+
+        Every rank calls this (gathering shards is collective); rank 0 writes, atomically.
+        """
+        model_state, optimizer_state = full_training_state(self.model, self.optimizer)
         if self.rank != 0:
             return
         state = {"step": self.step, "config": asdict(self.config),
-                 "trainable": {name: parameter.detach().cpu() for name, parameter in self.named_trainable},
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+                 "trainable": {name: model_state[name] for name, _ in self.named_trainable},
+                 "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict()}
         temporary = self.checkpoint_path + ".tmp"
         torch.save(state, temporary)
         os.replace(temporary, self.checkpoint_path)
@@ -109,10 +124,8 @@ class Trainer:
         names = {name for name, _ in self.named_trainable}
         if set(state["trainable"]) != names:
             raise ValueError(f"Trainer.resume: {self.checkpoint_path} holds other parameters than this model trains")
-        with torch.no_grad():
-            for name, parameter in self.named_trainable:
-                parameter.copy_(state["trainable"][name])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # Frozen tensors are not in the checkpoint: they stay as they are.
+        load_full_training_state(self.model, self.optimizer, state["trainable"], state["optimizer"], strict=False)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         if self.rank == 0 and os.path.exists(self.metrics_path):
@@ -127,6 +140,8 @@ class Trainer:
         if self.world_size == 1:
             return
         for _, parameter in self.named_trainable:
+            if is_sharded(parameter):
+                continue  # FSDP2 reduce-scattered (and averaged) it already
             if parameter.grad is None:
                 parameter.grad = torch.zeros_like(parameter)
             dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
@@ -145,8 +160,7 @@ class Trainer:
                 totals[key] = totals.get(key, 0.0) + float(value.detach()) / self.config.gradient_accumulation
         self._average_gradients()
         if self.config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([parameter for _, parameter in self.named_trainable],
-                                           self.config.max_grad_norm)
+            clip_grad_norm([parameter for _, parameter in self.named_trainable], self.config.max_grad_norm)
         totals["learning_rate"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
