@@ -62,9 +62,8 @@ def attention_flops(batch, heads, seq, head_dim, backward: bool) -> float:
 
 def training_providers(q, k, v, document_ids, device):
     """name -> forward function; every one computes the same masked attention."""
-    providers = {}
-    if device.type == "cuda":
-        providers["mkfast"] = lambda: mkfast.ops.attention(q, k, v, causal=True, document_ids=document_ids)
+    # mkfast's auto backend: the Triton kernels on CUDA, ATen's CPU flash attention on CPU.
+    providers = {"mkfast": lambda: mkfast.ops.attention(q, k, v, causal=True, document_ids=document_ids)}
     if document_ids is None:
         # SDPA picks its flash / cuDNN backend for is_causal without a mask.
         providers["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -175,8 +174,9 @@ def main(quick: bool = False, device: str | None = None, output_root: str | None
              "the K and V cache. sdpa = F.scaled_dot_product_attention (is_causal without a mask; attn_mask for "
              "documents). ")
     if device.type == "cpu":
-        notes += ("CPU run: mkfast's Triton kernels only run on CPU under the interpreter, which is not a "
-                  "benchmark, so 'mkfast' is not timed here; reference vs SDPA only, small shapes.")
+        notes += ("CPU run, small shapes: 'mkfast' is the op's cpu backend (ATen's CPU flash attention, "
+                  "with an additive mask for documents); the Triton kernels only run on CPU under the "
+                  "interpreter, which is not a benchmark. Decode on CPU: reference vs SDPA only.")
     run_suite("attention", measurements, device, baseline="sdpa", notes=notes, output_root=output_root)
 
 

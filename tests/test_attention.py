@@ -127,7 +127,25 @@ def test_empty_batch_returns_empty_output_with_gradients():
     assert q.grad.shape == q.shape
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: "x".join(map(str, shape)))
+def test_cpu_backend_matches_reference_with_and_without_documents(shape, dtype):
+    batch, heads, kv_heads, length, head_dim = shape
+    q, k, v, grad_out = make_inputs(batch, heads, kv_heads, length, head_dim, dtype, "cpu")
+    document_ids = documents_from_lengths([length // 3, length - length // 3], batch, "cpu") if length > 2 else None
+    for causal in (True, False):
+        check_against_reference("cpu", q, k, v, grad_out, causal=causal)
+        check_against_reference("cpu", q, k, v, grad_out, causal=causal, document_ids=document_ids)
+
+
+def test_cpu_backend_aligns_causal_queries_to_the_last_keys():
+    # ATen's is_causal aligns queries to the first keys; a KV cache needs the last ones.
+    q, k, v, grad_out = make_inputs(2, 4, 2, 20, 64, torch.float32, "cpu", key_length=50)
+    check_against_reference("cpu", q, k, v, grad_out, causal=True)
+    check_against_reference("cpu", q, k, v, grad_out, causal=False)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
 def test_opcheck(backend):
     q, k, v, _ = make_inputs(1, 2, 1, 17, 16, torch.float32, "cpu")
     document_ids = documents_from_lengths([5, 12], batch=1, device="cpu")
@@ -137,11 +155,11 @@ def test_opcheck(backend):
         run_opcheck(torch.ops.mkfast.attention.default, (q, k, v, True, document_ids, 0.25))
 
 
-def test_auto_backend_on_cpu_is_reference():
-    # The interpreter is orders of magnitude slower than the reference: never the automatic choice.
+def test_auto_backend_on_cpu_is_aten_flash_attention():
+    # The interpreter is orders of magnitude slower than either: never the automatic choice.
     from mkfast.ops.attention import attention_backends
 
-    assert attention_backends.auto_choice(torch.device("cpu")) == "reference"
+    assert attention_backends.auto_choice(torch.device("cpu")) == "cpu"
 
 
 BAD_INPUTS = [

@@ -27,7 +27,7 @@ from mkfast.ops._checks import FLOAT_DTYPES, check_same_size, check_tensor
 OP = "attention"
 INTEGER_DTYPES = (torch.int32, torch.int64)
 
-attention_backends = OpDispatcher(OP, auto_order={"cuda": ("triton", "reference")})
+attention_backends = OpDispatcher(OP, auto_order={"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")})
 
 
 # --------------------------------------------------------------------------- reference
@@ -107,6 +107,49 @@ def _attention_reference_backward(grad_out, q, k, v, out, lse, causal, document_
     return grad_q.to(q.dtype).contiguous(), grad_k.to(k.dtype).contiguous(), grad_v.to(v.dtype).contiguous()
 
 
+# --------------------------------------------------------------------------- cpu backend
+# ATen's blockwise CPU flash attention (what SDPA runs on CPU): it returns the log-sum-exp
+# the custom op saves and has its own backward, so neither direction materialises the
+# (S_q, S_kv) fp32 score matrix that the reference builds twice.
+def _cpu_only(device: torch.device) -> str | None:
+    return None if device.type == "cpu" else "ATen's CPU flash attention runs on CPU tensors only"
+
+
+def _cpu_mask(q, k, causal, document_ids) -> tuple[bool, torch.Tensor | None]:
+    """(is_causal, additive mask) for ATen, whose is_causal puts queries at the first keys, not the last."""
+    if document_ids is None and (not causal or q.shape[2] == k.shape[2]):
+        return causal, None
+    allowed = attention_allowed_mask(q.shape[2], k.shape[2], causal, document_ids, q.device)
+    return False, torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+
+
+def _expand_heads(tensor: torch.Tensor, group: int) -> torch.Tensor:
+    """GQA: each key/value head repeated for the ``group`` query heads that share it (no copy when 1)."""
+    return tensor if group == 1 else tensor.repeat_interleave(group, dim=1)
+
+
+@attention_backends.register("cpu", _cpu_only)
+def _attention_cpu_forward(q, k, v, causal, document_ids, scale):
+    group = q.shape[1] // k.shape[1]
+    is_causal, mask = _cpu_mask(q, k, causal, document_ids)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, _expand_heads(k, group), _expand_heads(v, group), 0.0, is_causal, attn_mask=mask, scale=scale)
+    return out.contiguous(), lse.float().contiguous()
+
+
+def _attention_cpu_backward(grad_out, q, k, v, out, lse, causal, document_ids, scale):
+    group = q.shape[1] // k.shape[1]
+    is_causal, mask = _cpu_mask(q, k, causal, document_ids)
+    grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out, q, _expand_heads(k, group), _expand_heads(v, group), out, lse, 0.0, is_causal,
+        attn_mask=mask, scale=scale)
+    batch, heads_kv = k.shape[0], k.shape[1]
+    # GQA: a key/value head's gradient sums over the query heads of its group.
+    grad_k = grad_k.view(batch, heads_kv, group, *grad_k.shape[2:]).sum(2)
+    grad_v = grad_v.view(batch, heads_kv, group, *grad_v.shape[2:]).sum(2)
+    return grad_q.contiguous(), grad_k.to(k.dtype).contiguous(), grad_v.to(v.dtype).contiguous()
+
+
 # --------------------------------------------------------------------------- triton backend
 # CUDA grids allow 65535 programs on axis 1, where the Triton kernels put (batch, head).
 MAX_TRITON_BATCH_HEADS = 65535
@@ -132,7 +175,8 @@ def _attention_triton_backward(grad_out, q, k, v, out, lse, causal, document_ids
     return attention_backward(grad_out, q, k, v, out, lse, causal, document_ids, scale)
 
 
-_BACKWARDS = {"reference": _attention_reference_backward, "triton": _attention_triton_backward}
+_BACKWARDS = {"reference": _attention_reference_backward, "cpu": _attention_cpu_backward,
+              "triton": _attention_triton_backward}
 
 
 # --------------------------------------------------------------------------- custom ops

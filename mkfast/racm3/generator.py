@@ -38,8 +38,8 @@ def _mkfast_attention_registered() -> bool:
 def attention_implementation(requested: str = "auto", device: torch.device | str = "cpu") -> str:
     """``"mkfast"`` on CUDA when registered; ``"sdpa"`` otherwise.
 
-    On CPU the mkfast op's only backend is its reference, which is SDPA itself,
-    so going through the custom op there costs a dispatch and buys nothing.
+    On CPU the mkfast op runs ATen's CPU flash attention, the kernel SDPA itself runs
+    there, so going through the custom op costs a dispatch and buys nothing.
     """
     if requested != "auto":
         return requested
