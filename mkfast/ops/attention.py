@@ -143,11 +143,11 @@ def _attention_cpu_backward(grad_out, q, k, v, out, lse, causal, document_ids, s
     grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         grad_out, q, _expand_heads(k, group), _expand_heads(v, group), out, lse, 0.0, is_causal,
         attn_mask=mask, scale=scale)
-    batch, heads_kv = k.shape[0], k.shape[1]
-    # GQA: a key/value head's gradient sums over the query heads of its group.
-    grad_k = grad_k.view(batch, heads_kv, group, *grad_k.shape[2:]).sum(2)
-    grad_v = grad_v.view(batch, heads_kv, group, *grad_v.shape[2:]).sum(2)
-    return grad_q.contiguous(), grad_k.to(k.dtype).contiguous(), grad_v.to(v.dtype).contiguous()
+    if group > 1:  # GQA: a key/value head's gradient sums over the query heads of its group
+        batch, heads_kv = k.shape[0], k.shape[1]
+        grad_k = grad_k.view(batch, heads_kv, group, *grad_k.shape[2:]).sum(2)
+        grad_v = grad_v.view(batch, heads_kv, group, *grad_v.shape[2:]).sum(2)
+    return grad_q.contiguous(), grad_k.contiguous(), grad_v.contiguous()
 
 
 # --------------------------------------------------------------------------- triton backend
