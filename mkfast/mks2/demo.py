@@ -17,7 +17,9 @@ Both answer text-only multiple-choice questions "which digit uses more ink, X or
 with X or Y a held-out digit: no text instruction ever stated an ink fact about
 those digits, only images of them carry it (mkfast.data.digit_instructions).
 Also reported: the same question on training-digit pairs (seen in stage 2) and,
-for MKS2, greedy "which digit is shown?" on held-out images.
+for MKS2, greedy "which digit is shown?" on held-out images. The full demo repeats
+the held-out comparison with two more training seeds (the 48 questions are every
+pair there is, so more seeds, not more items, is what narrows the noise).
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ from mkfast.mks2.trainer import Trainer, TrainerConfig
 # Step counts: quick fits the 60 s budget of `make demo` on 2 cores (about 0.2-0.3 s per step
 # measured here for each stage at batch 16); full mode stays under 8 minutes.
 QUICK = {"pretrain_steps": 200, "vision_pretrain_steps": 150, "stage1_steps": 200, "stage2_steps": 200,
-         "image_instructions": 1000, "generation_images": 50}
+         "image_instructions": 1000, "generation_images": 50, "repeat_seeds": ()}
+# Full: about 90 s per seed on 2 cores; the comparison is repeated with two more seeds.
 FULL = {"pretrain_steps": 600, "vision_pretrain_steps": 300, "stage1_steps": 1500, "stage2_steps": 1500,
-        "image_instructions": 3000, "generation_images": 359}
+        "image_instructions": 3000, "generation_images": 359, "repeat_seeds": (1, 2)}
 BATCH_SIZE = 16
 VISION_BATCH_SIZE = 64
 # The encoder stand-in's rate: 200 steps give a linear probe 89% of held-out digits at 1e-3, 86% at 3e-3.
@@ -152,17 +155,10 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0) -> dict:
         torch.set_num_threads(threads)
 
 
-def _run_demo(output_dir: str, quick: bool, seed: int) -> dict:
-    settings = QUICK if quick else FULL
-    started = time.perf_counter()
-    torch.manual_seed(seed)
-    os.makedirs(output_dir, exist_ok=True)
-    train_split, held_out_split = load_digits_pairs(image_size=32, seed=seed)
-    ink = ink_per_digit(train_split)
-    tokenizer = word_level_tokenizer(demo_vocabulary())
-    model_config = SmallLlamaConfig(**{**MODEL.__dict__, "vocab_size": len(tokenizer)})
+def _train_mks2_and_baseline(settings: dict, output_dir: str, seed: int, tokenizer, model_config, train_split,
+                             ink: list[float]) -> dict:
+    """Base pretraining, then MKS2 (stage 1 + stage 2) and the LoRA baseline from the same base."""
     prompts, responses, image_indices = digits_instruction_set(train_split, ink, settings["image_instructions"], seed)
-
     base = small_llama(model_config, tokenizer, seed=seed)
     pretrain_started = time.perf_counter()
     pretrain_rows = pretrain_language_model(base, tokenizer, _pretraining_texts(train_split.captions),
@@ -198,6 +194,27 @@ def _run_demo(output_dir: str, quick: bool, seed: int) -> dict:
     baseline.vision.load_state_dict(vision_state)  # unused by the text-only baseline; kept identical anyway
     baseline_rows, baseline_seconds = _stage2(baseline, tokenizer, instructions.text_only(), settings["stage2_steps"],
                                               output_dir, "baseline")
+    return {"models": {"mks2": mks2, "baseline": baseline}, "stage1_trainable": stage1_trainable,
+            "vision_losses": vision_losses,
+            "rows": {"base_pretraining": pretrain_rows, "mks2_stage1": stage1_rows, "mks2_stage2": mks2_rows,
+                     "baseline_stage2": baseline_rows},
+            "seconds": {"base_pretraining": pretrain_seconds, "stage1": stage1_seconds, "mks2_stage2": mks2_seconds,
+                        "baseline_stage2": baseline_seconds}}
+
+
+def _run_demo(output_dir: str, quick: bool, seed: int) -> dict:
+    settings = QUICK if quick else FULL
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    os.makedirs(output_dir, exist_ok=True)
+    train_split, held_out_split = load_digits_pairs(image_size=32, seed=seed)
+    ink = ink_per_digit(train_split)
+    tokenizer = word_level_tokenizer(demo_vocabulary())
+    model_config = SmallLlamaConfig(**{**MODEL.__dict__, "vocab_size": len(tokenizer)})
+    run = _train_mks2_and_baseline(settings, output_dir, seed, tokenizer, model_config, train_split, ink)
+    mks2, baseline = run["models"]["mks2"], run["models"]["baseline"]
+    pretrain_rows, stage1_rows, mks2_rows, baseline_rows = run["rows"].values()
+    stage1_trainable = run["stage1_trainable"]
 
     held_out = held_out_questions(ink)
     seen = _seen_pair_questions(ink)
@@ -206,6 +223,18 @@ def _run_demo(output_dir: str, quick: bool, seed: int) -> dict:
         results[name] = {"held_out_text_questions": evaluate_multiple_choice(model, tokenizer, held_out),
                          "seen_pair_questions": evaluate_multiple_choice(model, tokenizer, seen),
                          "stage2_trainable_parameters": trainable_parameter_count(model)}
+    # 48 questions make a 4-item margin noise-sized: the comparison is repeated with other
+    # training seeds (same data split and questions) and reported per seed.
+    by_seed = {seed: {name: results[name]["held_out_text_questions"]["acc"] for name in ("mks2", "baseline")}}
+    for repeat_seed in settings["repeat_seeds"]:
+        repeat = _train_mks2_and_baseline(settings, os.path.join(output_dir, f"seed{repeat_seed}"), repeat_seed,
+                                          tokenizer, model_config, train_split, ink)
+        by_seed[repeat_seed] = {name: evaluate_multiple_choice(model, tokenizer, held_out)["acc"]
+                                for name, model in repeat["models"].items()}
+    for name in ("mks2", "baseline"):
+        accuracies = [scores[name] for scores in by_seed.values()]
+        results[name]["held_out_text_questions_acc_by_seed"] = {str(key): value[name] for key, value in by_seed.items()}
+        results[name]["held_out_text_questions_mean_acc"] = sum(accuracies) / len(accuracies)
     count = settings["generation_images"]
     answers = generate_text(mks2, tokenizer, [INSTRUCTION_TEMPLATE.format(prompt="which digit is shown ?")] * count,
                             mks2.vision.frozen_features(held_out_split.images[:count]), num_beams=1, max_new_tokens=3)
@@ -223,10 +252,9 @@ def _run_demo(output_dir: str, quick: bool, seed: int) -> dict:
         "held_out_digits": list(HELD_OUT_DIGITS), "settings": settings, "batch_size": BATCH_SIZE,
         "learning_rate": LEARNING_RATE, "model": model_config.__dict__, "stage1_trainable_parameters": stage1_trainable,
         "results": results, "chance_accuracy": 0.5,
-        "final_losses": {"base_pretraining": pretrain_rows[-1]["loss"], "vision_pretraining": vision_losses[-1], "mks2_stage1": stage1_rows[-1]["loss"], "mks2_stage2": mks2_rows[-1]["loss"],
-                         "baseline_stage2": baseline_rows[-1]["loss"]},
-        "seconds": {"base_pretraining": pretrain_seconds, "stage1": stage1_seconds, "mks2_stage2": mks2_seconds, "baseline_stage2": baseline_seconds,
-                    "total": time.perf_counter() - started},
+        "final_losses": {"vision_pretraining": run["vision_losses"][-1]}
+                        | {name: rows[-1]["loss"] for name, rows in run["rows"].items()},
+        "seconds": run["seconds"] | {"total": time.perf_counter() - started},
     }
     with open(os.path.join(output_dir, "results.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
