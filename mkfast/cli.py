@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from mkfast.demo import DEVICES as DEMO_DEVICES
 from mkfast.demo import STAGES as DEMO_STAGES
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--quick", action="store_true", help="tiny settings (under 3 minutes on 2 CPU cores)")
     demo.add_argument("--output-dir", default="demo_out")
     demo.add_argument("--stages", nargs="*", choices=list(DEMO_STAGES), help="a subset of the stages, in order")
+    demo.add_argument("--device", choices=DEMO_DEVICES, default="auto",
+                      help="auto: the GPU when there is one (fused kernels, larger settings), else the CPU")
     bench = commands.add_parser("bench", help="run kernel benchmarks; results under benchmarks/results/<device>/")
     bench.add_argument("suites", nargs="*", help="suite names (default: all)")
     bench.add_argument("--quick", action="store_true", help="small shapes, few repetitions (results to demo_out/)")
@@ -106,9 +109,14 @@ def main(argv: list[str] | None = None) -> None:
     if arguments.command == "env":
         print(environment_report())
     elif arguments.command == "demo":
-        from mkfast.demo import run_demo
+        from mkfast.demo import demo_device, run_demo
 
-        outcome = run_demo(arguments.output_dir, quick=arguments.quick, stages=arguments.stages)
+        try:
+            demo_device(arguments.device)
+        except RuntimeError as error:
+            raise SystemExit(str(error)) from None
+        outcome = run_demo(arguments.output_dir, quick=arguments.quick, stages=arguments.stages,
+                           device=arguments.device)
         if outcome["failed"]:
             raise SystemExit(1)
     elif arguments.command == "bench" and arguments.compare:

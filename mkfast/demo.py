@@ -10,6 +10,12 @@ Stages (each writes under ``output_dir``):
 Then one summary table is printed and ``results.json`` + ``index.html`` (which
 shows every plot and image grid produced) are written. A stage that fails is
 reported, the others still run, and the command exits non-zero.
+
+Device: a GPU when one is present (``device="auto"``). There the models train on it
+through the fused kernels (mkfast attention in the RA-CM3 generator, the top-k kernel
+for retrieval, the MoME FFN op in MKS2) and the full run uses larger settings
+(:func:`mkfast.racm3.demo.demo_sizes`, :func:`mkfast.mks2.demo.demo_settings`);
+``--quick`` keeps its small settings on every device.
 """
 
 from __future__ import annotations
@@ -26,36 +32,51 @@ from typing import Callable
 import torch
 
 
-def _environment_stage(output_dir: str, quick: bool) -> dict:
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def demo_device(requested: str = "auto") -> torch.device:
+    """``auto``: the GPU when there is one. Asking for cuda without one fails here, before any stage runs."""
+    if requested not in DEVICES:
+        raise ValueError(f"mkfast demo: device must be one of {DEVICES}, got {requested!r}")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("mkfast demo: --device cuda was asked for, but torch sees no CUDA device")
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(requested)
+
+
+def _environment_stage(output_dir: str, quick: bool, device: torch.device) -> dict:
     from mkfast.cli import environment_report
 
     report = environment_report()
     print(report, flush=True)
     with open(os.path.join(output_dir, "environment.txt"), "w") as handle:
         handle.write(report + "\n")
-    return {"device": "cuda" if torch.cuda.is_available() else "cpu"}
+    return {"device": str(device)}
 
 
-def _racm3_stage(output_dir: str, quick: bool) -> dict:
+def _racm3_stage(output_dir: str, quick: bool, device: torch.device) -> dict:
     from mkfast.racm3.demo import run_demo
 
-    return run_demo(output_dir, quick=quick)
+    return run_demo(output_dir, quick=quick, device=device)
 
 
-def _racm3_inference_stage(output_dir: str, quick: bool) -> dict:
+def _racm3_inference_stage(output_dir: str, quick: bool, device: torch.device) -> dict:
     from mkfast.racm3.inference_demo import run_inference_demo
 
     # The generators the racm3 stage trained (its directory is this one's sibling).
-    return run_inference_demo(os.path.join(os.path.dirname(output_dir), "racm3"), output_dir, quick=quick)
+    return run_inference_demo(os.path.join(os.path.dirname(output_dir), "racm3"), output_dir, quick=quick,
+                              device=device)
 
 
-def _mks2_stage(output_dir: str, quick: bool) -> dict:
+def _mks2_stage(output_dir: str, quick: bool, device: torch.device) -> dict:
     from mkfast.mks2.demo import run_demo
 
-    return run_demo(output_dir, quick=quick)
+    return run_demo(output_dir, quick=quick, device=device)
 
 
-def _kernels_stage(output_dir: str, quick: bool) -> dict:
+def _kernels_stage(output_dir: str, quick: bool, device: torch.device) -> dict:
     from mkfast.cli import run_benchmarks
 
     # Always the quick sizes here: the full suites are `make bench`.
@@ -88,7 +109,7 @@ def benchmark_speedups(results_root: str) -> dict[str, dict[str, float]]:
     return speedups
 
 
-STAGES: dict[str, Callable[[str, bool], dict]] = {
+STAGES: dict[str, Callable[[str, bool, torch.device], dict]] = {
     "environment": _environment_stage,
     "racm3": _racm3_stage,
     "racm3_inference": _racm3_inference_stage,
@@ -161,10 +182,12 @@ def _write_index(output_dir: str, results: dict) -> str:
     return path
 
 
-def run_demo(output_dir: str = "demo_out", quick: bool = False, stages: list[str] | None = None) -> dict:
+def run_demo(output_dir: str = "demo_out", quick: bool = False, stages: list[str] | None = None,
+             device: str = "auto") -> dict:
     """Run the demo stages; returns {"results": ..., "failed": [...], "seconds": ...}."""
+    resolved = demo_device(device)
     os.makedirs(output_dir, exist_ok=True)
-    results: dict = {"quick": quick}
+    results: dict = {"quick": quick, "device": str(resolved)}
     failed: list[str] = []
     started = time.perf_counter()
     for name in stages or list(STAGES):
@@ -173,7 +196,7 @@ def run_demo(output_dir: str = "demo_out", quick: bool = False, stages: list[str
         print(f"\n== demo stage: {name}", flush=True)
         stage_started = time.perf_counter()
         try:
-            results[name] = STAGES[name](stage_dir, quick)
+            results[name] = STAGES[name](stage_dir, quick, resolved)
         except Exception as error:  # a failed stage is reported; the others still run
             traceback.print_exc()
             failed.append(name)

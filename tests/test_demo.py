@@ -3,7 +3,20 @@
 import json
 import os
 
+import pytest
+import torch
+
+from mkfast.cli import REPO_ROOT
 from mkfast.cli import main as mkfast_main
+from mkfast.demo import demo_device
+from mkfast.mks2.demo import FULL as MKS2_FULL
+from mkfast.mks2.demo import GPU_FULL as MKS2_GPU_FULL
+from mkfast.mks2.demo import QUICK as MKS2_QUICK
+from mkfast.mks2.demo import demo_settings
+from mkfast.racm3.demo import FULL as RACM3_FULL
+from mkfast.racm3.demo import GPU_FULL as RACM3_GPU_FULL
+from mkfast.racm3.demo import QUICK as RACM3_QUICK
+from mkfast.racm3.demo import demo_sizes
 
 # The budget for the quick demo on 2 CPU cores; CI gets a margin for a loaded machine.
 QUICK_BUDGET_SECONDS = 180
@@ -16,8 +29,15 @@ def test_quick_demo_runs_every_stage_and_writes_its_outputs(tmp_path, capsys):
     results = json.loads((output_dir / "results.json").read_text())
     for stage in ("environment", "racm3", "racm3_inference", "mks2", "kernels"):
         assert "error" not in results[stage], (stage, results[stage])
+    device = demo_device("auto")
+    assert results["device"] == results["racm3"]["device"] == results["mks2"]["device"] == str(device)
+    if device.type == "cuda":  # the GPU mode runs the fused kernels
+        assert results["racm3"]["attention_implementation"] == "mkfast"
+        assert results["racm3_inference"]["attention_implementation"] == "mkfast"
+        assert results["mks2"]["mome_ffn_backend"] == "triton"
+    benchmarks = f"benchmarks/{_device_tag()}"
     for name in ("racm3/loss_comparison.png", "racm3_inference/text_to_image_grid.png", "mks2/loss.png",
-                 "benchmarks/cpu/topk_dedup.json", "benchmarks/cpu/e2e_racm3.png", "index.html"):
+                 f"{benchmarks}/topk_dedup.json", f"{benchmarks}/e2e_racm3.png", "index.html"):
         assert os.path.exists(output_dir / name), name
     index = (output_dir / "index.html").read_text()
     assert "racm3_inference/text_to_image_grid.png" in index
@@ -26,3 +46,39 @@ def test_quick_demo_runs_every_stage_and_writes_its_outputs(tmp_path, capsys):
                 "benchmark speedup over the baseline (geomean), topk_dedup vs torch · mkfast"):
         assert row in printed, row
     assert results["seconds"] < QUICK_BUDGET_SECONDS
+
+
+def _device_tag() -> str:
+    import sys
+
+    sys.path.insert(0, REPO_ROOT)
+    from benchmarks.common import device_tag
+
+    return device_tag()
+
+
+def test_full_settings_grow_on_a_gpu_and_quick_ones_do_not():
+    assert demo_sizes(quick=True, device="cuda") is RACM3_QUICK
+    assert demo_sizes(quick=False, device="cpu") is RACM3_FULL
+    gpu = demo_sizes(quick=False, device="cuda")
+    assert gpu is RACM3_GPU_FULL
+    assert gpu.generator_steps > RACM3_FULL.generator_steps and gpu.batch_size > RACM3_FULL.batch_size
+    assert gpu.generator.hidden_size > RACM3_FULL.generator.hidden_size
+    assert demo_settings(quick=True, device="cuda") is MKS2_QUICK
+    assert demo_settings(quick=False, device="cpu") is MKS2_FULL
+    assert len(demo_settings(quick=False, device="cuda")["repeat_seeds"]) > len(MKS2_FULL["repeat_seeds"])
+    assert demo_settings(quick=False, device="cuda") is MKS2_GPU_FULL
+
+
+def test_demo_device_auto_picks_the_gpu_only_where_there_is_one():
+    assert demo_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert demo_device("cpu").type == "cpu"
+    with pytest.raises(ValueError, match="device must be one of"):
+        demo_device("tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_demo_asked_for_cuda_without_one_exits_with_a_clear_message(tmp_path):
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        mkfast_main(["demo", "--quick", "--device", "cuda", "--output-dir", str(tmp_path)])
+    assert not os.path.exists(tmp_path / "results.json")

@@ -39,6 +39,21 @@ def test_shapes_and_decode_of_encode_equals_forward_reconstruction():
     assert torch.equal(model.encode(images), codes)
 
 
+@pytest.mark.cuda
+def test_a_gpu_tokenizer_takes_and_returns_tensors_on_the_callers_device():
+    torch.manual_seed(0)
+    model = VQGAN(SMALL).eval()
+    images = torch.rand(3, 3, 16, 16)
+    cpu_codes = model.encode(images)
+    model = model.cuda()
+    codes = model.encode(images)
+    assert codes.device.type == "cpu"
+    # Codes are an argmin: a distance tie broken differently on the GPU may flip one.
+    assert (codes == cpu_codes).float().mean() > 0.95
+    assert model.decode(codes).device.type == "cpu" and model.decode(codes.cuda()).device.type == "cuda"
+    train_image_tokenizer(model.train(), images, VQTrainingConfig(steps=2, batch_size=2))  # CPU images, GPU model
+
+
 def _taming_keys_for_small_config() -> set[str]:
     """Key names a taming-transformers VQModel with SMALL's ddconfig has (written out from taming's modules)."""
     return {

@@ -234,19 +234,20 @@ class VQGAN(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, R, R) in [0, 1] -> codes (B, R/f, R/f) int64."""
+        """images (B, 3, R, R) in [0, 1] -> codes (B, R/f, R/f) int64, on the images' device."""
         was_training = self.training
         self.eval()  # no EMA codebook update while tokenizing
-        _, codes, _ = self.quantize(self.quant_conv(self.encoder(images * 2.0 - 1.0)))
+        model_images = images.to(next(self.parameters()).device)
+        _, codes, _ = self.quantize(self.quant_conv(self.encoder(model_images * 2.0 - 1.0)))
         self.train(was_training)
-        return codes.long()
+        return codes.long().to(images.device)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, r, r) int64 -> images (B, 3, R, R), clamped to [0, 1]."""
+        """codes (B, r, r) int64 -> images (B, 3, R, R), clamped to [0, 1], on the codes' device."""
         # With accept_image_fmap the quantizer hands back channels first: (B, D, r, r).
-        quantized = self.quantize.get_output_from_indices(codes)
-        return self._decode_latents(quantized).clamp(0.0, 1.0)
+        quantized = self.quantize.get_output_from_indices(codes.to(next(self.parameters()).device))
+        return self._decode_latents(quantized).clamp(0.0, 1.0).to(codes.device)
 
 
 def taming_to_mkfast_state_dict(taming_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -305,10 +306,12 @@ def train_image_tokenizer(model: VQGAN, images: torch.Tensor, config: VQTraining
 
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, betas=(0.5, 0.9))
+    device = next(model.parameters()).device
     model.train()
     losses = []
     for _ in tqdm(range(config.steps), desc="vq tokenizer", disable=not progress):
-        batch = images[torch.randint(0, images.shape[0], (config.batch_size,), generator=generator)]
+        # Indices drawn on the CPU: the same batches whichever device trains.
+        batch = images[torch.randint(0, images.shape[0], (config.batch_size,), generator=generator)].to(device)
         reconstruction, _, commitment_loss = model(batch)
         loss = F.l1_loss(reconstruction, batch) + F.mse_loss(reconstruction, batch) + commitment_loss.sum()
         optimizer.zero_grad(set_to_none=True)

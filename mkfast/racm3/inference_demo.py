@@ -91,8 +91,9 @@ def replay_demo_components(quick: bool, seed: int):
     return {"vq": tokenizer.state_dict(), "clip": encoder.clip.state_dict(), "vocabulary": vocabulary.to_json()}
 
 
-def load_demo_run(racm3_output_dir: str, cache_dir: str | None = None) -> dict:
-    """Generators ("retrieval", "no_retrieval"), tokenizer, encoder, vocabulary and the digits splits."""
+def load_demo_run(racm3_output_dir: str, cache_dir: str | None = None, device: torch.device | str = "cpu") -> dict:
+    """Generators ("retrieval", "no_retrieval"), tokenizer, encoder, vocabulary and the digits splits,
+    the models on ``device``."""
     from mkfast.data.digits import load_digits_pairs
     from mkfast.racm3.demo import DEMO_VQ, IMAGE_SIZE
     from mkfast.racm3.encoder import MixedModalEncoder, SmallCLIPConfig, build_small_clip
@@ -127,14 +128,16 @@ def load_demo_run(racm3_output_dir: str, cache_dir: str | None = None) -> dict:
     tokenizer.load_state_dict(components["vq"])
     encoder = MixedModalEncoder(build_small_clip(SmallCLIPConfig(image_size=IMAGE_SIZE)))
     encoder.clip.load_state_dict(components["clip"])
+    tokenizer, encoder = tokenizer.to(device), encoder.to(device)
     vocabulary = CM3Vocabulary.from_json(components["vocabulary"])
     if len(vocabulary) != summary["vocabulary_size"]:
         raise ValueError(f"load_demo_run: rebuilt vocabulary has {len(vocabulary)} ids, the demo's had "
                          f"{summary['vocabulary_size']}")
+    # Runs that predate the recorded config used the defaults at the demo's sequence length.
+    generator_config = GeneratorConfig(**summary.get("generator", {"max_sequence_length": TRAINED_SEQUENCE_LENGTH}))
     generators = {}
     for name, state in checkpoints.items():
-        model = build_generator(len(vocabulary), GeneratorConfig(max_sequence_length=TRAINED_SEQUENCE_LENGTH),
-                                pad_token_id=vocabulary.pad_id)
+        model = build_generator(len(vocabulary), generator_config, pad_token_id=vocabulary.pad_id, device=device)
         model.load_state_dict(state["model"])
         generators[name] = model.eval()
     train, held_out = load_digits_pairs(image_size=IMAGE_SIZE, seed=seed)
@@ -246,8 +249,8 @@ def save_grid(results: list, corpus, path: str, k: int) -> None:
 
 
 def run_inference_demo(racm3_output_dir: str, output_dir: str, quick: bool = False,
-                       sizes: InferenceSizes | None = None) -> dict:
-    """Evaluate the RA-CM3 demo's models; writes inference_results.json and text_to_image_grid.png.
+                       sizes: InferenceSizes | None = None, device: torch.device | str = "cpu") -> dict:
+    """Evaluate the RA-CM3 demo's models on ``device``; writes inference_results.json and text_to_image_grid.png.
 
     sizes: overrides QUICK / FULL (tests use a tiny one).
     """
@@ -255,26 +258,29 @@ def run_inference_demo(racm3_output_dir: str, output_dir: str, quick: bool = Fal
     # Tiny models: one thread is as fast, and a busy 2-core machine made 2 threads 57x slower (measured).
     torch.set_num_threads(1)
     try:
-        return _run_inference_demo(racm3_output_dir, output_dir, quick, sizes)
+        return _run_inference_demo(racm3_output_dir, output_dir, quick, sizes, torch.device(device))
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_inference_demo(racm3_output_dir: str, output_dir: str, quick: bool, sizes: InferenceSizes | None) -> dict:
+def _run_inference_demo(racm3_output_dir: str, output_dir: str, quick: bool, sizes: InferenceSizes | None,
+                        device: torch.device) -> dict:
     from mkfast.racm3.retrieval import RetrievalCorpus, SequenceOptions
 
     started = time.perf_counter()
     sizes = sizes or (QUICK if quick else FULL)
     os.makedirs(output_dir, exist_ok=True)
-    run = load_demo_run(racm3_output_dir, cache_dir=output_dir)
+    run = load_demo_run(racm3_output_dir, cache_dir=output_dir, device=device)
     train, held_out = run["train"], run["held_out"]
     corpus = RetrievalCorpus(run["vocabulary"], run["encoder"], train.captions, train.images,
-                             run["tokenizer"].encode(train.images))
+                             run["tokenizer"].encode(train.images), memory_device=device)
     loading_s = time.perf_counter() - started
-    summary = {"quick": quick, "device": str(next(run["generators"]["retrieval"].parameters()).device), "replayed_components": run["replayed_components"],
+    summary = {"quick": quick, "device": str(device), "replayed_components": run["replayed_components"],
+               "attention_implementation": run["generators"]["retrieval"].config._attn_implementation,
                "fid_extractor": CLIPImageFeatures(run["encoder"]).name}
     if run["replayed_components"]:
-        summary["replay_check"] = check_replay(run, corpus, SequenceOptions(max_sequence_length=TRAINED_SEQUENCE_LENGTH))
+        summary["replay_check"] = check_replay(
+            run, corpus, SequenceOptions(max_sequence_length=run["generators"]["retrieval"].config.max_position_embeddings))
     all_captions = sorted(set(train.captions))
     captions = held_out.captions[:sizes.captions]
     images, image_captions = held_out.images[:sizes.images], held_out.captions[:sizes.images]

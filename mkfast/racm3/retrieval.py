@@ -76,17 +76,20 @@ class RetrievalCorpus:
 
     texts: N strings; images: (N, 3, H, W) in [0, 1] (for image queries);
     codes: (N, r, r) VQ codes; memory_embeddings: (N, d) unit-norm document embeddings.
+    memory_device: where the memory rows live and the top-k search runs (a GPU runs mkfast's
+    top-k kernel there); the CPU by default, since a web-scale memory outgrows a GPU.
     """
 
     def __init__(self, vocabulary: CM3Vocabulary, encoder: MixedModalEncoder | None, texts: list[str],
-                 images: torch.Tensor, codes: torch.Tensor, memory_embeddings: torch.Tensor | None = None):
+                 images: torch.Tensor, codes: torch.Tensor, memory_embeddings: torch.Tensor | None = None,
+                 memory_device: torch.device | str = "cpu"):
         self.vocabulary, self.encoder = vocabulary, encoder
         self.texts, self.images, self.codes = texts, images, codes
         if memory_embeddings is None and encoder is not None:
             memory_embeddings = encoder.encode_documents(texts, images)
         self.memory_embeddings = memory_embeddings
         # Document id i = training example i, so excluding an example is excluding its id.
-        self.memory = None if memory_embeddings is None else Memory(memory_embeddings.float().cpu())
+        self.memory = None if memory_embeddings is None else Memory(memory_embeddings.float().to(memory_device))
         self.documents = [format_document(vocabulary, text, code) for text, code in zip(texts, codes)]
 
     def __len__(self) -> int:
