@@ -190,6 +190,21 @@ def test_document_ids_with_a_kv_cache_are_refused():
         attention(q, k, v, document_ids=torch.zeros(1, 4, dtype=torch.int32))
 
 
+def test_under_autocast_mixed_inputs_run_in_its_dtype_like_sdpa():
+    from mkfast.ops.attention import decode_attention
+
+    q, k, v, _ = make_inputs(2, 4, 2, 11, 16, torch.float32, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v.bfloat16())  # a Llama under autocast hands over fp32 q, k and bf16 v
+        lengths = torch.full((2,), 11, dtype=torch.int32)
+        decoded = decode_attention(q[:, :, -1:], k.bfloat16(), v, lengths)
+    assert out.dtype == decoded.dtype == torch.bfloat16
+    assert_close(out, attention(q.bfloat16(), k.bfloat16(), v.bfloat16()), dtype=torch.bfloat16)
+    assert_close(decoded, out[:, :, -1:], dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="v must be float32"):  # outside autocast a mix is still refused
+        attention(q, k, v.bfloat16())
+
+
 def test_triton_refuses_more_batch_heads_than_one_grid_axis_holds():
     q = torch.zeros(1, 65_536, 1, 16)
     with mkfast.use_backend("triton"), pytest.raises(ValueError, match="split the batch"):

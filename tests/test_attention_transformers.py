@@ -130,3 +130,26 @@ def test_cuda_logits_generation_and_training_step_match_sdpa():
     assert_close(ours_loss, sdpa_loss, dtype=torch.bfloat16)
     assert_close(ours.model.layers[0].self_attn.q_proj.weight.grad, sdpa.model.layers[0].self_attn.q_proj.weight.grad,
                  dtype=torch.bfloat16, scale=5.0)  # bf16 gradients through two layers
+
+
+def test_under_autocast_a_llama_trains_through_the_op_in_the_autocast_dtype(models, monkeypatch):
+    """bf16 projections meet fp32 RoPE tables: q, k arrive fp32 and v bf16; the op casts all
+    three to the autocast dtype as SDPA does (before, use_cache=False raised on the mix)."""
+    ours, eager = models
+    input_ids = torch.randint(0, 97, (2, 37))
+    seen = []
+
+    def recording(q, k, v, **kwargs):
+        out = mkfast.ops.attention(q, k, v, **kwargs)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(attention_layer, "attention", recording)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours_loss = ours(input_ids, labels=input_ids, use_cache=False).loss
+        eager_loss = eager(input_ids, labels=input_ids, use_cache=False).loss
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert_close(ours_loss, eager_loss.detach(), dtype=torch.bfloat16)
+    ours_loss.backward()
+    assert ours.model.layers[0].self_attn.q_proj.weight.grad is not None
+    ours.zero_grad(set_to_none=True)

@@ -4,7 +4,11 @@ import json
 import math
 import os
 
+import pytest
+
 from mkfast.racm3.demo import run_demo
+from mkfast.racm3.inference_demo import check_replay, load_demo_run
+from mkfast.racm3.retrieval import RetrievalCorpus, SequenceOptions
 
 
 def test_quick_demo_reports_held_out_losses_of_both_runs(tmp_path):
@@ -25,3 +29,19 @@ def test_quick_demo_reports_held_out_losses_of_both_runs(tmp_path):
     assert sum(record["retrieved_tokens"] for record in retrieval_records) > 0
     assert sum(record["retrieved_tokens"] for record in plain_records) == 0
     assert len(retrieval_records) == len(plain_records) == summary["generator_steps"]
+
+    # A run dir without components.pt (older runs) gets them back by replaying the demo's stages.
+    os.remove(tmp_path / "components.pt")
+    run = load_demo_run(str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    assert run["replayed_components"]
+    train = run["train"]
+    corpus = RetrievalCorpus(run["vocabulary"], run["encoder"], train.captions, train.images,
+                             run["tokenizer"].encode(train.images))
+    check = check_replay(run, corpus, SequenceOptions(max_sequence_length=256))
+    assert check["matches"], check
+    # A GPU run is not replayed on the CPU.
+    os.remove(tmp_path / "components.pt")
+    results = json.loads((tmp_path / "results.json").read_text())
+    (tmp_path / "results.json").write_text(json.dumps({**results, "device": "cuda"}))
+    with pytest.raises(FileNotFoundError, match="cannot be replayed"):
+        load_demo_run(str(tmp_path))

@@ -258,6 +258,18 @@ def _validate(q, k, v, causal, document_ids, scale) -> None:
         raise TypeError(f"{OP}: scale must be a float or None, got {type(scale).__name__}")
 
 
+
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast, the tensors in its dtype: SDPA is an autocast lower-precision op, and a
+    Llama's attention inputs come out mixed there (bf16 projections, then fp32 RoPE tables
+    promote q and k back to fp32 while v stays bf16)."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(tensor.to(dtype) for tensor in tensors)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -281,8 +293,10 @@ def attention(
         scale: softmax scale, default 1/sqrt(D).
 
     Returns:
-        (B, Hq, S_q, D) in q's dtype.
+        (B, Hq, S_q, D) in q's dtype; under autocast, q, k and v are first cast to its
+        dtype, as SDPA's inputs are.
     """
+    q, k, v = autocast_inputs(q, k, v)
     _validate(q, k, v, causal, document_ids, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if q.shape[0] == 0 or q.shape[2] == 0:
@@ -397,6 +411,7 @@ def decode_attention(
     Returns:
         (B, Hq, T, D) in q's dtype; new token t attends to positions <= len - T + t.
     """
+    q, k_cache, v_cache = autocast_inputs(q, k_cache, v_cache)
     _validate_decode(q, k_cache, v_cache, cache_seqlens, check_lengths)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if q.shape[0] == 0 or q.shape[2] == 0:

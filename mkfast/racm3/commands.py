@@ -149,7 +149,8 @@ def train_racm3(config: RunConfig) -> list[dict]:
             json.dump(asdict(config), handle, indent=2)
     if world_size > 1:
         torch.distributed.barrier()
-    tokenizer, encoder, vocabulary = restore_components(config, torch.load(components_path, weights_only=False))
+    components = torch.load(components_path, map_location="cpu", weights_only=False)
+    tokenizer, encoder, vocabulary = restore_components(config, components)
     corpus = RetrievalCorpus(vocabulary, encoder, train.captions, train.images, tokenizer.encode(train.images))
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(config.training.seed)

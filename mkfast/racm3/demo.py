@@ -84,6 +84,11 @@ def demo_sizes(quick: bool, device: torch.device | str) -> DemoSizes:
     return GPU_FULL if torch.device(device).type == "cuda" else FULL
 
 
+def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A state dict any machine loads: a GPU run's components also open on a CPU-only one."""
+    return {name: tensor.cpu() for name, tensor in module.state_dict().items()}
+
+
 @torch.no_grad()
 def evaluate_main_loss(model, corpus: RetrievalCorpus, texts: list[str], images: torch.Tensor, codes: torch.Tensor,
                        query_part: str, retrieved_count: int, options: SequenceOptions) -> dict[str, float]:
@@ -97,7 +102,8 @@ def evaluate_main_loss(model, corpus: RetrievalCorpus, texts: list[str], images:
         stop = start + EVALUATION_CHUNK
         batch = corpus.evaluation_batch(texts[start:stop], images[start:stop], codes[start:stop], query_part,
                                         retrieved_count, options, generator).to(device)
-        logits = model(input_ids=batch.input_ids).logits  # right padding: causal mask suffices (see trainer)
+        # Right padding: the causal mask suffices (see trainer); no KV cache is built for one pass.
+        logits = model(input_ids=batch.input_ids, use_cache=False).logits
         losses = token_losses(logits, batch.labels)
         main = (batch.labels != IGNORE) & (batch.target_roles == ROLE_MAIN)
         for name, part in (("image", PART_IMAGE), ("text", PART_TEXT)):
@@ -132,7 +138,7 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, progress: bool
 
     vocabulary = CM3Vocabulary.from_corpus(train.captions, DEMO_VQ.codebook_size, DEMO_TEXT_VOCABULARY)
     # The same components file `mkfast train racm3` writes, so inference loads a demo run like a command run.
-    torch.save({"vq": tokenizer.state_dict(), "clip": encoder.clip.state_dict(), "vocabulary": vocabulary.to_json()},
+    torch.save({"vq": cpu_state(tokenizer), "clip": cpu_state(encoder.clip), "vocabulary": vocabulary.to_json()},
                os.path.join(output_dir, COMPONENTS_FILE))
     corpus = RetrievalCorpus(vocabulary, encoder, train.captions, train.images, train_codes, memory_device=device)
     held = slice(0, sizes.held_out_documents)

@@ -123,7 +123,7 @@ class MixedModalEncoder(nn.Module):
     def _autocast(self):
         device_type = self.pixel_mean.device.type
         enabled = device_type == "cuda"
-        dtype = torch.bfloat16 if enabled and torch.cuda.is_bf16_supported() else torch.float16
+        dtype = torch.bfloat16 if enabled and torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return torch.autocast(device_type=device_type, dtype=dtype, enabled=enabled)
 
     @torch.no_grad()

@@ -67,9 +67,7 @@ def _latest_checkpoint(directory: str) -> str:
 def replay_demo_components(quick: bool, seed: int):
     """The demo's tokenizer, CLIP and vocabulary, rebuilt with its seed and sizes (see the module docstring)."""
     from mkfast.data.digits import load_digits_pairs
-    from mkfast.racm3.demo import DEMO_TEXT_VOCABULARY, DEMO_VQ, IMAGE_SIZE
-    from mkfast.racm3.demo import FULL as DEMO_FULL
-    from mkfast.racm3.demo import QUICK as DEMO_QUICK
+    from mkfast.racm3.demo import DEMO_TEXT_VOCABULARY, DEMO_VQ, IMAGE_SIZE, demo_sizes
     from mkfast.racm3.encoder import (
         CLIPTrainingConfig,
         MixedModalEncoder,
@@ -80,11 +78,12 @@ def replay_demo_components(quick: bool, seed: int):
     from mkfast.racm3.image_tokenizer import VQGAN, VQTrainingConfig, train_image_tokenizer
     from mkfast.racm3.vocabulary import CM3Vocabulary
 
-    sizes = DEMO_QUICK if quick else DEMO_FULL
+    sizes = demo_sizes(quick, "cpu")  # only CPU runs replay (see load_demo_run)
     torch.manual_seed(seed)  # same order of random draws as run_demo
     train, _ = load_digits_pairs(image_size=IMAGE_SIZE, seed=seed)
     tokenizer = VQGAN(DEMO_VQ)
-    train_image_tokenizer(tokenizer, train.images, VQTrainingConfig(steps=sizes.vq_steps, seed=seed))
+    train_image_tokenizer(tokenizer, train.images,
+                          VQTrainingConfig(steps=sizes.vq_steps, batch_size=sizes.vq_batch_size, seed=seed))
     encoder = MixedModalEncoder(build_small_clip(SmallCLIPConfig(image_size=IMAGE_SIZE)))
     train_clip(encoder, train.images, train.captions, CLIPTrainingConfig(steps=sizes.clip_steps, seed=seed))
     vocabulary = CM3Vocabulary.from_corpus(train.captions, DEMO_VQ.codebook_size, DEMO_TEXT_VOCABULARY)
@@ -111,6 +110,9 @@ def load_demo_run(racm3_output_dir: str, cache_dir: str | None = None, device: t
         candidates.append(os.path.join(cache_dir, COMPONENTS_FILE))
     found = next((path for path in candidates if os.path.exists(path)), None)
     replayed = found is None
+    if replayed and summary.get("device", "cpu") != "cpu":
+        raise FileNotFoundError(f"load_demo_run: {racm3_output_dir} has no {COMPONENTS_FILE}, and a run trained on "
+                                f"{summary['device']} cannot be replayed bit for bit on the CPU")
     if replayed:
         components = replay_demo_components(summary["quick"], seed)
         # Next time: found in the run dir itself (the layout `mkfast train racm3` writes), else in cache_dir.

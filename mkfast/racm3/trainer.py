@@ -141,7 +141,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def _autocast(self):
-        enabled = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        # Native bf16 only (sm80+): emulated bf16 would reach Triton kernels that lack it.
+        enabled = self.device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def train_step(self) -> dict:
@@ -159,7 +160,7 @@ class Trainer:
             # No attention_mask: batches are right-padded, so under the causal mask no real token
             # sees a pad, and pads carry no loss. Without a mask the plain-causal path (the mkfast
             # kernel where registered) runs instead of a 4-D masked SDPA.
-            logits = self.model(input_ids=batch.input_ids).logits
+            logits = self.model(input_ids=batch.input_ids, use_cache=False).logits
         loss, record = retrieval_augmented_loss(logits, batch, config.alpha)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
