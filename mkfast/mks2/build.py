@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from mkfast.mks2.model import MKS2Model
-from mkfast.mks2.patching import add_visual_memory
+from mkfast.mks2.patching import add_visual_memory, seeded
 from mkfast.mks2.vision import load_blip2_vision_adapter, small_vision_adapter
 
 
@@ -70,8 +70,7 @@ def build_mks2(language_model, vision_path: str | None = None, image_size: int =
     else:
         vision = small_vision_adapter(hidden_size, image_size=image_size, seed=seed)
     # The new modules' initialisation depends on ``seed`` only, not on what ran before.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         add_visual_memory(language_model, ratio=visual_memory_ratio)
         model = MKS2Model(language_model, vision.to(language_model.device))
     model.stage1_trainable()

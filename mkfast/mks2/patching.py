@@ -21,6 +21,8 @@ model change while patched (``layers.0.mlp.mlp.gate_proj``): save adapters with
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -47,6 +49,16 @@ class VisualMemoryFeedForward(nn.Module):
         memory_output = self.visual_memory(hidden_states)
         fused = hidden_states + memory_output
         return memory_output + self.mlp(self.post_attention_layernorm(fused))
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """New modules initialise from ``seed`` alone; every generator ``torch.manual_seed`` reseeds
+    (the CPU's and each GPU's) is restored afterwards."""
+    gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=gpus):
+        torch.manual_seed(seed)
+        yield
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

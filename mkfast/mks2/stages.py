@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from mkfast.mks2.model import MKS2Model
-from mkfast.mks2.patching import MOMES, enable_momes, patch_state
+from mkfast.mks2.patching import MOMES, enable_momes, patch_state, seeded
 from mkfast.mks2.samples import caption_sample, instruction_sample
 from mkfast.mks2.vision import ImageFeatures
 
@@ -77,8 +77,7 @@ def stage2_loss_fn(model: MKS2Model, tokenizer, data: InstructionData, batch_siz
 def prepare_stage2(model: MKS2Model, rank: int = 8, alpha: float = 16, seed: int = 0) -> MKS2Model:
     """Enable MoMEs (if not already; LoRA A initialised from ``seed``) and leave only LoRA + router trainable."""
     if patch_state(model.language_model) != MOMES:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             enable_momes(model.language_model, rank=rank, alpha=alpha)
     model.freeze_outside_language_model()
     return model
