@@ -16,11 +16,20 @@ def rank_and_world_size() -> tuple[int, int]:
 
 
 def init_from_environment(use_cuda: bool) -> tuple[int, int]:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); returns (rank, world_size)."""
+    """Join the process group torchrun describes (WORLD_SIZE > 1); returns (rank, world_size).
+
+    use_cuda: NCCL with one GPU per process (LOCAL_RANK's); otherwise gloo on the CPU.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
         if use_cuda:
+            local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            if torch.cuda.device_count() < local_processes:
+                # NCCL refuses two ranks on one GPU; say so before it fails inside a collective.
+                raise RuntimeError(f"{local_processes} processes per node but {torch.cuda.device_count()} visible "
+                                   "GPU(s): start one process per GPU, or hide the GPUs (CUDA_VISIBLE_DEVICES=) "
+                                   "to train on the CPU with gloo")
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
     return rank_and_world_size()
 
 

@@ -173,3 +173,27 @@ def test_two_process_gloo_stage2_keeps_ranks_identical_and_fsdp2_matches(tmp_pat
     assert sharded["trainable"].keys() == replicated.keys()
     for name, tensor in replicated.items():
         torch.testing.assert_close(sharded["trainable"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_more_ranks_per_node_than_gpus_is_refused_before_nccl_starts(monkeypatch):
+    from mkfast.distributed import init_from_environment
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RuntimeError, match="2 processes per node but 1 visible GPU"):
+        init_from_environment(use_cuda=True)
+    assert not torch.distributed.is_initialized()
+
+
+def test_stage1_trains_its_fp32_head_over_a_bf16_language_model():
+    """A real Llama runs in bf16 on a GPU; the stage-1 head and its loss stay fp32."""
+    tokenizer = word_level_tokenizer(demo_vocabulary())
+    config = SmallLlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1)
+    model = build_mks2(small_llama(config, tokenizer).to(torch.bfloat16), image_size=IMAGE_SIZE)
+    loss_fn = stage1_loss_fn(model, tokenizer, CaptionData(torch.rand(4, 3, IMAGE_SIZE, IMAGE_SIZE), CAPTIONS), 4)
+    losses = loss_fn(torch.Generator().manual_seed(0))
+    losses["loss"].backward()
+    assert torch.isfinite(losses["text_to_image"])
+    assert model.text_to_image_head.weight.grad is not None and model.text_to_image_head.weight.dtype == torch.float32

@@ -108,7 +108,8 @@ def _run_command(arguments, output_dir, nproc=1):
     config_path = output_dir / "run.json"
     output_dir.mkdir(parents=True, exist_ok=True)
     config_path.write_text(json.dumps(config))
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # CPU and gloo on every machine: a GPU machine with one GPU cannot hold two NCCL ranks.
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     # Own session, so that a hung run is killed with all its workers (no orphans left holding a port).
     process = subprocess.Popen(launcher + ["--config", str(config_path), "--output-dir", str(output_dir),
                                            "--no-progress"] + arguments,

@@ -103,7 +103,8 @@ class MKS2Model(nn.Module):
         last_positions = attention_mask.sum(dim=1) - 1
         rows = torch.arange(len(caption_samples), device=attention_mask.device)
         last_hidden = output.hidden_states[-1][rows, last_positions]
-        return self.text_to_image_head(last_hidden)
+        # The head trains in its own dtype (fp32), whatever the frozen Llama runs in (bf16 on a GPU).
+        return self.text_to_image_head(last_hidden.to(self.text_to_image_head.weight.dtype))
 
     def stage1_losses(self, caption_samples: list[TokenSample], images: torch.Tensor) -> dict[str, torch.Tensor]:
         """L_stage1 = L_c + L_t2i (SPEC, MKS2 stage 1).
