@@ -9,7 +9,9 @@ extension is compiled against the torch already in the environment.
 
 import glob
 import os
+import re
 import shutil
+import subprocess
 
 from setuptools import find_packages, setup
 
@@ -46,14 +48,38 @@ CUDA_ARCH_FLAGS = [
 ]
 
 
+def _toolkit_mismatch():
+    """Why the toolkit cannot build for this torch (nvcc's major CUDA version differs), or None.
+
+    torch's build refuses a major-version mismatch outright; found here, it costs only the
+    CUDA kernels of an automatic build instead of the whole install.
+    """
+    try:
+        output = subprocess.run([os.path.join(CUDA_HOME, "bin", "nvcc"), "--version"], capture_output=True,
+                                text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"nvcc --version failed: {error}"
+    found = re.search(r"release (\d+)\.", output)
+    if found is None:
+        return "nvcc --version printed no release number"
+    if found.group(1) != torch.version.cuda.split(".")[0]:
+        return f"nvcc is CUDA {found.group(1)}, torch was built with CUDA {torch.version.cuda}"
+    return None
+
+
 def _build_cuda():
     flag = os.environ.get("MKFAST_BUILD_CUDA", "").strip()
-    can_build = torch.version.cuda is not None and CUDA_HOME is not None
+    if torch.version.cuda is None:
+        reason = "torch is a CPU-only build"
+    elif CUDA_HOME is None:
+        reason = "no CUDA toolkit (nvcc) was found"
+    else:
+        reason = _toolkit_mismatch()
+    can_build = reason is None
     if flag == "1" and not can_build:
-        raise RuntimeError(
-            "MKFAST_BUILD_CUDA=1 but "
-            + ("torch is a CPU-only build" if torch.version.cuda is None else "no CUDA toolkit (nvcc) was found")
-        )
+        raise RuntimeError(f"MKFAST_BUILD_CUDA=1 but {reason}")
+    if flag == "" and CUDA_HOME is not None and torch.version.cuda is not None and not can_build:
+        print(f"mkfast: building without the CUDA kernels: {reason}")
     if flag in ("0", "1"):
         return flag == "1"
     if flag:
@@ -94,6 +120,7 @@ EXTRAS = {
         "open_clip_torch",
         "scikit-learn",
         "vector-quantize-pytorch",
+        "matplotlib",  # the trainers' loss plots and the demo's figures
     ],
     "retrieval": ["faiss-cpu"],
 }

@@ -26,10 +26,12 @@ import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
-# Dense bf16 tensor-core peak and HBM bandwidth per device (vendor data sheets,
-# SXM parts): used only to report "fraction of peak" next to measured numbers.
+# Dense bf16 tensor-core peak and HBM bandwidth per device (vendor data sheets): used only
+# to report "fraction of peak" next to measured numbers. "h100" is the SXM part.
 DEVICE_PEAKS = {
     "h100": {"tflops_bf16": 989.0, "hbm_gbps": 3350.0},
+    "h100_pcie": {"tflops_bf16": 756.0, "hbm_gbps": 2000.0},
+    "h100_nvl": {"tflops_bf16": 835.0, "hbm_gbps": 3900.0},
     "h200": {"tflops_bf16": 989.0, "hbm_gbps": 4800.0},
 }
 
@@ -46,7 +48,9 @@ def device_tag(device: torch.device | str | None = None) -> str:
     name = torch.cuda.get_device_name(device).lower()
     for tag in ("h100", "h200", "a100", "l40s", "b200"):
         if tag in name:
-            return tag
+            # The PCIe and NVL H100s have other peaks than the SXM part: their own folder and row.
+            variant = next((f"_{kind}" for kind in ("pcie", "nvl") if tag == "h100" and kind in name), "")
+            return tag + variant
     return name.replace(" ", "_")
 
 
@@ -276,14 +280,10 @@ def render(json_path: str) -> None:
 
 def _plot(record: dict, baseline_ms: dict[str, float], png_path: str) -> None:
     """Speedup over the baseline per case, one line per provider."""
-    try:
-        import matplotlib
+    from mkfast.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    if not baseline_ms:
+    plt = pyplot()
+    if plt is None or not baseline_ms:
         return
     figure, axis = plt.subplots(figsize=(8, 4.5))
     providers = sorted({row["provider"] for row in record["measurements"]})

@@ -82,3 +82,14 @@ def test_demo_asked_for_cuda_without_one_exits_with_a_clear_message(tmp_path):
     with pytest.raises(SystemExit, match="no CUDA device"):
         mkfast_main(["demo", "--quick", "--device", "cuda", "--output-dir", str(tmp_path)])
     assert not os.path.exists(tmp_path / "results.json")
+
+
+def test_result_folders_and_peaks_tell_the_h100_parts_apart(monkeypatch):
+    _device_tag()  # puts the repository root on sys.path
+    from benchmarks.common import DEVICE_PEAKS, device_tag
+
+    for name, tag in (("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H100 PCIe", "h100_pcie"),
+                      ("NVIDIA H100 NVL", "h100_nvl"), ("NVIDIA H200", "h200")):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert device_tag("cuda") == tag and tag in DEVICE_PEAKS
+    assert device_tag("cpu") == "cpu"

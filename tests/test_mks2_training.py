@@ -197,3 +197,16 @@ def test_stage1_trains_its_fp32_head_over_a_bf16_language_model():
     losses["loss"].backward()
     assert torch.isfinite(losses["text_to_image"])
     assert model.text_to_image_head.weight.grad is not None and model.text_to_image_head.weight.dtype == torch.float32
+
+
+def test_without_matplotlib_a_run_warns_and_skips_its_loss_plot(tmp_path, monkeypatch):
+    import sys
+
+    from mkfast.mks2.trainer import plot_losses
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 0, "loss": 1.0}) + "\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.warns(UserWarning, match="matplotlib is not installed"):
+        plot_losses(str(metrics), str(tmp_path / "loss.png"))
+    assert not (tmp_path / "loss.png").exists()

@@ -281,10 +281,11 @@ def _run_demo(output_dir: str, quick: bool, seed: int, device: torch.device) -> 
 
 
 def _plot(rows: list[dict], path: str, device: torch.device) -> None:
-    import matplotlib
+    from mkfast.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     figure, axis = plt.subplots(figsize=(7, 4))
     for stage in dict.fromkeys(row["stage"] for row in rows):

@@ -55,10 +55,11 @@ class TrainerConfig:
 
 def plot_losses(metrics_path: str, plot_path: str, title: str = "") -> None:
     """One line per loss key of the JSONL metrics, against the step."""
-    import matplotlib
+    from mkfast.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     with open(metrics_path) as handle:
         rows = [json.loads(line) for line in handle if line.strip()]

@@ -226,10 +226,11 @@ def evaluate_k_shot(pipeline: RACM3Inference, run: dict, query_count: int, seed:
 
 def save_grid(results: list, corpus, path: str, k: int) -> None:
     """One row per caption: the retrieved documents' images, then the samples best-first with CLIP scores."""
-    import matplotlib
+    from mkfast.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     columns = k + max(len(result.images) for result in results)
     figure, axes = plt.subplots(len(results), columns, figsize=(1.3 * columns, 1.5 * len(results)), squeeze=False)

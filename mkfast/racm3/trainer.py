@@ -204,10 +204,11 @@ def read_metrics(path: str) -> list[dict]:
 
 def plot_losses(metrics_paths: str | dict[str, str], output_path: str) -> None:
     """Main and total loss per step from one or several metrics.jsonl files (label -> path) to a PNG."""
-    import matplotlib
+    from mkfast.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     if isinstance(metrics_paths, str):
         metrics_paths = {"": metrics_paths}
