@@ -3,3 +3,38 @@
 No autograd and no nn.Module here: a launcher checks nothing, allocates the
 outputs, picks the grid and launches. Input checks live in mkfast.ops.
 """
+
+
+def _patch_triton_interpreter_index() -> None:
+    """Let Triton < 3.7's interpreter use a scalar tensor as a loop bound under NumPy >= 2.4.
+
+    That interpreter holds a scalar as a shape-(1,) array and defines ``tensor.__index__``
+    as ``int(data)``, a TypeError since NumPy 2.4 ("only 0-dimensional arrays can be
+    converted to Python scalars"), so every kernel looping over runtime bounds fails under
+    TRITON_INTERPRET=1 (triton 3.6 is what torch 2.11 ships). Triton 3.7+ squeezes the
+    array first; this does the same for older ones, and only when the interpreter is on.
+    """
+    import os
+
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return
+    try:
+        import triton
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 7):
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)  # a private name: absent means nothing to fix
+    if original is None or getattr(original, "_mkfast_index_fix", False):
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    _patch_lang_tensor._mkfast_index_fix = True
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+
+
+_patch_triton_interpreter_index()

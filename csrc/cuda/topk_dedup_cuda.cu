@@ -206,6 +206,12 @@ at::Tensor top_keys(const at::Tensor& queries, const at::Tensor& memory, int64_t
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto key_options = queries.options().dtype(at::kLong);
   int64_t rows_per_chunk = std::max<int64_t>(kSortSize, kScoreBlockBytes / (4 * batch) / kSortSize * kSortSize);
+  if (queries.scalar_type() != memory.scalar_type()) {
+    // chunk_scores copies mixed-dtype chunks to fp32: bound that copy like the score block.
+    const int64_t dim = std::max<int64_t>(1, memory.size(1));
+    rows_per_chunk = std::min(rows_per_chunk,
+                              std::max<int64_t>(kSortSize, kScoreBlockBytes / (4 * dim) / kSortSize * kSortSize));
+  }
   at::Tensor running = at::zeros({batch, pool}, key_options);
   const int64_t exclude_width = exclude.defined() ? exclude.size(1) : 0;
   const int64_t* exclude_data = exclude.defined() ? exclude.data_ptr<int64_t>() : nullptr;
