@@ -7,17 +7,19 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 # torch first, pinned: the CUDA 13 build also compiles the CUDA sources where nvcc exists.
+# A machine whose Python already has its torch (a GPU image): TORCH_SPEC= VENV_FLAGS=--system-site-packages
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+VENV_FLAGS ?=
 INSTALLED := $(VENV)/.mkfast-installed
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 .PHONY: install demo test test-gpu bench env clean
 
 $(PYTHON):
-	python3 -m venv $(VENV)
+	python3 -m venv $(VENV_FLAGS) $(VENV)
 
 $(INSTALLED): $(SOURCES) | $(PYTHON)
-	$(PIP) install $(TORCH_SPEC)
+	$(if $(strip $(TORCH_SPEC)),$(PIP) install $(TORCH_SPEC))
 	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -e ".[all,dev]"
 	touch $(INSTALLED)
 
