@@ -64,6 +64,11 @@ def test_full_settings_grow_on_a_gpu_and_quick_ones_do_not():
     assert gpu is RACM3_GPU_FULL
     assert gpu.generator_steps > RACM3_FULL.generator_steps and gpu.batch_size > RACM3_FULL.batch_size
     assert gpu.generator.hidden_size > RACM3_FULL.generator.hidden_size
+    from mkfast.racm3.generator import build_generator
+
+    model = build_generator(400, gpu.generator)  # the GPU run's generator is a valid model
+    assert model(input_ids=torch.randint(0, 400, (1, 16)), use_cache=False).logits.shape == (1, 16, 400)
+    assert sum(parameter.numel() for parameter in model.parameters()) < 6e6  # "~5M" as documented
     assert demo_settings(quick=True, device="cuda") is MKS2_QUICK
     assert demo_settings(quick=False, device="cpu") is MKS2_FULL
     assert len(demo_settings(quick=False, device="cuda")["repeat_seeds"]) > len(MKS2_FULL["repeat_seeds"])
