@@ -121,7 +121,19 @@ def test_cuda_logits_generation_and_training_step_match_sdpa():
                      dtype=torch.float32, scale=10.0)  # fp32 Triton vs cuBLAS/SDPA summation order
         settings = {"max_new_tokens": 8, "do_sample": False, "attention_mask": torch.ones_like(input_ids),
                     "pad_token_id": 0}
-        assert torch.equal(ours.generate(input_ids, **settings), sdpa.generate(input_ids, **settings))
+        # Greedy tokens agree wherever SDPA's choice is not a near-tie (fp32 sums differ by ~1e-6).
+        generated = ours.generate(input_ids, **settings)
+        expected = sdpa.generate(input_ids, **settings)
+        logits = sdpa(expected, use_cache=False).logits[:, input_ids.shape[1] - 1:-1].float()
+        top2 = logits.topk(2, dim=-1).values
+        decisive = (top2[..., 0] - top2[..., 1]) > 1e-3
+        new_tokens = slice(input_ids.shape[1], None)
+        first_difference = (generated[:, new_tokens] != expected[:, new_tokens]).float().cumsum(dim=1) == 0
+        # Up to each row's first difference the sequences are equal; the difference itself must be a near-tie.
+        diverged_at = (~first_difference).float().argmax(dim=1)
+        for row in range(expected.shape[0]):
+            if not bool(first_difference[row].all()):
+                assert not bool(decisive[row, diverged_at[row]]), (row, int(diverged_at[row]))
     ours, sdpa = ours.to(torch.bfloat16), sdpa.to(torch.bfloat16)
     ours_loss = ours(input_ids, labels=input_ids, use_cache=False).loss
     sdpa_loss = sdpa(input_ids, labels=input_ids, use_cache=False).loss
