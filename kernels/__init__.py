@@ -14,9 +14,9 @@ def _patch_triton_interpreter_index() -> None:
     TRITON_INTERPRET=1 (triton 3.6 is what torch 2.11 ships). Triton 3.7+ squeezes the
     array first; this does the same for older ones, and only when the interpreter is on.
     """
-    import os
+    from mkfast.backend import triton_interpreter_enabled
 
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if not triton_interpreter_enabled():
         return
     try:
         import triton
