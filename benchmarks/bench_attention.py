@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import mkfast
-from benchmarks.common import Measurement, command_line, measure, peak_memory_mb, run_suite
+from benchmarks.common import Measurement, command_line, measure, peak_memory_mb, resolve_device, run_suite
 from mkfast.ops.attention import attention_allowed_mask, attention_reference, decode_attention_reference
 
 TOKENS_PER_BATCH = 16 * 1024  # the B*S
@@ -149,7 +149,7 @@ def decode_measurements(quick: bool, device: torch.device, repetitions: int) -> 
 
 
 def main(quick: bool = False, device: str | None = None, output_root: str | None = None) -> None:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     repetitions = 3 if quick else (5 if device.type == "cpu" else 20)
     measurements = []
     for batch, seq, head_dim, dtype in training_cases(quick, device):

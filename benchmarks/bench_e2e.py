@@ -28,7 +28,8 @@ import os
 import torch
 
 import mkfast
-from benchmarks.common import Measurement, command_line, cpu_threads, interleaved_timings, peak_memory_mb, run_suite
+from benchmarks.common import (Measurement, command_line, cpu_threads, interleaved_timings, peak_memory_mb,
+                               resolve_device, run_suite)
 
 # ~1B Llama-architecture generator (head dim 128, the attention target's), CM3 vocabulary
 # of 32k text tokens + 8192 image codes; RA-CM3 trains at 4096 tokens per sequence.
@@ -145,7 +146,7 @@ def mks2_measurements(shape: dict, device: torch.device, dtype: torch.dtype, war
 
 
 def main(quick: bool = False, device: str | None = None, output_root: str | None = None) -> None:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     with cpu_threads(device, CPU_THREADS):
         _run(quick, device, output_root)
 

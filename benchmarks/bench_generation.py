@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from benchmarks.common import Measurement, command_line, cpu_threads, measure, run_suite
+from benchmarks.common import Measurement, command_line, cpu_threads, measure, resolve_device, run_suite
 from mkfast.racm3.generator import GeneratorConfig, build_generator
 from mkfast.racm3.sampling import ImageCodeConstraint, SamplingOptions, generate
 from mkfast.racm3.vocabulary import IMAGE_CLOSE, IMAGE_OPEN, IMAGE_SOURCE, CM3Vocabulary
@@ -51,7 +51,7 @@ def sample_image(model, vocabulary, prompt, codes_per_image: int, use_cache: boo
 
 
 def main(quick: bool = False, device: str | None = None, output_root: str | None = None) -> None:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     with cpu_threads(device, 1):
         _run(quick, device, output_root)
 

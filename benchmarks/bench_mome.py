@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 import mkfast
-from benchmarks.common import Measurement, command_line, cpu_threads, interleaved_timings, peak_memory_mb, run_suite
+from benchmarks.common import (Measurement, command_line, cpu_threads, interleaved_timings, peak_memory_mb,
+                               resolve_device, run_suite)
 from mkfast.layers.mome import MoMEFFN
 from mkfast.layers.visual_memory import RMSNorm, VisualMemory
 from mkfast.ops.mome import FLOAT_NAMES, FROZEN_NAMES, TRAINABLE_NAMES, mome_ffn_reference
@@ -138,7 +139,7 @@ def saved_memory_report(tokens: int) -> dict[str, float]:
 
 
 def main(quick: bool = False, device: str | None = None, output_root: str | None = None) -> None:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     with cpu_threads(device, CPU_THREADS):
         _run(quick, device, output_root)
 

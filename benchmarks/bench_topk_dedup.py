@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import mkfast
-from benchmarks.common import Measurement, command_line, interleaved_timings, run_suite
+from benchmarks.common import Measurement, command_line, interleaved_timings, resolve_device, run_suite
 
 DIM = 768  # CLIP ViT-L/14 embeddings (SPEC.md, "Retriever")
 THRESHOLD = 0.9
@@ -110,7 +110,7 @@ def _providers(queries, memory, k, index, device):
 
 
 def main(quick: bool = False, device: str | None = None, output_root: str | None = None) -> None:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cases = QUICK_CASES if quick else (GPU_CASES if device.type == "cuda" else CPU_CASES)
     has_faiss = importlib.util.find_spec("faiss") is not None

@@ -40,9 +40,14 @@ RATE_LABELS = {"tflops": "TFLOP/s", "gbps": "GB/s", "tokens": "tokens/s"}
 PEAK_KEYS = {"tflops": "tflops_bf16", "gbps": "hbm_gbps"}
 
 
+def resolve_device(device: torch.device | str | None = None) -> torch.device:
+    """The device a suite runs on: the one asked for, else the GPU where there is one."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def device_tag(device: torch.device | str | None = None) -> str:
     """Folder name of a device: ``h100``, ``h200``, another GPU's short name, or ``cpu``."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     if device.type != "cuda":
         return "cpu"
     name = torch.cuda.get_device_name(device).lower()
