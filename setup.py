@@ -111,32 +111,12 @@ def _extension():
     )
 
 
-EXTRAS = {
-    "dev": ["pytest>=7", "pytest-benchmark", "hypothesis", "ruff", "matplotlib"],
-    "models": [
-        "transformers>=4.46",
-        "tokenizers",
-        "safetensors",
-        "open_clip_torch",
-        "scikit-learn",
-        "vector-quantize-pytorch",
-        "matplotlib",  # the trainers' loss plots and the demo's figures
-    ],
-    "retrieval": ["faiss-cpu"],
-}
-EXTRAS["all"] = sorted({requirement for group in EXTRAS.values() for requirement in group})
-
+# Metadata, dependencies and the entry point are in pyproject.toml. The package list stays
+# here: kernels/ is installed as mkfast.kernels, a mapping the declarative form cannot add
+# to a find_packages result.
 setup(
-    name="mkfast",
-    version="0.1.0",
-    description="Fused kernels and models for MKS2 and RA-CM3",
     packages=find_packages(include=["mkfast", "mkfast.*"]) + ["mkfast.kernels"],
     package_dir={"mkfast.kernels": "kernels"},
-    package_data={"mkfast.data": ["*.txt", "*.json", "*.jsonl"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.10",
-    install_requires=["torch", "numpy", "tqdm"],
-    extras_require=EXTRAS,
-    entry_points={"console_scripts": ["mkfast = mkfast.cli:main"]},
 )
