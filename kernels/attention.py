@@ -94,7 +94,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, rows, query_docs, k_base, v_base, doc_base
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         col_valid = cols < key_length
-        k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+        block_start = tl.cast(start_n, tl.int64)  # the block's offset in 64 bits, the rest within a block
+        k = tl.load(k_base + block_start * stride_ks + offs_n[None, :] * stride_ks
+                    + offs_d[:, None] * stride_kd,
                     mask=col_valid[None, :] & d_valid[:, None], other=0.0)
         scores = _dot(q, k, IS_FP32) * scale_log2
         if MASKED or HAS_DOCUMENTS:
@@ -111,7 +113,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, rows, query_docs, k_base, v_base, doc_base
         p = tl.exp2(scores - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+        v = tl.load(v_base + block_start * stride_vs + offs_n[:, None] * stride_vs
+                    + offs_d[None, :] * stride_vd,
                     mask=col_valid[:, None] & d_valid[None, :], other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IS_FP32)
         m_i = m_new
@@ -131,17 +134,20 @@ def _attn_fwd_kernel(
 ):
     query_block = tl.program_id(0)
     start_m = query_block * BLOCK_M
-    batch_head = tl.program_id(1)
+    # 64-bit from here: batch * stride (or a row * stride) passes 2^31 in a large tensor.
+    batch_head = tl.program_id(1).to(tl.int64)
     batch = batch_head // num_heads
     head = batch_head % num_heads
     kv_head = head // group
-    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = start_m + offs_m
     offs_d = tl.arange(0, BLOCK_D)
     row_valid = rows < query_length
     d_valid = offs_d < HEAD_DIM
     offset = key_length - query_length
 
-    q = tl.load(Q + batch * stride_qb + head * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + batch * stride_qb + head * stride_qh + start_m.to(tl.int64) * stride_qs
+                + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=row_valid[:, None] & d_valid[None, :], other=0.0)
     k_base = K + batch * stride_kb + kv_head * stride_kh
     v_base = V + batch * stride_vb + kv_head * stride_vh
@@ -178,7 +184,8 @@ def _attn_fwd_kernel(
     # Saved in natural log: lse = ln(sum_j exp(scale * q.k_j)).
     lse = (m_i + tl.log2(l_safe)) / 1.4426950408889634
     tl.store(Lse + batch_head * query_length + rows, lse, mask=row_valid)
-    tl.store(Out + batch * stride_ob + head * stride_oh + rows[:, None] * stride_os + offs_d[None, :] * stride_od,
+    tl.store(Out + batch * stride_ob + head * stride_oh + start_m.to(tl.int64) * stride_os
+             + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
              acc.to(Out.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
 
 
@@ -187,16 +194,18 @@ def _attn_bwd_delta_kernel(Out, GradOut, Delta, stride_ob, stride_oh, stride_os,
                            stride_gb, stride_gh, stride_gs, stride_gd, num_heads, query_length,
                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     """delta_i = sum_d dO_i * O_i (= sum_j P_ij dP_ij), the softmax-backward correction per row, fp32."""
-    batch_head = tl.program_id(1)
+    batch_head = tl.program_id(1).to(tl.int64)
     batch = batch_head // num_heads
     head = batch_head % num_heads
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = tl.program_id(0) * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = start_m + offs_m
     offs_d = tl.arange(0, BLOCK_D)
     mask = (rows < query_length)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    out = tl.load(Out + batch * stride_ob + head * stride_oh + rows[:, None] * stride_os + offs_d[None, :] * stride_od,
-                  mask=mask, other=0.0)
-    grad_out = tl.load(GradOut + batch * stride_gb + head * stride_gh + rows[:, None] * stride_gs
-                       + offs_d[None, :] * stride_gd, mask=mask, other=0.0)
+    out = tl.load(Out + batch * stride_ob + head * stride_oh + start_m.to(tl.int64) * stride_os
+                  + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od, mask=mask, other=0.0)
+    grad_out = tl.load(GradOut + batch * stride_gb + head * stride_gh + start_m.to(tl.int64) * stride_gs
+                       + offs_m[:, None] * stride_gs + offs_d[None, :] * stride_gd, mask=mask, other=0.0)
     delta = tl.sum(out.to(tl.float32) * grad_out.to(tl.float32), 1)
     tl.store(Delta + batch_head * query_length + rows, delta, mask=rows < query_length)
 
@@ -215,8 +224,12 @@ def _attn_bwd_dkdv_inner(grad_k, grad_v, k, v, cols, key_docs, q_base, g_base, l
         rows = start_m + offs_m
         row_valid = rows < query_length
         row_mask = row_valid[:, None] & d_valid[None, :]
-        q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=row_mask, other=0.0)
-        grad_out = tl.load(g_base + rows[:, None] * stride_gs + offs_d[None, :] * stride_gd, mask=row_mask, other=0.0)
+        block_start = tl.cast(start_m, tl.int64)
+        q = tl.load(q_base + block_start * stride_qs + offs_m[:, None] * stride_qs
+                    + offs_d[None, :] * stride_qd,
+                    mask=row_mask, other=0.0)
+        grad_out = tl.load(g_base + block_start * stride_gs + offs_m[:, None] * stride_gs
+                           + offs_d[None, :] * stride_gd, mask=row_mask, other=0.0)
         lse_log2 = tl.load(lse_base + rows, mask=row_valid, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_base + rows, mask=row_valid, other=0.0)
         scores = _dot(q, tl.trans(k), IS_FP32) * scale_log2  # (M, N)
@@ -249,19 +262,23 @@ def _attn_bwd_dkdv_kernel(
 ):
     key_block = tl.program_id(0)
     start_n = key_block * BLOCK_N
-    batch_head = tl.program_id(1)
+    batch_head = tl.program_id(1).to(tl.int64)
     batch = batch_head // num_kv_heads
     kv_head = batch_head % num_kv_heads
-    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N)
+    cols = start_n + offs_n
     offs_d = tl.arange(0, BLOCK_D)
     col_valid = cols < key_length
     d_valid = offs_d < HEAD_DIM
     offset = key_length - query_length
     kv_mask = col_valid[:, None] & d_valid[None, :]
-    k = tl.load(K + batch * stride_kb + kv_head * stride_kh + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + batch * stride_vb + kv_head * stride_vh + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                mask=kv_mask, other=0.0)
+    block_start = tl.cast(start_n, tl.int64)
+    k = tl.load(K + batch * stride_kb + kv_head * stride_kh + block_start * stride_ks
+                + offs_n[:, None] * stride_ks
+                + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(V + batch * stride_vb + kv_head * stride_vh + block_start * stride_vs
+                + offs_n[:, None] * stride_vs
+                + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
     doc_base = DocumentIds + batch * key_length
 
     # Query span [start_m, end_m): [start_m, unmasked_start) holds the diagonal,
@@ -305,7 +322,9 @@ def _attn_bwd_dkdv_kernel(
             scale_log2, True, CAUSAL, HAS_DOCUMENTS, IS_FP32, BLOCK_M, BLOCK_D, HEAD_DIM)
 
     # grad_k and grad_v are allocated together, contiguous: one set of strides.
-    out_offsets = batch * stride_dkb + kv_head * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :] * stride_dkd
+    out_offsets = (batch * stride_dkb + kv_head * stride_dkh + block_start * stride_dks
+                   + offs_n[:, None] * stride_dks
+                   + offs_d[None, :] * stride_dkd)
     tl.store(GradK + out_offsets, (grad_k * scale).to(GradK.dtype.element_ty), mask=kv_mask)
     tl.store(GradV + out_offsets, grad_v.to(GradV.dtype.element_ty), mask=kv_mask)
 
@@ -323,8 +342,13 @@ def _attn_bwd_dq_inner(grad_q, q, grad_out, lse_log2, delta, rows, query_docs, k
         cols = start_n + offs_n
         col_valid = cols < key_length
         kv_mask = col_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        block_start = tl.cast(start_n, tl.int64)
+        k = tl.load(k_base + block_start * stride_ks + offs_n[:, None] * stride_ks
+                    + offs_d[None, :] * stride_kd,
+                    mask=kv_mask, other=0.0)
+        v = tl.load(v_base + block_start * stride_vs + offs_n[:, None] * stride_vs
+                    + offs_d[None, :] * stride_vd,
+                    mask=kv_mask, other=0.0)
         scores = _dot(q, tl.trans(k), IS_FP32) * scale_log2
         p = tl.exp2(scores - lse_log2[:, None])
         if MASKED or HAS_DOCUMENTS:
@@ -354,20 +378,23 @@ def _attn_bwd_dq_kernel(
 ):
     query_block = tl.program_id(0)
     start_m = query_block * BLOCK_M
-    batch_head = tl.program_id(1)
+    batch_head = tl.program_id(1).to(tl.int64)
     batch = batch_head // num_heads
     head = batch_head % num_heads
     kv_head = head // group
-    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = start_m + offs_m
     offs_d = tl.arange(0, BLOCK_D)
     row_valid = rows < query_length
     d_valid = offs_d < HEAD_DIM
     row_mask = row_valid[:, None] & d_valid[None, :]
     offset = key_length - query_length
-    q = tl.load(Q + batch * stride_qb + head * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=row_mask, other=0.0)
-    grad_out = tl.load(GradOut + batch * stride_gb + head * stride_gh + rows[:, None] * stride_gs
-                       + offs_d[None, :] * stride_gd, mask=row_mask, other=0.0)
+    block_start = tl.cast(start_m, tl.int64)
+    q = tl.load(Q + batch * stride_qb + head * stride_qh + block_start * stride_qs
+                + offs_m[:, None] * stride_qs
+                + offs_d[None, :] * stride_qd, mask=row_mask, other=0.0)
+    grad_out = tl.load(GradOut + batch * stride_gb + head * stride_gh + block_start * stride_gs
+                       + offs_m[:, None] * stride_gs + offs_d[None, :] * stride_gd, mask=row_mask, other=0.0)
     lse_log2 = tl.load(Lse + batch_head * query_length + rows, mask=row_valid, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + batch_head * query_length + rows, mask=row_valid, other=0.0)
     k_base = K + batch * stride_kb + kv_head * stride_kh
@@ -397,8 +424,9 @@ def _attn_bwd_dq_kernel(
                                 stride_ks, stride_kd, stride_vs, stride_vd, full_end, end_n, offset,
                                 query_length, key_length, scale_log2,
                                 True, CAUSAL, HAS_DOCUMENTS, IS_FP32, BLOCK_N, BLOCK_D, HEAD_DIM)
-    tl.store(GradQ + batch * stride_dqb + head * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
-             (grad_q * scale).to(GradQ.dtype.element_ty), mask=row_mask)
+    tl.store(GradQ + batch * stride_dqb + head * stride_dqh + block_start * stride_dqs
+             + offs_m[:, None] * stride_dqs
+             + offs_d[None, :] * stride_dqd, (grad_q * scale).to(GradQ.dtype.element_ty), mask=row_mask)
 
 
 def document_block_ranges(document_ids: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:

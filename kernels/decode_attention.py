@@ -44,7 +44,8 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr,
 ):
     split = tl.program_id(0)
-    batch_head = tl.program_id(1)
+    # 64-bit from here: batch * stride passes 2^31 in a large cache (B=128, Hkv=32, L=4096, D=128).
+    batch_head = tl.program_id(1).to(tl.int64)
     batch = batch_head // num_kv_heads
     kv_head = batch_head % num_kv_heads
     rows = tl.arange(0, BLOCK_M)
@@ -73,7 +74,9 @@ def _decode_split_kernel(
     for start_n in range(chunk_start, chunk_end, BLOCK_N):
         cols = start_n + offs_n
         col_valid = cols < chunk_end
-        k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+        block_start = tl.cast(start_n, tl.int64)  # a row * stride can pass 2^31 too; within a block it cannot
+        k = tl.load(k_base + block_start * stride_ks + offs_n[None, :] * stride_ks
+                    + offs_d[:, None] * stride_kd,
                     mask=col_valid[None, :] & d_valid[:, None], other=0.0)
         if IS_FP32:
             scores = tl.dot(q, k, input_precision="ieee")
@@ -86,7 +89,8 @@ def _decode_split_kernel(
         p = tl.exp2(scores - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+        v = tl.load(v_base + block_start * stride_vs + offs_n[:, None] * stride_vs
+                    + offs_d[None, :] * stride_vd,
                     mask=col_valid[:, None] & d_valid[None, :], other=0.0)
         if IS_FP32:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
@@ -109,7 +113,7 @@ def _decode_combine_kernel(
     PartialOut, PartialLse, Out, num_splits,
     BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    row = tl.program_id(0)  # one (batch, query head, new token); Out is contiguous (B, Hq, T, D)
+    row = tl.program_id(0).to(tl.int64)  # one (batch, query head, new token); Out is contiguous (B, Hq, T, D)
     splits = tl.arange(0, BLOCK_SPLITS)
     offs_d = tl.arange(0, BLOCK_D)
     split_valid = splits < num_splits

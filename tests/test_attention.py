@@ -211,6 +211,59 @@ def test_triton_refuses_more_batch_heads_than_one_grid_axis_holds():
         attention(q, q, q)
 
 
+# A batch slot 2^30 elements apart puts batch 2 at element 2^31: an int32 batch * stride wraps
+# there and the kernel reads far outside the tensor (a crash under the interpreter, so the check
+# runs in a child process). The storage is reserved, not touched: only the used slices are written.
+LARGE_OFFSET_SCRIPT = r"""
+import torch
+import mkfast
+from mkfast.ops.attention import (attention, attention_reference, decode_attention,
+                                  decode_attention_reference)
+
+torch.manual_seed(0)
+batch, heads, kv_heads, length, head_dim, slot = 3, 2, 1, 24, 16, 2 ** 30
+storage = torch.empty(2 * slot + 8 * heads * length * head_dim, dtype=torch.float16)
+
+def view(start, num_heads):
+    tensor = storage[start:].as_strided((batch, num_heads, length, head_dim),
+                                        (slot, length * head_dim, head_dim, 1))
+    for row in tensor:
+        row.copy_(torch.randn(row.shape))
+    return tensor
+
+size = heads * length * head_dim
+q, k, v = view(0, heads), view(size, kv_heads), view(2 * size, kv_heads)
+assert q.storage_offset() + (batch - 1) * q.stride(0) >= 2 ** 31
+grad_out = torch.randn(q.shape, dtype=q.dtype)
+inputs = [tensor.detach().requires_grad_() for tensor in (q, k, v)]
+references = [tensor.detach().float().requires_grad_() for tensor in (q, k, v)]
+with mkfast.use_backend("triton"):
+    out = attention(*inputs, causal=True)
+    decoded = decode_attention(q[:, :, -2:], k, v, torch.full((batch,), length, dtype=torch.int32))
+expected = attention_reference(*references, causal=True)
+torch.testing.assert_close(out.float(), expected, atol=2e-3, rtol=2e-3)
+for grad, expected_grad in zip(torch.autograd.grad(out, inputs, grad_out),
+                               torch.autograd.grad(expected, references, grad_out.float())):
+    torch.testing.assert_close(grad.float(), expected_grad, atol=4e-3, rtol=4e-3)
+torch.testing.assert_close(decoded.float(), expected[:, :, -2:], atol=2e-3, rtol=2e-3)
+print("ok")
+"""
+
+
+def test_offsets_past_two_to_the_31_elements_are_64_bit():
+    import subprocess
+    import sys
+
+    from mkfast.backend import triton_interpreter_enabled
+
+    if not triton_interpreter_enabled():
+        pytest.skip("the CPU tensors of this check need the Triton interpreter")
+    completed = subprocess.run([sys.executable, "-c", LARGE_OFFSET_SCRIPT], capture_output=True, text=True,
+                               timeout=600, check=False)
+    assert completed.returncode == 0 and completed.stdout.strip().endswith("ok"), (
+        f"exit code {completed.returncode} (-11: a wrong address was read)\n{completed.stderr[-3000:]}")
+
+
 # --------------------------------------------------------------------------- GPU only
 @pytest.mark.cuda
 @pytest.mark.parametrize("head_dim", [64, 128])
