@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine (Python 3.11, no GPU needed):
-#   make demo   the main job on its embedded default
-#   make test   the test suite (what CI runs)
+#   make demo       the main job on its embedded default
+#   make test       the fast test tier (everything not marked slow)
+#   make test-all   every test, the slow ones included (what CI runs)
 # Both create or reuse the venv at .venv and install what they need into it.
 
 VENV ?= .venv
@@ -11,9 +12,11 @@ PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 VENV_FLAGS ?=
 INSTALLED := $(VENV)/.mkfast-installed
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: install demo test test-gpu bench env clean
+PYTEST_FLAGS ?= -q
+
+.PHONY: install demo test test-all lint test-gpu bench env clean
 
 $(PYTHON):
 	python3 -m venv $(VENV_FLAGS) $(VENV)
@@ -29,7 +32,13 @@ demo: $(INSTALLED)
 	$(VENV)/bin/mkfast demo
 
 test: $(INSTALLED)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest $(PYTEST_FLAGS) -m "not slow"
+
+test-all: $(INSTALLED)
+	$(PYTHON) -m pytest $(PYTEST_FLAGS)
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
 
 # On a GPU machine: the CUDA-marked tests run (they are skipped elsewhere).
 test-gpu: $(INSTALLED)
