@@ -42,6 +42,9 @@ def document_ids_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     A new document starts wherever the position does not continue the previous
     one by +1 (the same rule transformers uses to detect packed sequences).
     """
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2:
+        got = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
+        raise ValueError(f"document_ids_from_position_ids: position_ids must be 2-D (B, S), got {got}")
     starts = torch.ones_like(position_ids, dtype=torch.bool)
     starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
     return (starts.cumsum(dim=1) - 1).to(torch.int32)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mkfast.layers.visual_memory import VisualMemory
+from mkfast.ops._checks import FLOAT_DTYPES, check_tensor
 from mkfast.ops.mome import NUM_EXPERTS, mome_ffn
 
 # (module attribute path, projection name) of the five LoRA'd projections.
@@ -107,11 +108,16 @@ class MoMEFFN(nn.Module):
         if set(state) != expected:
             raise KeyError(f"MoMEFFN: adapter keys differ: missing {sorted(expected - set(state))}, "
                            f"unexpected {sorted(set(state) - expected)}")
+        targets = {name: self.router.get_parameter(name.split(".", 1)[1]) if name.startswith("router.")
+                   else getattr(self, name) for name in state}
+        # Every shape first, so a wrong one loads nothing (and names its key).
+        for name, value in state.items():
+            if not isinstance(value, torch.Tensor) or value.shape != targets[name].shape:
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"MoMEFFN: adapter {name!r} must have shape {tuple(targets[name].shape)}, got {got}")
         with torch.no_grad():
             for name, value in state.items():
-                target = self.router.get_parameter(name.split(".", 1)[1]) if name.startswith("router.") \
-                    else getattr(self, name)
-                target.copy_(value)
+                targets[name].copy_(value)
 
     def op_arguments(self) -> dict:
         """The keyword arguments of mkfast.ops.mome_ffn for this layer (weights in the compute dtype)."""
@@ -131,6 +137,8 @@ class MoMEFFN(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states h_s: (B, T, d) or (N, d) -> h_M, same shape and dtype, through the fused op."""
+        # Checked before the cast to the weights' dtype, which would accept integers and truncate the output.
+        check_tensor("MoMEFFN", "hidden_states", hidden_states, dtypes=FLOAT_DTYPES)
         output = mome_ffn(hidden_states.to(self.mlp.gate_proj.weight.dtype), **self.op_arguments())
         return output.to(hidden_states.dtype)
 

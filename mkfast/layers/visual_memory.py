@@ -7,6 +7,8 @@ two-layer feed-forward network of inner size hidden/4. This module is
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,11 @@ ACTIVATION = "silu"
 DEFAULT_EPS = 1e-5
 
 
+def _check_size(module: str, name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{module}: {name} must be a positive int, got {value!r}")
+
+
 class RMSNorm(nn.Module):
     """Llama-style RMSNorm: statistics in fp32, weight applied in the input's dtype.
 
@@ -26,11 +33,15 @@ class RMSNorm(nn.Module):
 
     def __init__(self, hidden_size: int, eps: float = DEFAULT_EPS):
         super().__init__()
+        _check_size("RMSNorm", "hidden_size", hidden_size)
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states: (..., d) -> (..., d) in the input's dtype."""
+        if hidden_states.shape[-1:] != self.weight.shape:
+            raise ValueError(f"RMSNorm: hidden_states must be (..., {self.weight.shape[0]}) like its weight, "
+                             f"got shape {tuple(hidden_states.shape)}")
         input_dtype = hidden_states.dtype
         hidden_fp32 = hidden_states.float()
         variance = hidden_fp32.pow(2).mean(-1, keepdim=True)
@@ -47,8 +58,9 @@ class VisualMemory(nn.Module):
 
     def __init__(self, hidden_size: int, ratio: float = 0.25, eps: float = DEFAULT_EPS):
         super().__init__()
-        if hidden_size <= 0 or ratio <= 0:
-            raise ValueError(f"VisualMemory: hidden_size and ratio must be positive, got {hidden_size}, {ratio}")
+        _check_size("VisualMemory", "hidden_size", hidden_size)
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0 < ratio < math.inf):
+            raise ValueError(f"VisualMemory: ratio must be a positive finite number, got {ratio!r}")
         self.hidden_size = hidden_size
         self.inner_size = max(1, int(round(hidden_size * ratio)))
         self.norm = RMSNorm(hidden_size, eps)

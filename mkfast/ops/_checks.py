@@ -6,6 +6,7 @@ Messages name the op, the argument, what was expected and what came, e.g.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -59,3 +60,42 @@ def check_positive_int(op: str, name: str, value: object) -> int:
     if value <= 0:
         raise ValueError(f"{op}: {name} must be positive, got {value}")
     return value
+
+
+def check_finite_float(op: str, name: str, value: object) -> float:
+    """A real, finite number (bool refused): a NaN or infinite scale would return finite garbage or NaN."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: {name} must be finite, got {value}")
+    return float(value)
+
+
+def has_values(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s values can be read here: not on the meta device, not under torch.compile
+    (the fake implementations see shapes only; value checks are skipped there)."""
+    return tensor.device.type != "meta" and not torch.compiler.is_compiling()
+
+
+def check_int32_values(op: str, name: str, tensor: torch.Tensor) -> None:
+    """Refuse int64 values outside int32 (kernels read ids as int32: larger ones would collide).
+
+    A device sync on GPU for int64 input; int32 input costs nothing.
+    """
+    if tensor.dtype == torch.int32 or tensor.numel() == 0 or not has_values(tensor):
+        return
+    info = torch.iinfo(torch.int32)
+    low, high = int(tensor.min()), int(tensor.max())
+    if low < info.min or high > info.max:
+        raise ValueError(f"{op}: {name} must fit in int32 [{info.min}, {info.max}], got values in [{low}, {high}]")
+
+
+def check_no_grad(op: str, hint: str, **tensors: torch.Tensor | None) -> None:
+    """Refuse inputs that require grad (with grad mode on) for an op that has no backward, rather than
+    return an output that claims requires_grad and fails only at backward()."""
+    if not torch.is_grad_enabled():
+        return
+    needing = [name for name, tensor in tensors.items() if tensor is not None and tensor.requires_grad]
+    if needing:
+        raise RuntimeError(f"{op}: has no backward, got {', '.join(needing)} with requires_grad=True; "
+                           f"call it under torch.no_grad(){hint}")

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from mkfast.backend import OpDispatcher, triton_unavailable_reason
-from mkfast.ops._checks import FLOAT_DTYPES, check_same_size, check_tensor
+from mkfast.ops._checks import (FLOAT_DTYPES, check_finite_float, check_int32_values, check_no_grad,
+                                check_same_size, check_tensor, has_values)
 
 OP = "attention"
 INTEGER_DTYPES = (torch.int32, torch.int64)
@@ -116,8 +117,14 @@ def _cpu_only(device: torch.device) -> str | None:
 
 
 def _cpu_mask(q, k, causal, document_ids) -> tuple[bool, torch.Tensor | None]:
-    """(is_causal, additive mask) for ATen, whose is_causal puts queries at the first keys, not the last."""
-    if document_ids is None and (not causal or q.shape[2] == k.shape[2]):
+    """(is_causal, additive mask) for ATen, whose is_causal puts queries at the first keys, not the last.
+
+    NaN in q or k takes the masked path: without a mask ATen's kernel turns a NaN query row into
+    zeros (and leaves rows before a NaN key finite), hiding the NaN the reference propagates. The
+    check is one read of q and k, small next to the O(S^2) attention.
+    """
+    has_nan = bool(torch.isnan(q).any()) or bool(torch.isnan(k).any())
+    if document_ids is None and (not causal or q.shape[2] == k.shape[2]) and not has_nan:
         return causal, None
     allowed = attention_allowed_mask(q.shape[2], k.shape[2], causal, document_ids, q.device)
     return False, torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
@@ -254,8 +261,10 @@ def _validate(q, k, v, causal, document_ids, scale) -> None:
             raise ValueError(f"{OP}: document_ids needs S_q == S_kv, got S_q={q.shape[2]}, S_kv={k.shape[2]}")
         if tuple(document_ids.shape) != (q.shape[0], q.shape[2]):
             raise ValueError(f"{OP}: document_ids must be (B, S) = {(q.shape[0], q.shape[2])}, got {tuple(document_ids.shape)}")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"{OP}: scale must be a float or None, got {type(scale).__name__}")
+    if document_ids is not None:
+        check_int32_values(OP, "document_ids", document_ids)
+    if scale is not None:
+        check_finite_float(OP, "scale", scale)
 
 
 
@@ -263,8 +272,11 @@ def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Under autocast, the tensors in its dtype: SDPA is an autocast lower-precision op, and a
     Llama's attention inputs come out mixed there (bf16 projections, then fp32 RoPE tables
     promote q and k back to fp32 while v stays bf16)."""
+    if not all(isinstance(tensor, torch.Tensor) and tensor.is_floating_point() for tensor in tensors):
+        return tensors  # left for the op's checks to name
     device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
+    # Meta tensors (shape propagation) have no autocast: they go straight to the fake implementations.
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(tensor.to(dtype) for tensor in tensors)
@@ -289,8 +301,8 @@ def attention(
         document_ids: (B, S) int32/int64 or None; a token attends only to its own
             document. Needs S_q == S_kv. Ids need not be sorted or contiguous
             (sorted ids, as in packing, let the kernels skip the most blocks);
-            they must fit in int32.
-        scale: softmax scale, default 1/sqrt(D).
+            they must fit in int32 (int64 ids are checked: a device sync on GPU).
+        scale: softmax scale (finite), default 1/sqrt(D).
 
     Returns:
         (B, Hq, S_q, D) in q's dtype; under autocast, q, k and v are first cast to its
@@ -299,7 +311,7 @@ def attention(
     q, k, v = autocast_inputs(q, k, v)
     _validate(q, k, v, causal, document_ids, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if q.shape[0] == 0 or q.shape[2] == 0:
+    if q.shape[0] == 0 or q.shape[1] == 0 or q.shape[2] == 0:  # ATen's CPU kernel divides by 0 heads
         return q * 0.0 + (k.sum() + v.sum()) * 0.0  # empty, but connected to q, k, v for autograd
     out, _ = _attention_op(q, k, v, causal, document_ids, scale)
     return out
@@ -332,8 +344,12 @@ def decode_attention_reference(
     """
     group = q.shape[1] // k_cache.shape[1]
     mask = decode_allowed_mask(cache_seqlens, q.shape[2], k_cache.shape[2])
+    # Positions at or past a row's length are unwritten (a cache from torch.empty may hold NaN there,
+    # and SDPA multiplies masked-out values by 0): read them as zeros, as the kernels never load them.
+    filled = (torch.arange(k_cache.shape[2], device=q.device) < cache_seqlens.long()[:, None])[:, None, :, None]
+    k_cache, v_cache = k_cache.float().where(filled, 0.0), v_cache.float().where(filled, 0.0)
     out = F.scaled_dot_product_attention(
-        q.float(), k_cache.float().repeat_interleave(group, dim=1), v_cache.float().repeat_interleave(group, dim=1),
+        q.float(), k_cache.repeat_interleave(group, dim=1), v_cache.repeat_interleave(group, dim=1),
         attn_mask=mask, scale=scale,
     )
     return out.to(q.dtype).contiguous()
@@ -378,7 +394,7 @@ def _validate_decode(q, k_cache, v_cache, cache_seqlens, check_lengths: bool) ->
     check_tensor(DECODE_OP, "cache_seqlens", cache_seqlens, ndim=1, layout="(B,)", dtypes=INTEGER_DTYPES,
                  device=q.device)
     check_same_size(DECODE_OP, "length B like q's batch", q.shape[0], "cache_seqlens", cache_seqlens.shape[0])
-    if check_lengths and q.shape[0] and not torch.compiler.is_compiling():
+    if check_lengths and q.shape[0] and has_values(cache_seqlens):
         # A device sync on GPU: the price of refusing lengths that would read
         # outside the cache or leave a new token with no key (silent garbage).
         shortest, longest = int(cache_seqlens.min()), int(cache_seqlens.max())
@@ -396,15 +412,17 @@ def decode_attention(
     scale: float | None = None,
     check_lengths: bool = True,
 ) -> torch.Tensor:
-    """Attention of T new tokens per row over a ragged KV cache (inference only, no autograd).
+    """Attention of T new tokens per row over a ragged KV cache (inference only: no backward, so
+    inputs that require grad are refused while grad mode is on).
 
     Args:
         q: (B, Hq, T, D) fp32/fp16/bf16, the new tokens' queries.
         k_cache, v_cache: (B, Hkv, L_max, D), Hq a multiple of Hkv; row b is filled
             on [0, cache_seqlens[b]) and the new tokens' own keys are already at
             [cache_seqlens[b] - T, cache_seqlens[b]).
-        cache_seqlens: (B,) int32/int64, each in [T, L_max].
-        scale: softmax scale, default 1/sqrt(D).
+        cache_seqlens: (B,) int32/int64, each in [T, L_max]; positions at or past a row's
+            length are never read (they may hold anything, NaN included).
+        scale: softmax scale (finite), default 1/sqrt(D).
         check_lengths: check cache_seqlens' values (a device sync on GPU); pass
             False only when they are valid by construction (a full cache).
 
@@ -413,7 +431,8 @@ def decode_attention(
     """
     q, k_cache, v_cache = autocast_inputs(q, k_cache, v_cache)
     _validate_decode(q, k_cache, v_cache, cache_seqlens, check_lengths)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if q.shape[0] == 0 or q.shape[2] == 0:
+    check_no_grad(DECODE_OP, " (mkfast.ops.attention has a backward)", q=q, k_cache=k_cache, v_cache=v_cache)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_finite_float(DECODE_OP, "scale", scale)
+    if q.shape[0] == 0 or q.shape[1] == 0 or q.shape[2] == 0:
         return q.new_zeros(q.shape)
     return _decode_attention_op(q, k_cache, v_cache, cache_seqlens, scale)

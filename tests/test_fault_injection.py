@@ -1,0 +1,192 @@
+"""Fault injection: bad inputs to every op and layer, and saves of a memory killed at their dangerous points.
+
+Each bad-input row states the error type and a phrase of its message: a clear error names the
+argument, what was expected and what came. Kills are injected through hooks (an exception raised
+at a chosen step of the save), never by timing.
+"""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import mkfast
+from mkfast.layers.attention import document_ids_from_position_ids
+from mkfast.layers.mome import MoMEFFN
+from mkfast.layers.visual_memory import RMSNorm, VisualMemory
+from mkfast.ops.attention import attention, decode_attention
+from mkfast.ops.topk_dedup import topk_dedup
+
+
+def randn(*shape, **kwargs):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0), **kwargs)
+
+
+def small_mome_layer(hidden_size=8):
+    mlp = nn.Module()
+    mlp.gate_proj = nn.Linear(hidden_size, 12, bias=False)
+    mlp.up_proj = nn.Linear(hidden_size, 12, bias=False)
+    mlp.down_proj = nn.Linear(12, hidden_size, bias=False)
+    return MoMEFFN(mlp, VisualMemory(hidden_size), RMSNorm(hidden_size), rank=2)
+
+
+Q, K, V = randn(1, 2, 4, 16), randn(1, 2, 4, 16), randn(1, 2, 4, 16)
+CACHE = randn(1, 2, 8, 16)
+LENGTHS = torch.tensor([5])
+
+
+def _wrong_adapter_shape():
+    layer = small_mome_layer()
+    state = layer.adapter_state_dict()
+    state["fc1_lora_A"] = torch.zeros(3, 3)
+    layer.load_adapter_state_dict(state)
+
+
+def _under_autocast(call):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return call()
+
+
+BAD_INPUTS = {
+    # attention
+    "attention q not a tensor": (lambda: attention([1.0], K, V), TypeError, "q must be a torch.Tensor"),
+    "attention q 3-D": (lambda: attention(Q[0], K, V), ValueError, "q must be 4-D"),
+    "attention q int": (lambda: attention(Q.int(), K, V), TypeError, "q must be float32/float16/bfloat16"),
+    "attention k dtype": (lambda: attention(Q, K.half(), V), TypeError, "k must be float32"),
+    "attention k v shapes": (lambda: attention(Q, K, V[:, :1]), ValueError, "k and v must have the same shape"),
+    "attention heads not GQA": (lambda: attention(randn(1, 3, 4, 16), K, V), ValueError, "multiple of k's heads"),
+    "attention kv 0 heads": (lambda: attention(Q, K[:, :0], V[:, :0]), ValueError, "multiple of k's heads"),
+    "attention head dim 0": (lambda: attention(Q[..., :0], K[..., :0], V[..., :0]), ValueError, "head dim D"),
+    "attention S_kv < S_q": (lambda: attention(Q, K[:, :, :2], V[:, :, :2]), ValueError, "at least as many"),
+    "attention causal int": (lambda: attention(Q, K, V, causal=1), TypeError, "causal must be a bool"),
+    "attention scale str": (lambda: attention(Q, K, V, scale="1"), TypeError, "scale must be a float"),
+    "attention scale nan": (lambda: attention(Q, K, V, scale=math.nan), ValueError, "scale must be finite, got nan"),
+    "attention scale inf": (lambda: attention(Q, K, V, scale=math.inf), ValueError, "scale must be finite, got inf"),
+    "attention document ids float": (lambda: attention(Q, K, V, document_ids=torch.zeros(1, 4)), TypeError,
+                                     "document_ids must be int32/int64"),
+    "attention document ids shape": (lambda: attention(Q, K, V, document_ids=torch.zeros(1, 3, dtype=torch.int64)),
+                                     ValueError, "document_ids must be (B, S)"),
+    "attention document ids past int32": (
+        lambda: attention(Q, K, V, document_ids=torch.tensor([[0, 0, 2**32, 2**32]])), ValueError,
+        "document_ids must fit in int32"),
+    "attention document ids below int32": (
+        lambda: attention(Q, K, V, document_ids=torch.tensor([[0, 0, -2**31 - 1, 1]])), ValueError,
+        "document_ids must fit in int32"),
+    # decode_attention
+    "decode q 3-D": (lambda: decode_attention(Q[0], CACHE, CACHE, LENGTHS), ValueError, "q must be 4-D"),
+    "decode lengths float": (lambda: decode_attention(Q[:, :, :1], CACHE, CACHE, LENGTHS.float()), TypeError,
+                             "cache_seqlens must be int32/int64"),
+    "decode lengths past cache": (lambda: decode_attention(Q[:, :, :1], CACHE, CACHE, torch.tensor([9])),
+                                  ValueError, "cache_seqlens must be in [T, L_max]"),
+    "decode scale nan": (lambda: decode_attention(Q[:, :, :1], CACHE, CACHE, LENGTHS, scale=math.nan), ValueError,
+                         "scale must be finite"),
+    "decode q requires grad": (
+        lambda: decode_attention(Q[:, :, :1].clone().requires_grad_(), CACHE, CACHE, LENGTHS), RuntimeError,
+        "decode_attention: has no backward, got q with requires_grad=True"),
+    "decode cache requires grad": (
+        lambda: decode_attention(Q[:, :, :1], CACHE.clone().requires_grad_(), CACHE, LENGTHS), RuntimeError,
+        "got k_cache with requires_grad=True"),
+    # topk_dedup (its own semantics are tested in test_topk_dedup.py)
+    "topk memory 3-D": (lambda: topk_dedup(randn(2, 8), randn(3, 4, 8), 2), ValueError, "memory must be 2-D"),
+    "topk memory width": (lambda: topk_dedup(randn(2, 8), randn(5, 4), 2), ValueError, "memory must have last dim"),
+    "topk queries int": (lambda: topk_dedup(randn(2, 8).int(), randn(5, 8), 2), TypeError, "queries must be float"),
+    "topk k 0": (lambda: topk_dedup(randn(2, 8), randn(5, 8), 0), ValueError, "k must be positive"),
+    # MoMEFFN / mome_ffn
+    "MoMEFFN int64 hidden states": (lambda: small_mome_layer()(torch.ones(2, 8, dtype=torch.int64)), TypeError,
+                                    "MoMEFFN: hidden_states must be float32/float16/bfloat16, got torch.int64"),
+    "MoMEFFN int hidden states under autocast": (
+        lambda: _under_autocast(lambda: small_mome_layer()(torch.ones(2, 8, dtype=torch.int32))), TypeError,
+        "hidden_states must be float32/float16/bfloat16, got torch.int32"),
+    "attention int q under autocast": (lambda: _under_autocast(lambda: attention(Q.int(), K, V)), TypeError,
+                                       "q must be float32/float16/bfloat16, got torch.int32"),
+    "MoMEFFN rank 0": (lambda: MoMEFFN(small_mome_layer().mlp, VisualMemory(8), RMSNorm(8), rank=0), ValueError,
+                       "rank must be a positive int"),
+    "MoMEFFN adapter missing key": (lambda: small_mome_layer().load_adapter_state_dict({}), KeyError,
+                                    "adapter keys differ"),
+    "MoMEFFN adapter wrong shape": (_wrong_adapter_shape, ValueError,
+                                    "adapter 'fc1_lora_A' must have shape (2, 8), got (3, 3)"),
+    # VisualMemory / RMSNorm
+    "VisualMemory ratio nan": (lambda: VisualMemory(16, ratio=math.nan), ValueError,
+                               "ratio must be a positive finite number, got nan"),
+    "VisualMemory ratio inf": (lambda: VisualMemory(16, ratio=math.inf), ValueError, "ratio must be a positive"),
+    "VisualMemory ratio 0": (lambda: VisualMemory(16, ratio=0), ValueError, "ratio must be a positive"),
+    "VisualMemory hidden size 0": (lambda: VisualMemory(0), ValueError, "hidden_size must be a positive int"),
+    "RMSNorm hidden size float": (lambda: RMSNorm(16.0), ValueError, "hidden_size must be a positive int, got 16.0"),
+    "RMSNorm wrong input size": (lambda: RMSNorm(16)(randn(2, 8)), ValueError,
+                                 "RMSNorm: hidden_states must be (..., 16) like its weight, got shape (2, 8)"),
+    "VisualMemory wrong input size": (lambda: VisualMemory(16)(randn(2, 8)), ValueError,
+                                      "hidden_states must be (..., 16)"),
+    "document ids from 1-D positions": (lambda: document_ids_from_position_ids(torch.arange(5)), ValueError,
+                                        "position_ids must be 2-D (B, S), got (5,)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_a_clear_error(case):
+    call, error, phrase = BAD_INPUTS[case]
+    with pytest.raises(error) as raised:
+        call()
+    assert phrase in str(raised.value)
+
+
+# --------------------------------------------------------------------------- odd inputs handled
+def test_attention_with_zero_query_heads_returns_empty_instead_of_crashing():
+    # ATen's CPU kernel divides by the head count (SIGFPE kills the process): the op never reaches it.
+    out = attention(randn(1, 0, 4, 16), randn(1, 1, 4, 16), randn(1, 1, 4, 16))
+    assert out.shape == (1, 0, 4, 16)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("documents, key_length", [(False, 6), (False, 9), (True, 6)])  # documents: S_q == S_kv
+def test_nan_propagates_on_the_cpu_backend_as_in_the_reference(causal, documents, where, key_length):
+    tensors = {"q": randn(1, 2, 6, 8), "k": randn(1, 2, key_length, 8), "v": randn(1, 2, key_length, 8)}
+    tensors[where][0, 0, 2, 3] = math.nan
+    document_ids = torch.tensor([[0, 0, 0, 1, 1, 1]]) if documents else None
+    outputs = {}
+    for backend in ("cpu", "reference"):
+        with mkfast.use_backend(backend):
+            outputs[backend] = attention(**tensors, causal=causal, document_ids=document_ids)
+    assert outputs["reference"].isnan().any()
+    assert torch.equal(outputs["cpu"].isnan(), outputs["reference"].isnan())
+    finite = ~outputs["reference"].isnan()
+    torch.testing.assert_close(outputs["cpu"][finite], outputs["reference"][finite])
+
+
+def test_decode_attention_ignores_nan_past_the_cache_lengths():
+    k_cache, v_cache = randn(2, 2, 8, 16), randn(2, 2, 8, 16)
+    lengths = torch.tensor([5, 3])
+    poisoned_k, poisoned_v = k_cache.clone(), v_cache.clone()
+    for row, length in enumerate(lengths.tolist()):
+        poisoned_k[row, :, length:] = math.nan  # what torch.empty may hold
+        poisoned_v[row, :, length:] = math.nan
+    query = randn(2, 2, 2, 16)
+    expected = decode_attention(query, k_cache, v_cache, lengths)
+    assert not expected.isnan().any()
+    assert torch.equal(decode_attention(query, poisoned_k, poisoned_v, lengths), expected)
+
+
+def test_attention_ops_on_meta_tensors_use_the_fake_implementations():
+    q, k = torch.empty(2, 4, 8, 16, device="meta"), torch.empty(2, 2, 8, 16, device="meta")
+    assert attention(q, k, k).shape == (2, 4, 8, 16)
+    assert attention(q, k, k, document_ids=torch.empty(2, 8, dtype=torch.int64, device="meta")).device.type == "meta"
+    lengths = torch.empty(2, dtype=torch.int32, device="meta")
+    out = decode_attention(q[:, :, :1], k, k, lengths)
+    assert out.shape == (2, 4, 1, 16) and out.device.type == "meta"
+
+
+def test_decode_attention_without_grad_mode_returns_a_tensor_without_grad():
+    with torch.no_grad():
+        out = decode_attention(Q[:, :, :1].clone().requires_grad_(), CACHE, CACHE, LENGTHS)
+    assert not out.requires_grad
+
+
+def test_wrong_adapter_shape_loads_nothing():
+    layer = small_mome_layer()
+    before = {name: tensor.clone() for name, tensor in layer.adapter_state_dict().items()}
+    state = {name: torch.full_like(tensor, 3.0) for name, tensor in before.items()}
+    state["router.bias"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="router.bias"):
+        layer.load_adapter_state_dict(state)
+    assert all(torch.equal(layer.adapter_state_dict()[name], tensor) for name, tensor in before.items())
