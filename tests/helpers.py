@@ -33,8 +33,9 @@ def cuda_available() -> bool:
 
 
 def devices_to_test() -> list:
-    """Devices to run a test on: CPU always (Triton under the interpreter), CUDA when present."""
-    devices = ["cpu"]
+    """Devices to run a test on: CPU (Triton under the interpreter, so left out of GPU machines' runs
+    by conftest), CUDA when present."""
+    devices = [pytest.param("cpu", marks=pytest.mark.interpreter)]
     if cuda_available():
         devices.append(pytest.param("cuda", marks=pytest.mark.cuda))
     return devices

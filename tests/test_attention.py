@@ -68,12 +68,14 @@ def test_triton_causal_matches_reference(shape, dtype, device):
     check_against_reference("triton", q, k, v, grad_out, causal=True)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("shape", [(1, 1, 1, 257, 32), (2, 4, 2, 17, 64)], ids=["257", "17-gqa"])
 def test_triton_non_causal_matches_reference(shape):
     q, k, v, grad_out = make_inputs(*shape, torch.float32, "cpu")
     check_against_reference("triton", q, k, v, grad_out, causal=False)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", interpreter_dtypes())
 @pytest.mark.parametrize("causal", [True, False])
 def test_document_mask_matches_reference_on_ragged_documents(causal, dtype):
@@ -83,6 +85,7 @@ def test_document_mask_matches_reference_on_ragged_documents(causal, dtype):
     check_against_reference("triton", q, k, v, grad_out, causal=causal, document_ids=document_ids)
 
 
+@pytest.mark.interpreter
 def test_document_mask_rows_differ_and_ids_need_not_be_sorted():
     # Row 0: three packed documents (RA-CM3: two retrieved + the main one);
     # row 1: ids interleaved and unsorted, which the per-block [min, max] skip must not break.
@@ -93,6 +96,7 @@ def test_document_mask_rows_differ_and_ids_need_not_be_sorted():
     check_against_reference("triton", q, k, v, grad_out, causal=True, document_ids=document_ids.to(torch.int64))
 
 
+@pytest.mark.interpreter
 def test_keys_longer_than_queries_are_causal_at_the_end():
     # A KV cache: 20 new queries are positions 30..49 of 50 keys.
     q, k, v, grad_out = make_inputs(2, 4, 2, 20, 64, torch.float32, "cpu", key_length=50)
@@ -103,6 +107,7 @@ def test_keys_longer_than_queries_are_causal_at_the_end():
     assert not torch.allclose(attention_reference(q, k, v, causal=True), shifted, atol=1e-3)
 
 
+@pytest.mark.interpreter
 def test_triton_handles_non_contiguous_inputs_and_custom_scale():
     # transformers hands (B, S, H, D) projections transposed to (B, H, S, D): strided, not contiguous.
     q, k, v, grad_out = (tensor.transpose(1, 2).contiguous().transpose(1, 2)
@@ -205,6 +210,7 @@ def test_under_autocast_mixed_inputs_run_in_its_dtype_like_sdpa():
         attention(q, k, v.bfloat16())
 
 
+@pytest.mark.interpreter
 def test_triton_refuses_more_batch_heads_than_one_grid_axis_holds():
     q = torch.zeros(1, 65_536, 1, 16)
     with mkfast.use_backend("triton"), pytest.raises(ValueError, match="split the batch"):

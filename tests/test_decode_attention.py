@@ -52,6 +52,7 @@ def test_reference_agrees_with_causal_attention_on_each_row():
         assert_close(out[row:row + 1], expected)
 
 
+@pytest.mark.interpreter
 def test_split_plan_uses_several_splits_and_ignores_cache_past_each_length():
     from mkfast.kernels.decode_attention import _split_plan
 
@@ -66,6 +67,7 @@ def test_split_plan_uses_several_splits_and_ignores_cache_past_each_length():
         assert torch.equal(decode_attention(q, k_cache, v_cache, lengths), out)
 
 
+@pytest.mark.interpreter
 def test_triton_refuses_more_batch_heads_than_one_grid_axis_holds():
     q = torch.zeros(65_536, 1, 1, 16)
     cache = torch.zeros(65_536, 1, 2, 16)
