@@ -77,6 +77,17 @@ def test_kv_cache_decoding_matches_recomputing_the_prefix(model, vocabulary):
     assert torch.equal(cached, recomputed)
 
 
+@pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
+def test_kv_cache_decoding_uses_no_deprecated_transformers_argument(model, vocabulary):
+    # transformers 5.x warns on the old ``past_key_values`` keyword; the stream uses the one the
+    # installed model's forward takes, so the warning (an error here) never fires.
+    from mkfast.racm3.sampling import DecodingStream
+
+    stream = DecodingStream(model, caption_prompt(vocabulary, "a digit", samples=2))
+    stream.append(torch.tensor([5, 6]))
+    assert stream.logits.shape[0] == 2
+
+
 def test_top_k_and_top_p_keep_the_expected_tokens():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
     kept = torch.isfinite(filter_logits(logits, top_k=2))

@@ -24,6 +24,7 @@ repeated over the samples, or prompts of equal length); logits (B, V).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +94,15 @@ def guided_logits(conditioned: torch.Tensor, unconditioned: torch.Tensor, scale:
     return conditioned + (scale - 1.0) * (conditioned - unconditioned)
 
 
+def cache_keyword(model) -> str:
+    """The name a transformers model's forward takes its KV cache under.
+
+    transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name warns, and is
+    removed in 5.40); older releases know only ``past_key_values``. Outputs use the same name.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class DecodingStream:
     """A batch of sequences fed to a causal LM step by step; ``logits`` are those of the last position.
 
@@ -111,13 +121,15 @@ class DecodingStream:
             from transformers import DynamicCache
 
             self.cache = DynamicCache()
+            self.cache_keyword = cache_keyword(model)
         self.logits = self._run(self.token_ids)
 
     @torch.no_grad()
     def _run(self, new_ids: torch.Tensor) -> torch.Tensor:
         if self.use_cache:
-            output = self.model(input_ids=new_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-            self.cache = output.past_key_values
+            output = self.model(input_ids=new_ids, use_cache=True, logits_to_keep=1,
+                                **{self.cache_keyword: self.cache})
+            self.cache = output[self.cache_keyword]
         else:
             output = self.model(input_ids=self.token_ids, use_cache=False, logits_to_keep=1)
         return output.logits[:, -1].float()
