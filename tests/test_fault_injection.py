@@ -5,7 +5,10 @@ argument, what was expected and what came. Kills are injected through hooks (an 
 at a chosen step of the save), never by timing.
 """
 
+import json
 import math
+import multiprocessing
+import os
 
 import pytest
 import torch
@@ -17,6 +20,8 @@ from mkfast.layers.mome import MoMEFFN
 from mkfast.layers.visual_memory import RMSNorm, VisualMemory
 from mkfast.ops.attention import attention, decode_attention
 from mkfast.ops.topk_dedup import topk_dedup
+from mkfast.racm3 import memory_files
+from mkfast.racm3.memory import Memory
 
 
 def randn(*shape, **kwargs):
@@ -190,3 +195,104 @@ def test_wrong_adapter_shape_loads_nothing():
     with pytest.raises(ValueError, match="router.bias"):
         layer.load_adapter_state_dict(state)
     assert all(torch.equal(layer.adapter_state_dict()[name], tensor) for name, tensor in before.items())
+
+
+# --------------------------------------------------------------------------- memory files
+KILLED = 137
+
+
+def _memory(rows, seed=0):
+    return Memory.from_arrays(randn(rows, 8) + seed, torch.arange(rows) * 3)
+
+
+def _json(directory):
+    return json.loads((directory / "memory.json").read_text())
+
+
+def _rewrite_json(directory, **changes):
+    (directory / "memory.json").write_text(json.dumps({**_json(directory), **changes}))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _tensors_path(directory):
+    return directory / _json(directory)["tensors_file"]
+
+
+def _elsewhere(directory):
+    other = directory.parent / "other"
+    _memory(2).save(other)
+    return other
+
+
+DAMAGED_MEMORIES = {
+    "no memory.json": (lambda d: (d / "memory.json").unlink(), FileNotFoundError, "memory.json does not exist"),
+    "truncated memory.json": (lambda d: _truncate(d / "memory.json"), ValueError, "memory.json is not valid JSON"),
+    "memory.json a list": (lambda d: (d / "memory.json").write_text("[1, 2]"), ValueError,
+                           "memory.json must hold a JSON object, got list"),
+    "memory.json without tensors_file": (
+        lambda d: (d / "memory.json").write_text(json.dumps({k: v for k, v in _json(d).items() if k != "tensors_file"})),
+        ValueError, "memory.json lacks ['tensors_file']"),
+    "newer format": (lambda d: _rewrite_json(d, format_version=2), ValueError, "has format_version 2"),
+    "absolute tensors_file": (
+        lambda d: _rewrite_json(d, tensors_file=str(_tensors_path(_elsewhere(d)))), ValueError,
+        "must be a file name inside"),
+    "tensors_file outside the directory": (
+        lambda d: _rewrite_json(d, tensors_file="../other/" + _json(_elsewhere(d))["tensors_file"]), ValueError,
+        "must be a file name inside"),
+    "truncated tensors": (lambda d: _truncate(_tensors_path(d)), ValueError, "is not a readable safetensors file"),
+    "missing tensors": (lambda d: _tensors_path(d).unlink(), FileNotFoundError, "named by memory.json, does not exist"),
+    "sizes disagree": (lambda d: _rewrite_json(d, num_documents=5), ValueError, "memory.json says (5, 8)"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_MEMORIES))
+def test_a_damaged_memory_fails_to_load_naming_the_file(case, tmp_path):
+    damage, error, phrase = DAMAGED_MEMORIES[case]
+    directory = tmp_path / "memory"
+    _memory(4).save(directory)
+    damage(directory)
+    with pytest.raises(error) as raised:
+        Memory.load(directory)
+    assert phrase in str(raised.value) and str(directory) in str(raised.value)
+
+
+def _save_killed_at(memory, directory, stage):
+    def kill(at):
+        if at == stage:
+            os._exit(KILLED)
+
+    if stage == "inside safetensors":
+        def write_partly_then_die(tensors, path):
+            # What a kill inside safetensors' save_file leaves: its hidden temporary file, half written.
+            with open(os.path.join(os.path.dirname(path), ".tmpKILLED"), "wb") as handle:
+                handle.write(b"\0" * 1000)
+            os._exit(KILLED)
+
+        import safetensors.torch
+        safetensors.torch.save_file = write_partly_then_die
+    else:
+        memory_files.fault_point = kill
+    memory.save(directory)
+
+
+@pytest.mark.parametrize("stage", ["locked", "inside safetensors", "tensors_written", "tensors_moved",
+                                   "index_written", "index_replaced"])
+def test_a_killed_save_leaves_a_loadable_memory_and_the_next_save_cleans_up(stage, tmp_path):
+    directory = tmp_path / "memory"
+    before, new, after = _memory(4), _memory(6, seed=1), _memory(5, seed=2)
+    before.save(directory)
+    # A real kill (os._exit: no finally, no cleanup) at an exact step, in a forked child.
+    child = multiprocessing.get_context("fork").Process(target=_save_killed_at, args=(new, directory, stage))
+    child.start()
+    child.join()
+    assert child.exitcode == KILLED
+    expected = new if stage == "index_replaced" else before  # memory.json's replacement is the commit point
+    loaded = Memory.load(directory)
+    assert torch.equal(loaded.embeddings, expected.embeddings)
+    assert torch.equal(loaded.document_ids, expected.document_ids)
+    after.save(directory)  # not blocked: the OS released the dead save's lock
+    assert torch.equal(Memory.load(directory).embeddings, after.embeddings)
+    assert sorted(os.listdir(directory)) == [".memory.lock", _json(directory)["tensors_file"], "memory.json"]

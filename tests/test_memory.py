@@ -95,16 +95,18 @@ def test_interrupted_save_keeps_the_previous_memory(memory, tmp_path, monkeypatc
         raise KeyboardInterrupt("killed mid-save")
 
     # Killed after the new embeddings were written, before memory.json was replaced.
-    monkeypatch.setattr("mkfast.racm3.memory.json.dump", crash)
+    monkeypatch.setattr("mkfast.racm3.memory_files.json.dump", crash)
     with pytest.raises(KeyboardInterrupt):
         smaller.save(directory)
     monkeypatch.undo()
     loaded = Memory.load(directory)
     assert torch.equal(loaded.document_ids, memory.document_ids)
-    # A later save succeeds and removes the old file and the crashed save's orphan.
+    assert any(name.startswith(".saving-") for name in os.listdir(directory))  # what the crash left
+    # A later save succeeds and removes the old file, the crashed save's orphan and its staging folder.
     smaller.save(directory)
     assert len(Memory.load(directory)) == 10
-    assert sorted(name.split("-")[0] for name in os.listdir(directory)) == ["embeddings", "memory.json"]
+    assert sorted(name.split("-")[0] for name in os.listdir(directory)) == [".memory.lock", "embeddings",
+                                                                          "memory.json"]
 
 
 def test_invalid_memories_and_queries_are_refused(memory):
@@ -114,7 +116,7 @@ def test_invalid_memories_and_queries_are_refused(memory):
         Memory(torch.randn(3, 4), torch.arange(4))
     with pytest.raises(ValueError, match=r"queries must be \(b, 48\)"):
         memory.search(torch.randn(2, 8), k=2)
-    with pytest.raises(ValueError, match="k must be positive"):
+    with pytest.raises(ValueError, match="k must be a positive int, got 0"):
         memory.search(torch.randn(2, DIM), k=0)
 
 
@@ -176,3 +178,71 @@ def test_sharded_search_over_two_gloo_processes_equals_single_process(tmp_path, 
         expected_scores, expected_ids = memory.search(result["queries"], k=6, exclude_ids=result["exclude_ids"])
         assert torch.equal(result["ids"], expected_ids), rank
         torch.testing.assert_close(result["scores"], expected_scores)
+
+
+def test_search_of_an_empty_memory_returns_padding():
+    empty = Memory(torch.zeros(0, DIM))
+    scores, ids = empty.search(torch.randn(3, DIM), k=2)
+    assert torch.equal(ids, torch.full((3, 2), -1))
+    assert torch.equal(scores, torch.full((3, 2), float("-inf")))
+
+
+def _small(memory, rows):
+    return Memory.from_arrays(memory.embeddings[:rows], memory.document_ids[:rows])
+
+
+def test_a_save_while_another_holds_the_lock_waits_or_fails_clearly(memory, tmp_path, monkeypatch):
+    from mkfast.racm3.memory import MemoryLockedError
+
+    directory = tmp_path / "memory"
+    memory.save(directory)
+    attempts = []
+
+    def second_save(stage):
+        if stage == "tensors_moved" and not attempts:
+            attempts.append(stage)
+            with pytest.raises(MemoryLockedError, match="another save to .* is in progress"):
+                _small(memory, 5).save(directory, wait=False)
+
+    monkeypatch.setattr("mkfast.racm3.memory_files.fault_point", second_save)
+    _small(memory, 10).save(directory)
+    assert attempts and len(Memory.load(directory)) == 10
+
+
+def test_concurrent_saves_run_one_after_the_other(memory, tmp_path, monkeypatch):
+    import threading
+
+    directory = tmp_path / "memory"
+    memory.save(directory)
+    threads = []
+
+    def start_second_save(stage):
+        # Started while the first save holds the lock: it can only finish after the first one.
+        if stage == "tensors_written" and not threads:
+            threads.append(threading.Thread(target=_small(memory, 7).save, args=(directory,)))
+            threads[0].start()
+
+    monkeypatch.setattr("mkfast.racm3.memory_files.fault_point", start_second_save)
+    _small(memory, 10).save(directory)
+    threads[0].join()
+    assert len(Memory.load(directory)) == 7
+    assert sorted(name.split("-")[0] for name in os.listdir(directory)) == [".memory.lock", "embeddings",
+                                                                          "memory.json"]
+
+
+@pytest.mark.parametrize("saves_in_between", [1, 2])
+def test_a_reader_never_sees_a_half_replaced_memory(memory, tmp_path, monkeypatch, saves_in_between):
+    directory = tmp_path / "memory"
+    memory.save(directory)
+    pending = [_small(memory, 10 + index) for index in range(saves_in_between)]
+
+    def save_between_index_and_tensors(stage):
+        # The reader has read memory.json; saves replace the memory (and remove its file) now.
+        while stage == "index_read" and pending:
+            pending.pop(0).save(directory)
+
+    monkeypatch.setattr("mkfast.racm3.memory_files.fault_point", save_between_index_and_tensors)
+    loaded = Memory.load(directory)
+    expected = 10 + saves_in_between - 1
+    assert len(loaded) == expected
+    assert torch.equal(loaded.embeddings, memory.embeddings[:expected])

@@ -17,14 +17,14 @@ filter, widening the candidate pool when the filter leaves fewer than k;
 
 from __future__ import annotations
 
-import json
+import numbers
 import os
-import uuid
 from typing import Callable, Sequence
 
 import torch
 
 from mkfast.ops import topk_dedup
+from mkfast.racm3.memory_files import METADATA_FILE, MemoryLockedError, read_memory, write_memory  # noqa: F401
 
 # RA-CM3's redundancy threshold (SPEC.md, "Retriever", diversity).
 DEFAULT_THRESHOLD = 0.9
@@ -35,8 +35,6 @@ FIRST_POOL_EXTRA = 32
 # Rows scored at once when a shard collects its candidates: bounds the (b, rows)
 # score block to 256 MiB at b=1024 whatever the shard size.
 SHARD_ROWS_PER_CHUNK = 65536
-METADATA_FILE = "memory.json"
-FORMAT_VERSION = 1
 FAISS_KINDS = ("flat", "ivf", "ivfpq")
 
 
@@ -127,53 +125,27 @@ class Memory:
         return Memory(self.embeddings.to(device), self.document_ids.to(device))
 
     # ------------------------------------------------------------ save / load
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write ``directory``/memory.json and one embeddings file, atomically.
+    def save(self, directory: str | os.PathLike, *, wait: bool = True) -> None:
+        """Write ``directory``/memory.json and one embeddings file, atomically (see memory_files).
 
-        The new embeddings go to a fresh file name first; memory.json, which names
-        it, is replaced last with os.replace (the commit point). A save interrupted
-        anywhere leaves the previous memory.json and its embeddings file intact.
+        A save killed anywhere leaves the previous memory loadable; the next save removes
+        what it left. Saves to one directory take a lock: a second one waits, or with
+        ``wait=False`` raises :class:`MemoryLockedError`.
         """
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
-        tensors_name = f"embeddings-{uuid.uuid4().hex[:12]}.safetensors"
-        temporary = os.path.join(directory, tensors_name + ".tmp")
-        save_file({"embeddings": self.embeddings.cpu(), "document_ids": self.document_ids.cpu()}, temporary)
-        _fsync(temporary)
-        os.replace(temporary, os.path.join(directory, tensors_name))
-        metadata = {
-            "format_version": FORMAT_VERSION,
-            "tensors_file": tensors_name,
-            "num_documents": len(self),
-            "dim": self.dim,
-            "dtype": str(self.embeddings.dtype).removeprefix("torch."),
-        }
-        temporary = os.path.join(directory, METADATA_FILE + ".tmp")
-        with open(temporary, "w") as handle:
-            json.dump(metadata, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, os.path.join(directory, METADATA_FILE))
-        # Only now may older embeddings go: the previous save's, and orphans of crashed saves.
-        for name in os.listdir(directory):
-            if name.startswith("embeddings-") and name != tensors_name:
-                try:
-                    os.remove(os.path.join(directory, name))
-                except FileNotFoundError:
-                    pass
+        metadata = {"num_documents": len(self), "dim": self.dim,
+                    "dtype": str(self.embeddings.dtype).removeprefix("torch.")}
+        write_memory(directory, {"embeddings": self.embeddings.cpu(), "document_ids": self.document_ids.cpu()},
+                     metadata, wait=wait)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: torch.device | str = "cpu") -> "Memory":
-        from safetensors.torch import load_file
-
-        metadata = _read_metadata(directory)
-        if metadata.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"Memory.load: unsupported format_version {metadata.get('format_version')} in {directory}")
-        tensors = load_file(os.path.join(directory, metadata["tensors_file"]), device=str(device))
+        """The memory :meth:`save` wrote last. Errors name the file that is missing or damaged."""
+        tensors, metadata, path = read_memory(directory, str(device))
+        if set(tensors) != {"embeddings", "document_ids"}:
+            raise ValueError(f"Memory.load: {path} must hold 'embeddings' and 'document_ids', got {sorted(tensors)}")
         memory = cls(tensors["embeddings"], tensors["document_ids"])
         if len(memory) != metadata["num_documents"] or memory.dim != metadata["dim"]:
-            raise ValueError(f"Memory.load: {directory} holds ({len(memory)}, {memory.dim}), metadata says "
+            raise ValueError(f"Memory.load: {path} holds ({len(memory)}, {memory.dim}), {METADATA_FILE} says "
                              f"({metadata['num_documents']}, {metadata['dim']})")
         return memory
 
@@ -193,6 +165,8 @@ class Memory:
         return torch.where(rows >= 0, ids, torch.full_like(ids, -1))
 
     def _prepare(self, queries, k, exclude_ids):
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k <= 0:
+            raise ValueError(f"Memory.search: k must be a positive int, got {k!r}")
         if not isinstance(queries, torch.Tensor) or queries.dim() != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"Memory.search: queries must be (b, {self.dim}), got {_describe(queries)}")
         queries = queries.to(self.embeddings.device)
@@ -216,6 +190,8 @@ class Memory:
         Padded with -inf / -1 where fewer than k documents survive the filter.
         """
         queries, exclude_rows = self._prepare(queries, k, exclude_ids)
+        if len(self) == 0:
+            return _no_results(queries, k)
         scores, rows = topk_dedup(queries, self.embeddings, k, threshold=threshold, exclude=exclude_rows)
         return scores, self._ids_of_rows(rows)
 
@@ -262,6 +238,8 @@ class Memory:
         if self._faiss_index is None:
             raise RuntimeError("Memory.search_faiss: call build_faiss_index() first")
         queries, exclude_rows = self._prepare(queries, k, exclude_ids)
+        if len(self) == 0:
+            return _no_results(queries, k)
         pool = min(pool or FIRST_POOL_PER_K * k + FIRST_POOL_EXTRA, len(self))
         query_array = queries.detach().float().cpu().numpy()
         pending = torch.arange(queries.shape[0])
@@ -451,14 +429,11 @@ def _walk_candidates(query, embeddings, candidate_rows, k, threshold, exclude_ro
     return scores[0].cpu(), rows, complete
 
 
-def _read_metadata(directory) -> dict:
-    with open(os.path.join(directory, METADATA_FILE)) as handle:
-        return json.load(handle)
-
-
-def _fsync(path: str) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
+def _no_results(queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a search of an empty memory returns: every slot padded (-inf, -1)."""
+    batch, device = queries.shape[0], queries.device
+    return (torch.full((batch, k), float("-inf"), device=device),
+            torch.full((batch, k), -1, dtype=torch.int64, device=device))
 
 
 def _describe(value) -> str:
