@@ -88,15 +88,17 @@ def test_packed_documents_match_eager_packing_forward_and_backward(models, calls
     eager.zero_grad()
 
 
-def test_padding_mask_falls_back_to_sdpa_and_matches_eager(models, calls):
+def test_padding_runs_through_the_kernels_document_masks(models, calls):
+    """Left and right padding become documents of the kernel's own masking (no SDPA fallback)."""
     ours, eager = models
     input_ids = torch.randint(0, 97, (2, 12))
     attention_mask = torch.ones_like(input_ids)
-    attention_mask[0, :4] = 0  # left padding: not expressible as causal/document masks
-    with torch.no_grad():
+    attention_mask[0, :4] = 0  # left padding
+    attention_mask[1, 9:] = 0  # right padding
+    with torch.no_grad(), mkfast.use_backend("triton"):
         logits = ours(input_ids, attention_mask=attention_mask, use_cache=False).logits
-        expected = eager(input_ids, attention_mask=attention_mask, use_cache=False).logits
-    assert calls["attention"] == 0
+    expected = eager(input_ids, attention_mask=attention_mask, use_cache=False).logits.detach()
+    assert calls["attention"] == 2
     assert_close(logits[attention_mask.bool()], expected[attention_mask.bool()])
 
 

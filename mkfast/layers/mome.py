@@ -10,6 +10,7 @@ The whole layer runs as one fused op (mkfast.ops.mome_ffn).
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,42 @@ def _norm_eps(norm: nn.Module, dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps if eps is None else eps)
 
 
+class NormGuard:
+    """Catches a block that still applies the norm a replacement MLP applies itself.
+
+    A Llama block computes ``h + mlp(post_attention_layernorm(h))``. A layer that takes
+    the ``mlp`` slot and normalises inside (MoMEFFN, MKS2's visual-memory wrapper) needs
+    the block's ``post_attention_layernorm`` set to ``nn.Identity()``; left in place, the
+    norm runs twice and the output is silently wrong. The guard remembers the norm
+    module's latest output (weakly) and the owner refuses exactly that tensor as input.
+    """
+
+    def __init__(self, norm: nn.Module):
+        self._last_output = None
+        self._handle = norm.register_forward_hook(self._remember)
+
+    def _remember(self, module, inputs, output) -> None:
+        if isinstance(output, torch.Tensor):
+            self._last_output = weakref.ref(output)
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles start with no remembered output (a weakref does not pickle).
+        return {"_last_output": None, "_handle": None}
+
+    def release(self) -> None:
+        """Remove the hook from the norm (when the owner gives the norm back)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def check(self, layer: str, hidden_states: torch.Tensor) -> None:
+        if self._last_output is not None and self._last_output() is hidden_states:
+            raise RuntimeError(f"{layer}: its input is the output of the norm it applies itself: the block "
+                               "still runs post_attention_layernorm before its mlp. Set "
+                               "block.post_attention_layernorm = torch.nn.Identity() "
+                               "(mkfast.apply_mks2 does)")
+
+
 class MoMEFFN(nn.Module):
     """h_M = S_1 * LoRA-MVM(h_s) + S_2 * LoRA-SwiGLU(norm(h_s)); the caller adds the residual h_s.
 
@@ -47,6 +84,9 @@ class MoMEFFN(nn.Module):
             or ``eps``); the text expert and the router read its output.
         rank, alpha: LoRA rank and alpha; the update is ``(alpha / rank) * B (A x)`` (PEFT).
 
+    Replacing a block's ``mlp``: set its ``post_attention_layernorm`` to ``nn.Identity()``, since
+    this layer applies ``norm`` itself (calling it with the norm's own output is refused).
+    ``visual_memory`` is moved to the MLP's dtype and device; ``norm`` must be on that device.
     The three wrapped modules are frozen (requires_grad False). Trainable parameters:
     ``<projection>_lora_A`` (rank, in) kaiming-uniform and ``<projection>_lora_B`` (out, rank)
     zeros, for projection in gate_proj, up_proj, down_proj, fc1, fc2, and ``router``
@@ -76,13 +116,20 @@ class MoMEFFN(nn.Module):
                 raise TypeError(f"MoMEFFN: mlp.act_fn must be SiLU (the fused op computes SwiGLU), got {activation!r}")
         if not isinstance(getattr(norm, "weight", None), torch.Tensor):
             raise TypeError(f"MoMEFFN: norm must be an RMSNorm module with a weight, got {type(norm).__name__}")
+        weight = mlp.gate_proj.weight
+        factory = dict(device=weight.device, dtype=weight.dtype)
+        if norm.weight.device != weight.device:
+            raise ValueError(f"MoMEFFN: norm must be on the MLP's device {weight.device}, "
+                             f"got {norm.weight.device}")
+        # The fused op runs in the MLP's dtype on its device: a memory built with defaults (fp32, CPU)
+        # beside a bf16 GPU model is moved there once, here, instead of failing at the first forward.
+        visual_memory.to(**factory)
         self.mlp, self.visual_memory, self.norm = mlp, visual_memory, norm
         for module in (mlp, visual_memory, norm):
             module.requires_grad_(False)
         self.rank, self.alpha = rank, alpha
         self.scaling = alpha / rank
-        weight = mlp.gate_proj.weight
-        factory = dict(device=weight.device, dtype=weight.dtype)
+        self._norm_guard = NormGuard(norm)
         for name in PROJECTIONS:
             linear = self._linear(name)
             lora_A = nn.Parameter(torch.empty(rank, linear.in_features, **factory))
@@ -139,6 +186,7 @@ class MoMEFFN(nn.Module):
         """hidden_states h_s: (B, T, d) or (N, d) -> h_M, same shape and dtype, through the fused op."""
         # Checked before the cast to the weights' dtype, which would accept integers and truncate the output.
         check_tensor("MoMEFFN", "hidden_states", hidden_states, dtypes=FLOAT_DTYPES)
+        self._norm_guard.check("MoMEFFN", hidden_states)
         output = mome_ffn(hidden_states.to(self.mlp.gate_proj.weight.dtype), **self.op_arguments())
         return output.to(hidden_states.dtype)
 

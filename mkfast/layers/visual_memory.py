@@ -31,10 +31,10 @@ class RMSNorm(nn.Module):
     Same attribute names as transformers' LlamaRMSNorm (``weight``, ``variance_epsilon``).
     """
 
-    def __init__(self, hidden_size: int, eps: float = DEFAULT_EPS):
+    def __init__(self, hidden_size: int, eps: float = DEFAULT_EPS, *, device=None, dtype=None):
         super().__init__()
         _check_size("RMSNorm", "hidden_size", hidden_size)
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -53,19 +53,23 @@ class VisualMemory(nn.Module):
     """MVM(norm(x)): RMSNorm -> fc1 (d -> d*ratio) -> SiLU -> fc2 (-> d), no biases, no residual.
 
     fc2 starts at zero, so a freshly inserted memory leaves the model unchanged.
-    Input (B, T, d) or (N, d), any float dtype matching the parameters.
+    Input (B, T, d) or (N, d), any float dtype matching the parameters. Pass the host
+    model's ``device`` and ``dtype`` (like ``nn.Linear``); :class:`MoMEFFN` also moves a
+    memory to its MLP's.
     """
 
-    def __init__(self, hidden_size: int, ratio: float = 0.25, eps: float = DEFAULT_EPS):
+    def __init__(self, hidden_size: int, ratio: float = 0.25, eps: float = DEFAULT_EPS, *, device=None,
+                 dtype=None):
         super().__init__()
         _check_size("VisualMemory", "hidden_size", hidden_size)
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0 < ratio < math.inf):
             raise ValueError(f"VisualMemory: ratio must be a positive finite number, got {ratio!r}")
         self.hidden_size = hidden_size
         self.inner_size = max(1, int(round(hidden_size * ratio)))
-        self.norm = RMSNorm(hidden_size, eps)
-        self.fc1 = nn.Linear(hidden_size, self.inner_size, bias=False)
-        self.fc2 = nn.Linear(self.inner_size, hidden_size, bias=False)
+        factory = dict(device=device, dtype=dtype)
+        self.norm = RMSNorm(hidden_size, eps, **factory)
+        self.fc1 = nn.Linear(hidden_size, self.inner_size, bias=False, **factory)
+        self.fc2 = nn.Linear(self.inner_size, hidden_size, bias=False, **factory)
         nn.init.zeros_(self.fc2.weight)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,13 @@ Format: a directory holding two files.
 ``load_adapters`` puts a model built with ``build_mks2`` (visual memory added) in the
 saved stage (enabling MoMEs when needed) and loads every tensor, refusing any
 missing or unexpected name, so logits after loading equal those at saving exactly.
+
+The same two functions take a plain transformers causal LM patched by
+``mkfast.apply_mks2`` (no vision adapter): names are then the LM's own
+(``model.layers.{i}.mlp.visual_memory.fc1.weight``) and ``load_adapters`` applies the
+saved patch to an unpatched LM itself, so ``mkfast.load_mks2(model, directory)``
+restores a trained model in one line. ``"model_class"`` in the config says which kind
+wrote the directory; a model of another kind, depth or width is refused before any change.
 """
 
 from __future__ import annotations
@@ -31,8 +38,8 @@ import torch
 from torch import nn
 
 from mkfast.mks2.model import MKS2Model
-from mkfast.mks2.patching import (MOMES, VISUAL_MEMORY, VisualMemoryFeedForward, decoder_layers, enable_momes,
-                                  patch_state)
+from mkfast.mks2.patching import (MOMES, VISUAL_MEMORY, VisualMemoryFeedForward, apply_mks2, decoder_layers,
+                                  enable_momes, patch_state)
 
 FORMAT_NAME = "mkfast-mks2"
 FORMAT_VERSION = 1
@@ -49,13 +56,19 @@ def _base_modules(layer_feed_forward: nn.Module) -> list[nn.Module]:
     return [layer_feed_forward.mlp, layer_feed_forward.norm]
 
 
-def adapter_state_dict(model: MKS2Model) -> dict[str, torch.Tensor]:
+def _language_model(model: nn.Module) -> nn.Module:
+    """The Llama inside an MKS2Model, or the model itself (a causal LM patched by apply_mks2)."""
+    return model.language_model if isinstance(model, MKS2Model) else model
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Name -> tensor of everything MKS2 adds to the base Llama and the frozen BLIP-2 (see module docstring)."""
-    if patch_state(model.language_model) is None:
+    language_model = _language_model(model)
+    if patch_state(language_model) is None:
         raise RuntimeError("save_adapters: the language model has no visual memory")
-    language_names = {id(tensor) for tensor in model.language_model.state_dict(keep_vars=True).values()}
+    language_names = {id(tensor) for tensor in language_model.state_dict(keep_vars=True).values()}
     adapter_ids = set()
-    for layer in decoder_layers(model.language_model):
+    for layer in decoder_layers(language_model):
         base_ids = {id(tensor) for base in _base_modules(layer.mlp)
                     for tensor in base.state_dict(keep_vars=True).values()}
         adapter_ids |= {id(tensor) for tensor in layer.mlp.state_dict(keep_vars=True).values()} - base_ids
@@ -69,17 +82,19 @@ def adapter_state_dict(model: MKS2Model) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapters(model: MKS2Model, directory: str) -> list[str]:
+def save_adapters(model: nn.Module, directory: str) -> list[str]:
     """Write adapter_model.safetensors + adapter_config.json into ``directory``; returns the tensor names."""
     from safetensors.torch import save_file
 
     os.makedirs(directory, exist_ok=True)
     state = adapter_state_dict(model)
-    language_model = model.language_model
+    language_model = _language_model(model)
     stage = patch_state(language_model)
     config = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
+        "model_class": type(model).__name__ if isinstance(model, MKS2Model) else "causal_lm",
+        "model_type": getattr(language_model.config, "model_type", None),
         "stage": stage,
         "visual_memory_ratio": language_model.mks2_visual_memory_ratio,
         "lora_rank": getattr(language_model, "mks2_mome_rank", None),
@@ -104,17 +119,30 @@ def read_adapter_config(directory: str) -> dict:
     return config
 
 
-def load_adapters(model: MKS2Model, directory: str) -> MKS2Model:
-    """Load adapters saved by ``save_adapters`` into ``model`` (built with build_mks2), in place."""
+def load_adapters(model: nn.Module, directory: str) -> nn.Module:
+    """Load adapters saved by ``save_adapters`` into ``model``, in place; returns it.
+
+    ``model``: an MKS2Model built with build_mks2, or a transformers causal LM (patched by
+    ``apply_mks2`` or not: an unpatched one gets the saved stage, rank and ratio applied first).
+    """
     from safetensors.torch import load_file
 
     config = read_adapter_config(directory)
-    language_model = model.language_model
+    language_model = _language_model(model)
+    model_class = type(model).__name__ if isinstance(model, MKS2Model) else "causal_lm"
+    saved_class = config.get("model_class", MKS2Model.__name__)
+    if saved_class != model_class:
+        raise ValueError(f"load_adapters: {directory} holds adapters of a {saved_class}, "
+                         f"the model is a {model_class}")
     layers = len(decoder_layers(language_model))
     if config["num_hidden_layers"] != layers or config["hidden_size"] != language_model.config.hidden_size:
         raise ValueError(f"load_adapters: adapters are for {config['num_hidden_layers']} layers of size "
                          f"{config['hidden_size']}, the model has {layers} of size {language_model.config.hidden_size}")
     state = patch_state(language_model)
+    if state is None and model_class == "causal_lm":
+        apply_mks2(language_model, stage=config["stage"], rank=config["lora_rank"] or 8,
+                   alpha=config["lora_alpha"] or 16, ratio=config["visual_memory_ratio"])
+        state = patch_state(language_model)
     if state is None:
         raise RuntimeError("load_adapters: add the visual memory first (build_mks2 does)")
     if config["stage"] == MOMES and state == VISUAL_MEMORY:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from mkfast.layers import MoMEFFN, VisualMemory
+from mkfast.layers.mome import NormGuard
 
 VISUAL_MEMORY = "visual_memory"
 MOMES = "momes"
@@ -44,8 +45,10 @@ class VisualMemoryFeedForward(nn.Module):
         self.mlp = mlp
         self.post_attention_layernorm = post_attention_layernorm
         self.visual_memory = visual_memory
+        self._norm_guard = NormGuard(post_attention_layernorm)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        self._norm_guard.check("mks2 visual memory", hidden_states)
         memory_output = self.visual_memory(hidden_states)
         fused = hidden_states + memory_output
         return memory_output + self.mlp(self.post_attention_layernorm(fused))
@@ -114,9 +117,10 @@ def add_visual_memory(model: nn.Module, ratio: float = 0.25, freeze_base: bool =
     if freeze_base:
         _freeze(model)
     for layer in decoder_layers(model):
-        reference_weight = layer.post_attention_layernorm.weight
-        visual_memory = VisualMemory(hidden_size, ratio=ratio, eps=eps).to(device=reference_weight.device,
-                                                                   dtype=reference_weight.dtype)
+        # Built where the MLP it sits beside lives, in its dtype (a bf16 model gets a bf16 memory).
+        reference_weight = next(layer.mlp.parameters())
+        visual_memory = VisualMemory(hidden_size, ratio=ratio, eps=eps, device=reference_weight.device,
+                                     dtype=reference_weight.dtype)
         layer.mlp = VisualMemoryFeedForward(layer.mlp, layer.post_attention_layernorm, visual_memory)
         layer.post_attention_layernorm = nn.Identity()
     model.mks2_visual_memory_ratio = ratio
@@ -131,6 +135,7 @@ def remove_visual_memory(model: nn.Module) -> nn.Module:
         raise RuntimeError("mks2: model has no visual memory to remove")
     for layer in decoder_layers(model):
         wrapper = layer.mlp
+        wrapper._norm_guard.release()
         layer.mlp = wrapper.mlp
         layer.post_attention_layernorm = wrapper.post_attention_layernorm
     del model.mks2_visual_memory_ratio
@@ -166,6 +171,7 @@ def enable_momes(model: nn.Module, rank: int = 8, alpha: float = 16) -> nn.Modul
     _freeze(model)
     for layer in decoder_layers(model):
         wrapper = layer.mlp
+        wrapper._norm_guard.release()
         layer.mlp = MoMEFFN(wrapper.mlp, wrapper.visual_memory, wrapper.post_attention_layernorm,
                             rank=rank, alpha=alpha)
     model.mks2_mome_rank = rank
@@ -179,6 +185,7 @@ def disable_momes(model: nn.Module) -> nn.Module:
         raise RuntimeError("mks2: MoMEs are not enabled")
     for layer in decoder_layers(model):
         mome = layer.mlp
+        mome._norm_guard.release()
         layer.mlp = VisualMemoryFeedForward(mome.mlp, mome.norm, mome.visual_memory)
     del model.mks2_mome_rank, model.mks2_mome_alpha
     return model
@@ -186,3 +193,84 @@ def disable_momes(model: nn.Module) -> nn.Module:
 
 def trainable_parameter_count(module: nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters() if parameter.requires_grad)
+
+
+# --------------------------------------------------------------------------- one-call drop-in
+# Decoder layers of these transformers model types compute h + mlp(post_attention_layernorm(h))
+# with a Llama RMSNorm and a SwiGLU MLP: the block MKS2 patches. Tested on each (tests/test_dropin.py).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+UNSUPPORTED_REASONS = {
+    "gemma": "Gemma's RMSNorm scales by (1 + weight) and its MLP uses GELU, while the fused MoME op "
+             "computes weight * x / rms(x) and SwiGLU",
+    "gemma2": "its decoder layer normalises around the MLP (pre_/post_feedforward_layernorm), "
+              "not the Llama block MKS2 patches",
+    "gemma3": "its decoder layer normalises around the MLP (pre_/post_feedforward_layernorm), "
+              "not the Llama block MKS2 patches",
+}
+STAGES = (VISUAL_MEMORY, MOMES)
+
+
+def check_supported_model(model: nn.Module, caller: str) -> None:
+    """Refuse, saying why, a model whose blocks are not the Llama form the patch assumes."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        reason = UNSUPPORTED_REASONS.get(model_type, "not a Llama-family decoder mkfast supports")
+        raise TypeError(f"{caller}: model_type {model_type!r} is not supported ({reason}); "
+                        f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    layer = decoder_layers(model)[0]
+    for extra in ("pre_feedforward_layernorm", "post_feedforward_layernorm"):
+        if hasattr(layer, extra):
+            raise TypeError(f"{caller}: decoder layers have {extra!r}: not the Llama block MKS2 patches")
+    # Checked by value: a (1 + weight) offset (Gemma-style) would be silently dropped by the fused op.
+    norm = layer.post_attention_layernorm
+    weight = norm.weight.detach()
+    probe = torch.linspace(-2, 2, weight.numel(), device=weight.device, dtype=torch.float32)[None]
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)) or 1e-6)
+    with torch.no_grad():
+        expected = weight.float() * probe * torch.rsqrt(probe.pow(2).mean(-1, keepdim=True) + eps)
+        actual = norm(probe.to(weight.dtype)).float()
+    if not torch.allclose(actual, expected, rtol=2e-2, atol=2e-2):
+        raise TypeError(f"{caller}: post_attention_layernorm ({type(norm).__name__}) does not compute "
+                        "weight * x / rms(x) (a Gemma-style (1 + weight) offset?); MKS2's fused op would "
+                        "change the model")
+
+
+def apply_mks2(model: nn.Module, *, stage: str = MOMES, rank: int = 8, alpha: float = 16,
+               ratio: float = 0.25, seed: int = 0) -> nn.Module:
+    """Put MKS2 into a transformers Llama / Mistral / Qwen2 causal LM, in place; returns the model.
+
+    ``stage="visual_memory"`` (MKS2 stage 1) inserts a visual memory of inner size
+    ``ratio * hidden_size`` in every block and trains only those; ``stage="momes"`` (stage 2)
+    also turns each block's MLP and memory into the MoMEFFN mixture with LoRA of
+    ``rank``/``alpha`` and trains only the LoRA matrices and routers. New parameters are in
+    the model's dtype and device and initialise from ``seed``; a fresh visual memory leaves
+    the logits unchanged. Each block's ``post_attention_layernorm`` becomes ``nn.Identity``
+    (the new mlp applies it). Refuses a model already patched; :func:`remove_mks2` undoes it all,
+    trainability flags included.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"apply_mks2: stage must be one of {STAGES}, got {stage!r}")
+    if patch_state(model) is not None:
+        raise RuntimeError(f"apply_mks2: model already patched ({patch_state(model)}); "
+                           "call remove_mks2 first")
+    check_supported_model(model, "apply_mks2")
+    trainable = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    with seeded(seed):
+        add_visual_memory(model, ratio=ratio, freeze_base=True)
+        if stage == MOMES:
+            enable_momes(model, rank=rank, alpha=alpha)
+    model.mks2_base_requires_grad = trainable
+    return model
+
+
+def remove_mks2(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_mks2` in place: the original modules, tensors and trainability; returns the model."""
+    if patch_state(model) is None:
+        raise RuntimeError("remove_mks2: the model has no MKS2 patch")
+    remove_visual_memory(model)
+    trainable = getattr(model, "mks2_base_requires_grad", None)
+    if trainable is not None:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(trainable.get(name, parameter.requires_grad))
+        del model.mks2_base_requires_grad
+    return model

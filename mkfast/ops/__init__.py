@@ -13,3 +13,9 @@ __all__ += ["attention", "attention_reference", "decode_attention", "decode_atte
 from mkfast.ops.mome import mome_ffn, mome_ffn_reference  # noqa: E402
 
 __all__ += ["mome_ffn", "mome_ffn_reference"]
+
+from mkfast.ops.attention_interface import (  # noqa: E402
+    attention_bshd, attention_varlen, document_ids_from_position_ids,
+)
+
+__all__ += ["attention_bshd", "attention_varlen", "document_ids_from_position_ids"]
