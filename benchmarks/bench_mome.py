@@ -3,8 +3,8 @@
     python -m benchmarks.bench_mome [--quick]
 
 Providers (one setup shared by all; nothing re-written here):
-  mkfast                  MoMEFFN.forward: the fused op, backend "auto" (Triton on CUDA;
-                          on CPU the reference inside the custom op, recomputing in backward)
+  mkfast                  MoMEFFN.forward: the fused op, backend "auto" (Triton on CUDA; on CPU
+                          the cpu backend: torch matmuls, pre-activations saved, analytic backward)
   eager reference         mkfast.ops.mome_ffn_reference under plain autograd
   peft-style              MoMEFFN.forward_composed: nn.Linear + LoRA modules + router, unfused
   frozen GEMMs (matmul)   the five frozen projections alone with torch.matmul (forward), plus
@@ -31,7 +31,7 @@ from benchmarks.common import (Measurement, command_line, cpu_threads, interleav
                                resolve_device, run_suite)
 from mkfast.layers.mome import MoMEFFN
 from mkfast.layers.visual_memory import RMSNorm, VisualMemory
-from mkfast.ops.mome import FLOAT_NAMES, FROZEN_NAMES, TRAINABLE_NAMES, mome_ffn_reference
+from mkfast.ops.mome import mome_ffn_reference
 
 # Llama-2-7B: hidden 4096, MLP 11008, MVM hidden/4, LoRA rank 8 (SPEC.md, Stage 2).
 GPU_SHAPE = dict(hidden=4096, intermediate=11008, visual=1024, rank=8)
@@ -39,6 +39,8 @@ GPU_TOKENS, GPU_QUICK_TOKENS = (4096, 8192, 16384), (4096,)
 # A CPU-sized layer (same ratios, 1/8 width) so the whole CPU run stays under 2 minutes on 2 cores.
 CPU_SHAPE = dict(hidden=512, intermediate=1376, visual=128, rank=8)
 CPU_TOKENS, CPU_QUICK_TOKENS = (256, 1024), (256,)
+# main(cases=...): "target" is the issue's GPU target (Llama-2-7B sizes, 8192 tokens); "tiny" a dry run's.
+CASE_SETS = {"target": (GPU_SHAPE, (8192,)), "tiny": (dict(hidden=64, intermediate=172, visual=16, rank=8), (16,))}
 # One CPU thread: on the shared 2-core machine, 2 OpenMP threads under other jobs' load made
 # the same forward 30x slower and erratic (0.78 s vs 0.02 s at 128 tokens, load average 8).
 CPU_THREADS = 1
@@ -70,8 +72,7 @@ def setup(tokens, hidden, intermediate, visual, rank, dtype, device):
 
 def reference_call(layer: MoMEFFN, x):
     """mome_ffn_reference on the layer's tensors (the same arguments the fused op gets)."""
-    arguments = layer.op_arguments()
-    return mome_ffn_reference(x, *[arguments[name] for name in (*FROZEN_NAMES, *TRAINABLE_NAMES, *FLOAT_NAMES)])
+    return mome_ffn_reference(x, layer.mome_weights())
 
 
 def frozen_gemms(layer: MoMEFFN, x, grad_output, backward: bool):
@@ -138,16 +139,19 @@ def saved_memory_report(tokens: int) -> dict[str, float]:
     return saved
 
 
-def main(quick: bool = False, device: str | None = None, output_root: str | None = None) -> None:
+def main(quick: bool = False, device: str | None = None, output_root: str | None = None,
+         cases: str = "default") -> None:
     device = resolve_device(device)
     with cpu_threads(device, CPU_THREADS):
-        _run(quick, device, output_root)
+        _run(quick, device, output_root, cases)
 
 
-def _run(quick: bool, device: torch.device, output_root: str | None) -> None:
+def _run(quick: bool, device: torch.device, output_root: str | None, cases: str = "default") -> None:
     on_gpu = device.type == "cuda"
     shape = GPU_SHAPE if on_gpu else CPU_SHAPE
     token_counts = (GPU_QUICK_TOKENS if quick else GPU_TOKENS) if on_gpu else (CPU_QUICK_TOKENS if quick else CPU_TOKENS)
+    if cases != "default":
+        shape, token_counts = CASE_SETS[cases]
     dtype = torch.bfloat16 if on_gpu else torch.float32
     repetitions = 3 if quick else (10 if on_gpu else 7)
     warmup_rounds = 3 if on_gpu else 1  # GPU: Triton compilation and cuBLAS heuristics settle
@@ -184,10 +188,10 @@ def _run(quick: bool, device: torch.device, output_root: str | None) -> None:
         "Activation memory saved for backward, MiB, measured with saved_tensors_hooks: "
         + "; ".join(memory_notes) + "."
     )
-    if not on_gpu:
+    if not on_gpu and cases != "tiny":  # a dry run skips the interpreter's saved-memory child
         notes += f" Shared 2-core machine, 1-minute load average {os.getloadavg()[0]:.1f} at the end of the run."
-        notes += (" On CPU, mkfast runs the reference inside the custom op and recomputes it in backward,"
-                  " so it saves only its inputs. " + _triton_saved_memory_on_cpu(shape))
+        notes += (" On CPU, mkfast runs its cpu backend (torch matmuls; it saves the same tensors as the"
+                  " Triton backend). " + _triton_saved_memory_on_cpu(shape))
     run_suite("mome", measurements, device, baseline="peft-style", notes=notes, output_root=output_root)
 
 

@@ -55,6 +55,9 @@ GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_wa
 SMALLEST_GEMM_BLOCK_N = min(tile[1] for tile in GEMM_TILES)
 GROUP_M = 8  # row blocks per group in the tile order (Triton matmul tutorial's value)
 MIN_DOT_SIZE = 16  # smallest tl.dot dimension; LoRA ranks are padded up to it
+# Columns of rstd (text norm, visual norm) and of the router probabilities (visual, text expert).
+RSTD_TEXT, RSTD_VISUAL = 0, 1
+PROB_VISUAL, PROB_TEXT = 0, 1
 
 
 def _padded(size: int) -> int:
@@ -148,16 +151,17 @@ def _mome_lowrank_in_kernel(
 @triton.jit
 def _mome_expert_in_kernel(
     x_ptr, norm_ptr, first_weight_ptr, second_weight_ptr, lowrank_ptr, first_lora_B_ptr, second_lora_B_ptr,
-    rstd_ptr, first_out_ptr, second_out_ptr, activation_out_ptr,
-    tokens, tokens_bucket, hidden, width, rank, lowrank_stride, rstd_column, lora_scale,
+    rstd_ptr, probs_ptr, first_out_ptr, second_out_ptr, activation_out_ptr,
+    tokens, tokens_bucket, hidden, width, rank, lowrank_stride, rstd_column, prob_column, lora_scale,
     GATED: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """first_out = rstd * (x*w) W1^T + s * lowrank[:, :r] B1^T: (M, width); GATED also second (W2, lowrank[:, r:2r]).
 
-    Epilogue: activation_out = silu(first) * second (GATED, SwiGLU) or silu(first), from the
-    values as rounded for storage, like the reference. It feeds the second layer and is freed
-    after forward (backward recomputes it from the pre-activations).
+    Epilogue: activation_out = S * silu(first) * second (GATED, SwiGLU) or S * silu(first), from
+    the values as rounded for storage, S = probs[:, prob_column] the expert's router weight, so
+    that both experts' second layers add into one accumulator. It feeds the second layer and is
+    freed after forward (backward recomputes the activation from the pre-activations).
     """
     row_block, col_block = _tile_coordinates(tokens, width, BLOCK_M, BLOCK_N, GROUP_M)
     rows = (row_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -197,7 +201,8 @@ def _mome_expert_in_kernel(
         second = second.to(dtype)
         tl.store(second_out_ptr + out_offsets, second, mask=out_mask)
         activation = activation * second.to(tl.float32)
-    tl.store(activation_out_ptr + out_offsets, activation.to(dtype), mask=out_mask)
+    prob = tl.load(probs_ptr + rows * 2 + prob_column, mask=row_mask, other=0.0)
+    tl.store(activation_out_ptr + out_offsets, (activation * prob[:, None]).to(dtype), mask=out_mask)
 
 
 @triton.jit
@@ -219,48 +224,59 @@ def _mome_act_lowrank_kernel(
     tl.store(out_ptr + rows[:, None] * rank + ranks[None, :], acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & (ranks[None, :] < rank))
 
 
+@triton.jit
+def _accumulate_row_major(acc, act_ptr, weight_ptr, rows, cols, row_mask, col_mask, width,
+                          BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += act[rows, :] @ weight[cols, :]^T over K = width; act: (M, width), weight: (N, width)."""
+    for start in range(0, width, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_mask = ks < width
+        act = tl.load(act_ptr + rows[:, None] * width + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
+                      other=0.0)
+        weight = tl.load(weight_ptr + cols[None, :] * width + ks[:, None], mask=col_mask[None, :] & k_mask[:, None],
+                         other=0.0)
+        acc += tl.dot(act, weight, input_precision=PRECISION)
+    return acc
+
+
 @triton.autotune(configs=GEMM_CONFIGS, key=["hidden", "intermediate", "visual_size", "tokens_bucket"])
 @triton.jit
 def _mome_expert_out_kernel(
     text_act_ptr, visual_act_ptr, down_weight_ptr, fc2_weight_ptr, down_lowrank_ptr, fc2_lowrank_ptr,
-    down_lora_B_ptr, fc2_lora_B_ptr, probs_ptr, out_ptr,
+    down_lora_B_ptr, fc2_lora_B_ptr, out_ptr,
     tokens, tokens_bucket, hidden, intermediate, visual_size, rank, lora_scale,
     RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """out = S_1 * (silu(f) W2^T + s l2 B2^T) + S_2 * (silu(g)*u Wd^T + s ld Bd^T): (M, d)."""
+    """out = [S_2 a_t, S_1 a_v, s l_d, s l_2] . [W_d, W_2, B_d, B_2]^T: (M, d), one accumulator.
+
+    The activations and LoRA-A outputs come router-weighted from expert_in, so the two experts
+    are one GEMM over K = I + Iv + 2r: one fp32 (BLOCK_M, BLOCK_N) tile stays live, not two.
+    """
     row_block, col_block = _tile_coordinates(tokens, hidden, BLOCK_M, BLOCK_N, GROUP_M)
     rows = (row_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < tokens, cols < hidden
-    dtype = out_ptr.dtype.element_ty
-    text_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for start in range(0, intermediate, BLOCK_K):
-        ks = start + tl.arange(0, BLOCK_K)
-        k_mask = ks < intermediate
-        hidden_act = tl.load(text_act_ptr + rows[:, None] * intermediate + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        weight = tl.load(down_weight_ptr + cols[None, :] * intermediate + ks[:, None], mask=col_mask[None, :] & k_mask[:, None], other=0.0)
-        text_acc += tl.dot(hidden_act, weight, input_precision=PRECISION)
-    visual_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for start in range(0, visual_size, BLOCK_K):
-        ks = start + tl.arange(0, BLOCK_K)
-        k_mask = ks < visual_size
-        hidden_act = tl.load(visual_act_ptr + rows[:, None] * visual_size + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        weight = tl.load(fc2_weight_ptr + cols[None, :] * visual_size + ks[:, None], mask=col_mask[None, :] & k_mask[:, None], other=0.0)
-        visual_acc += tl.dot(hidden_act, weight, input_precision=PRECISION)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _accumulate_row_major(acc, text_act_ptr, down_weight_ptr, rows, cols, row_mask, col_mask, intermediate,
+                                BLOCK_K, PRECISION)
+    acc = _accumulate_row_major(acc, visual_act_ptr, fc2_weight_ptr, rows, cols, row_mask, col_mask, visual_size,
+                                BLOCK_K, PRECISION)
     ranks = tl.arange(0, RANK_PAD)
     rank_mask = ranks < rank
     lowrank_offsets = rows[:, None] * rank + ranks[None, :]
     lowrank_mask = row_mask[:, None] & rank_mask[None, :]
     lora_B_offsets = cols[None, :] * rank + ranks[:, None]
     lora_B_mask = col_mask[None, :] & rank_mask[:, None]
-    text_acc += lora_scale * tl.dot(tl.load(down_lowrank_ptr + lowrank_offsets, mask=lowrank_mask, other=0.0),
-                                    tl.load(down_lora_B_ptr + lora_B_offsets, mask=lora_B_mask, other=0.0), input_precision=PRECISION)
-    visual_acc += lora_scale * tl.dot(tl.load(fc2_lowrank_ptr + lowrank_offsets, mask=lowrank_mask, other=0.0),
-                                      tl.load(fc2_lora_B_ptr + lora_B_offsets, mask=lora_B_mask, other=0.0), input_precision=PRECISION)
-    prob_visual = tl.load(probs_ptr + rows * 2, mask=row_mask, other=0.0)
-    out = prob_visual[:, None] * visual_acc + (1.0 - prob_visual)[:, None] * text_acc
-    tl.store(out_ptr + rows[:, None] * hidden + cols[None, :], out.to(dtype), mask=row_mask[:, None] & col_mask[None, :])
+    down_lowrank = tl.load(down_lowrank_ptr + lowrank_offsets, mask=lowrank_mask, other=0.0)
+    fc2_lowrank = tl.load(fc2_lowrank_ptr + lowrank_offsets, mask=lowrank_mask, other=0.0)
+    lora = tl.dot(down_lowrank, tl.load(down_lora_B_ptr + lora_B_offsets, mask=lora_B_mask, other=0.0),
+                  input_precision=PRECISION)
+    lora = tl.dot(fc2_lowrank, tl.load(fc2_lora_B_ptr + lora_B_offsets, mask=lora_B_mask, other=0.0), lora,
+                  input_precision=PRECISION)
+    acc += lora_scale * lora
+    tl.store(out_ptr + rows[:, None] * hidden + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
@@ -401,122 +417,100 @@ def _tile_grid(tokens: int, width: int):
     return lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),)
 
 
-def mome_forward(x, text_norm_weight, gate_weight, up_weight, down_weight, visual_norm_weight, fc1_weight,
-                 fc2_weight, gate_lora_A, gate_lora_B, up_lora_A, up_lora_B, down_lora_A, down_lora_B,
-                 fc1_lora_A, fc1_lora_B, fc2_lora_A, fc2_lora_B, router_weight, router_bias,
-                 text_norm_eps, visual_norm_eps, lora_scale):
-    """Launch the forward. Shapes as in mkfast.ops.mome; returns (output, *residuals) in RESIDUAL_NAMES order."""
+def mome_forward(x, weights):
+    """Launch the forward. x: (M, d); weights: the op's MoMEWeights (any object with its fields).
+
+    Returns (output (M, d), residuals): the residuals in the order and meaning of
+    mkfast.ops.mome.MoMEResiduals.
+    """
+    w = weights
     tokens, hidden = x.shape
-    intermediate, visual_size, rank = gate_weight.shape[0], fc1_weight.shape[0], gate_lora_A.shape[0]
+    intermediate, visual_size, rank = w.gate_weight.shape[0], w.fc1_weight.shape[0], w.gate_lora_A.shape[0]
     dtype, device = x.dtype, x.device
     output = torch.empty((tokens, hidden), dtype=dtype, device=device)
     gate_pre = torch.empty((tokens, intermediate), dtype=dtype, device=device)
     up_pre = torch.empty_like(gate_pre)
     visual_pre = torch.empty((tokens, visual_size), dtype=dtype, device=device)
     text_lowrank = torch.empty((tokens, 2 * rank), dtype=dtype, device=device)
-    visual_lowrank, down_lowrank, fc2_lowrank = (torch.empty((tokens, rank), dtype=dtype, device=device) for _ in range(3))
+    visual_lowrank, down_lowrank, fc2_lowrank = (torch.empty((tokens, rank), dtype=dtype, device=device)
+                                                 for _ in range(3))
     probs = torch.empty((tokens, 2), dtype=torch.float32, device=device)
     rstd = torch.empty((tokens, 2), dtype=torch.float32, device=device)
     residuals = (gate_pre, up_pre, visual_pre, text_lowrank, visual_lowrank, down_lowrank, fc2_lowrank, probs, rstd)
     if tokens == 0:
-        return (output, *residuals)
+        return output, residuals
     options, rank_pad = _launch_options(dtype), _padded(rank)
     row_blocks = triton.cdiv(tokens, BLOCK_M)
-    text_proj = torch.cat([gate_lora_A, up_lora_A, router_weight]).contiguous()
+    text_proj = torch.cat([w.gate_lora_A, w.up_lora_A, w.router_weight]).contiguous()
     _mome_lowrank_in_kernel[(row_blocks,)](
-        x, text_norm_weight, visual_norm_weight, text_proj, fc1_lora_A, router_bias,
-        text_lowrank, visual_lowrank, probs, rstd, tokens, hidden, rank, text_norm_eps, visual_norm_eps,
+        x, w.text_norm_weight, w.visual_norm_weight, text_proj, w.fc1_lora_A, w.router_bias,
+        text_lowrank, visual_lowrank, probs, rstd, tokens, hidden, rank, w.text_norm_eps, w.visual_norm_eps,
         TEXT_COLUMNS=_padded(2 * rank + 2), VISUAL_COLUMNS=rank_pad, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, **options)
     tuned = dict(RANK_PAD=rank_pad, PRECISION=options["PRECISION"], GROUP_M=GROUP_M)
     tokens_bucket = triton.next_power_of_2(tokens)
-    # The activations feed the second layer and die with this call: backward recomputes them.
+    scale = w.lora_scale
+    # The router-weighted activations feed the second layer and die with this call.
     text_act = torch.empty_like(gate_pre)
     visual_act = torch.empty_like(visual_pre)
     _mome_expert_in_kernel[_tile_grid(tokens, intermediate)](
-        x, text_norm_weight, gate_weight, up_weight, text_lowrank, gate_lora_B, up_lora_B, rstd, gate_pre, up_pre,
-        text_act, tokens, tokens_bucket, hidden, intermediate, rank, 2 * rank, 0, lora_scale, GATED=True, **tuned)
+        x, w.text_norm_weight, w.gate_weight, w.up_weight, text_lowrank, w.gate_lora_B, w.up_lora_B, rstd, probs,
+        gate_pre, up_pre, text_act, tokens, tokens_bucket, hidden, intermediate, rank, 2 * rank, RSTD_TEXT,
+        PROB_TEXT, scale, GATED=True, **tuned)
     _mome_expert_in_kernel[_tile_grid(tokens, visual_size)](
-        x, visual_norm_weight, fc1_weight, fc1_weight, visual_lowrank, fc1_lora_B, fc1_lora_B, rstd, visual_pre,
-        visual_pre, visual_act, tokens, tokens_bucket, hidden, visual_size, rank, rank, 1, lora_scale, GATED=False,
-        **tuned)
+        x, w.visual_norm_weight, w.fc1_weight, w.fc1_weight, visual_lowrank, w.fc1_lora_B, w.fc1_lora_B, rstd, probs,
+        visual_pre, visual_pre, visual_act, tokens, tokens_bucket, hidden, visual_size, rank, rank, RSTD_VISUAL,
+        PROB_VISUAL, scale, GATED=False, **tuned)
     low_options = dict(RANK_PAD=rank_pad, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, **options)
-    _mome_act_lowrank_kernel[(row_blocks,)](text_act, down_lora_A, down_lowrank, tokens, intermediate, rank, **low_options)
-    _mome_act_lowrank_kernel[(row_blocks,)](visual_act, fc2_lora_A, fc2_lowrank, tokens, visual_size, rank, **low_options)
+    _mome_act_lowrank_kernel[(row_blocks,)](text_act, w.down_lora_A, down_lowrank, tokens, intermediate, rank,
+                                            **low_options)
+    _mome_act_lowrank_kernel[(row_blocks,)](visual_act, w.fc2_lora_A, fc2_lowrank, tokens, visual_size, rank,
+                                            **low_options)
     _mome_expert_out_kernel[_tile_grid(tokens, hidden)](
-        text_act, visual_act, down_weight, fc2_weight, down_lowrank, fc2_lowrank, down_lora_B, fc2_lora_B,
-        probs, output, tokens, tokens_bucket, hidden, intermediate, visual_size, rank, lora_scale, **tuned)
-    return (output, *residuals)
+        text_act, visual_act, w.down_weight, w.fc2_weight, down_lowrank, fc2_lowrank, w.down_lora_B, w.fc2_lora_B,
+        output, tokens, tokens_bucket, hidden, intermediate, visual_size, rank, scale, **tuned)
+    return output, residuals
 
 
-def mome_backward(grad_output, x, text_norm_weight, gate_weight, up_weight, down_weight, visual_norm_weight,
-                  fc1_weight, fc2_weight, gate_lora_A, gate_lora_B, up_lora_A, up_lora_B, down_lora_A, down_lora_B,
-                  fc1_lora_A, fc1_lora_B, fc2_lora_A, fc2_lora_B, router_weight, router_bias,
-                  gate_pre, up_pre, visual_pre, text_lowrank, visual_lowrank, down_lowrank, fc2_lowrank, probs, rstd,
-                  text_norm_eps, visual_norm_eps, lora_scale):
-    """Gradients of x and the 12 trainable tensors (mkfast.ops.mome TRAINABLE_NAMES order), in x's dtype."""
+def expert_grad_hidden(grad_output, out_weight, lora_A, grad_lowrank, first, second, probs, prob_column, lora_scale):
+    """Launch one expert's hidden-layer gradient (the math: mkfast/ops/mome_fused.py).
+
+    grad_output: (M, d); out_weight: (d, width); lora_A: (r, width); grad_lowrank = g B_out: (M, r);
+    first, second: the pre-activations (M, width) (second None for the ungated visual expert).
+    Returns (dS (M,) fp32, d(first), d(second) or None, dA_out (r, width) fp32).
+    """
+    tokens, hidden = grad_output.shape
+    width, rank = first.shape[1], lora_A.shape[0]
+    gated = second is not None
+    col_blocks = triton.cdiv(width, BLOCK_N)
+    partial = torch.empty((tokens, col_blocks), dtype=torch.float32, device=first.device)
+    first_grad = torch.empty_like(first)
+    second_grad = torch.empty_like(second) if gated else first_grad
+    lora_A_grad = torch.zeros(lora_A.shape, dtype=torch.float32, device=first.device)
+    _mome_expert_grad_hidden_kernel[(triton.cdiv(tokens, BLOCK_M) * col_blocks,)](
+        grad_output, out_weight, grad_lowrank, lora_A, first, second if gated else first, probs, partial,
+        first_grad, second_grad, lora_A_grad, tokens, hidden, width, rank, prob_column, col_blocks, lora_scale,
+        GATED=gated, RANK_PAD=_padded(rank), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
+        **_launch_options(first.dtype))
+    return partial.sum(dim=1), first_grad, second_grad if gated else None, lora_A_grad
+
+
+def grad_input(x, gate_grad, up_grad, visual_grad, gate_grad_lowrank, up_grad_lowrank, fc1_grad_lowrank,
+               logits_grad, weights, rstd):
+    """Launch the gradient of both normalised inputs and the per-tile half of the RMSNorm backward.
+
+    Returns (rstd_t w_t.d(x_t) + rstd_v w_v.d(x_v) (M, d) fp32, per-row [sum x w_t.d(x_t),
+    sum x w_v.d(x_v)] (M, 2) fp32); the row-wide half is finished by the caller.
+    """
+    w = weights
     tokens, hidden = x.shape
-    intermediate, visual_size, rank = gate_weight.shape[0], fc1_weight.shape[0], gate_lora_A.shape[0]
-    dtype, device = x.dtype, x.device
-    trainable = (gate_lora_A, gate_lora_B, up_lora_A, up_lora_B, down_lora_A, down_lora_B,
-                 fc1_lora_A, fc1_lora_B, fc2_lora_A, fc2_lora_B, router_weight, router_bias)
-    if tokens == 0:
-        return [torch.zeros_like(x)] + [torch.zeros_like(tensor) for tensor in trainable]
-    options, rank_pad = _launch_options(dtype), _padded(rank)
-    common = dict(RANK_PAD=rank_pad, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M, **options)
-    row_blocks = triton.cdiv(tokens, BLOCK_M)
-    grad_output = grad_output.contiguous()
-    expert_grads = {}
-    # Text expert (router column 1) then visual expert (column 0): hidden-layer gradients.
-    for name, out_weight, lora_A, lora_B, first, second, width, column, gated in (
-        ("text", down_weight, down_lora_A, down_lora_B, gate_pre, up_pre, intermediate, 1, True),
-        ("visual", fc2_weight, fc2_lora_A, fc2_lora_B, visual_pre, visual_pre, visual_size, 0, False),
-    ):
-        col_blocks = triton.cdiv(width, BLOCK_N)
-        partial = torch.empty((tokens, col_blocks), dtype=torch.float32, device=device)
-        first_grad = torch.empty_like(first)
-        second_grad = torch.empty_like(second) if gated else first_grad
-        lora_A_grad = torch.zeros(lora_A.shape, dtype=torch.float32, device=device)
-        _mome_expert_grad_hidden_kernel[(row_blocks * col_blocks,)](
-            grad_output, out_weight, grad_output @ lora_B, lora_A, first, second, probs, partial, first_grad,
-            second_grad, lora_A_grad, tokens, hidden, width, rank, column, col_blocks, lora_scale,
-            GATED=gated, **common)
-        expert_grads[name] = (partial.sum(dim=1), first_grad, second_grad, lora_A_grad)
-    text_score_grad, gate_grad, up_grad, down_lora_A_grad = expert_grads["text"]
-    visual_score_grad, visual_grad, _, fc2_lora_A_grad = expert_grads["visual"]
-    # Softmax over two experts: dlogit_visual = p_v p_t (dS_v - dS_t) = -dlogit_text.
-    logit_grad_visual = probs[:, 0] * probs[:, 1] * (visual_score_grad - text_score_grad)
-    logits_grad = torch.stack([logit_grad_visual, -logit_grad_visual], dim=1).contiguous()
-    # Every product below keeps its (M, d) or (M, I) operand as stored and scales the (M, r)
-    # side instead (router weights p, rstd), so no (M, d) temporary is made:
-    # (p g)^T l = g^T (p l);  G^T x_t = ((rstd G)^T x) * w_t.
-    down_lora_B_grad = lora_scale * (grad_output.T @ (down_lowrank * probs[:, 1:]).to(dtype)).float()
-    fc2_lora_B_grad = lora_scale * (grad_output.T @ (fc2_lowrank * probs[:, :1]).to(dtype)).float()
-
-    def times_normalized_input(row_grads, column):
-        """row_grads^T @ norm(x): (k, d) from row_grads (M, k), for the text (0) or visual (1) norm."""
-        norm_weight = text_norm_weight if column == 0 else visual_norm_weight
-        return ((row_grads.float() * rstd[:, column:column + 1]).to(dtype).T @ x).float() * norm_weight.float()
-
-    gate_lowrank, up_lowrank = text_lowrank[:, :rank], text_lowrank[:, rank:]
-    gate_grad_lowrank, up_grad_lowrank, fc1_grad_lowrank = gate_grad @ gate_lora_B, up_grad @ up_lora_B, visual_grad @ fc1_lora_B
+    intermediate, visual_size, rank = w.gate_weight.shape[0], w.fc1_weight.shape[0], w.gate_lora_A.shape[0]
     col_blocks = triton.cdiv(hidden, SMALLEST_GEMM_BLOCK_N)
-    scaled_grad = torch.empty((tokens, hidden), dtype=torch.float32, device=device)
-    partial = torch.zeros((tokens, col_blocks, 2), dtype=torch.float32, device=device)
+    scaled_grad = torch.empty((tokens, hidden), dtype=torch.float32, device=x.device)
+    partial = torch.zeros((tokens, col_blocks, 2), dtype=torch.float32, device=x.device)
     _mome_grad_input_kernel[_tile_grid(tokens, hidden)](
-        x, gate_grad, up_grad, visual_grad, gate_weight, up_weight, fc1_weight, gate_grad_lowrank, up_grad_lowrank,
-        fc1_grad_lowrank, gate_lora_A, up_lora_A, fc1_lora_A, logits_grad, router_weight, text_norm_weight,
-        visual_norm_weight, rstd, scaled_grad, partial, tokens, triton.next_power_of_2(tokens), hidden, intermediate,
-        visual_size, rank, col_blocks, lora_scale, RANK_PAD=rank_pad, PRECISION=options["PRECISION"], GROUP_M=GROUP_M)
-    # RMSNorm backward, the row-wide half: dx = rstd w.g - x rstd^3 / d * sum(x w.g), per norm.
-    row_sums = partial.sum(dim=1)
-    x_grad = scaled_grad.addcmul_(x, (rstd.pow(3) * row_sums).sum(dim=1, keepdim=True), value=-1.0 / hidden)
-    grads = (
-        x_grad,
-        lora_scale * times_normalized_input(gate_grad_lowrank, 0), lora_scale * gate_grad.T @ gate_lowrank,
-        lora_scale * times_normalized_input(up_grad_lowrank, 0), lora_scale * up_grad.T @ up_lowrank,
-        down_lora_A_grad, down_lora_B_grad,
-        lora_scale * times_normalized_input(fc1_grad_lowrank, 1), lora_scale * visual_grad.T @ visual_lowrank,
-        fc2_lora_A_grad, fc2_lora_B_grad,
-        times_normalized_input(logits_grad, 0), logits_grad.sum(dim=0),
-    )
-    return [grad.to(dtype) for grad in grads]
+        x, gate_grad, up_grad, visual_grad, w.gate_weight, w.up_weight, w.fc1_weight, gate_grad_lowrank,
+        up_grad_lowrank, fc1_grad_lowrank, w.gate_lora_A, w.up_lora_A, w.fc1_lora_A, logits_grad, w.router_weight,
+        w.text_norm_weight, w.visual_norm_weight, rstd, scaled_grad, partial, tokens, triton.next_power_of_2(tokens),
+        hidden, intermediate, visual_size, rank, col_blocks, w.lora_scale, RANK_PAD=_padded(rank),
+        PRECISION=_dot_precision(x.dtype), GROUP_M=GROUP_M)
+    return scaled_grad, partial.sum(dim=1)

@@ -1,13 +1,15 @@
 """mome_ffn: every backend against autograd through the eager reference, forward and every gradient."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import mkfast
 from helpers import assert_close, interpreter_dtypes, run_opcheck, tolerance
-from mkfast.ops.mome import FROZEN_NAMES, TRAINABLE_NAMES, mome_ffn, mome_ffn_reference
+from mkfast.ops.mome import FROZEN_NAMES, TRAINABLE_NAMES, MoMEWeights, mome_ffn, mome_ffn_reference
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "cpu", "triton"]
 
 
 def make_inputs(tokens, hidden, intermediate, visual_size, rank, dtype, device="cpu", seed=0):
@@ -39,9 +41,9 @@ def make_inputs(tokens, hidden, intermediate, visual_size, rank, dtype, device="
 TEXT_EPS, VISUAL_EPS = 1e-5, 1e-3
 
 
-def op_args(inputs, lora_scale=2.0):
-    return (inputs["x"], *[inputs[name] for name in (*FROZEN_NAMES, *TRAINABLE_NAMES)], TEXT_EPS, VISUAL_EPS,
-            lora_scale)
+def weights_of(inputs, lora_scale=2.0) -> MoMEWeights:
+    return MoMEWeights(**{name: inputs[name] for name in (*FROZEN_NAMES, *TRAINABLE_NAMES)}, lora_scale=lora_scale,
+                       text_norm_eps=TEXT_EPS, visual_norm_eps=VISUAL_EPS)
 
 
 def forward_and_grads(function, inputs, grad_output):
@@ -57,15 +59,13 @@ def forward_and_grads(function, inputs, grad_output):
 
 
 def run_reference(leaves):
-    return mome_ffn_reference(*op_args(leaves))
+    return mome_ffn_reference(leaves["x"], weights_of(leaves))
 
 
 def run_backend(backend):
     def run(leaves):
-        x = leaves["x"]
-        weights = {name: leaves[name] for name in (*FROZEN_NAMES, *TRAINABLE_NAMES)}
         with mkfast.use_backend(backend):
-            return mome_ffn(x, lora_scale=2.0, text_norm_eps=TEXT_EPS, visual_norm_eps=VISUAL_EPS, **weights)
+            return mome_ffn(leaves["x"], weights_of(leaves))
     return run
 
 
@@ -144,37 +144,51 @@ def test_triton_on_gpu_matches_reference(dtype, tokens, hidden, intermediate, vi
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch_gives_empty_output(backend):
     inputs = make_inputs(0, 16, 24, 4, 2, torch.float32)
-    weights = {name: inputs[name] for name in (*FROZEN_NAMES, *TRAINABLE_NAMES)}
+    x = inputs["x"].requires_grad_(True)
     with mkfast.use_backend(backend):
-        assert mome_ffn(inputs["x"], lora_scale=1.0, **weights).shape == (0, 16)
+        output = mome_ffn(x, weights_of(inputs))
+        assert output.shape == (0, 16)
+        (x_grad,) = torch.autograd.grad(output.sum(), [x])
+    assert x_grad.shape == (0, 16)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_custom_op_passes_opcheck(backend):
     inputs = make_inputs(5, 24, 40, 6, 4, torch.float32)
-    args = list(op_args(inputs))
-    for index in [0, *range(1 + len(FROZEN_NAMES), 1 + len(FROZEN_NAMES) + len(TRAINABLE_NAMES))]:
-        args[index] = args[index].requires_grad_(True)
+    weights = weights_of(inputs)
+    trainable = [tensor.requires_grad_(True) for tensor in weights.trainable()]
+    args = (inputs["x"].requires_grad_(True), weights.frozen(), trainable, list(weights.floats()))
     with mkfast.use_backend(backend):
-        run_opcheck(torch.ops.mkfast.mome_ffn.default, tuple(args))
+        run_opcheck(torch.ops.mkfast.mome_ffn.default, args)
 
 
 def test_invalid_inputs_are_refused_with_the_argument_named():
     inputs = make_inputs(4, 16, 24, 4, 2, torch.float32)
-    weights = {name: inputs[name] for name in (*FROZEN_NAMES, *TRAINABLE_NAMES)}
+    weights = weights_of(inputs, lora_scale=1.0)
     x = inputs["x"]
+
+    def changed(**changes):
+        return dataclasses.replace(weights, **changes)
+
     with pytest.raises(ValueError, match=r"x must have last dim \(d\) like gate_weight's in_features 16, got 12"):
-        mome_ffn(x[:, :12], lora_scale=1.0, **weights)
+        mome_ffn(x[:, :12], weights)
+    half = {name: getattr(weights, name).half() for name in (*FROZEN_NAMES, *TRAINABLE_NAMES) if name != "down_weight"}
     with pytest.raises(TypeError, match="down_weight must have x's dtype torch.float16, got torch.float32"):
-        mome_ffn(x.half(), lora_scale=1.0, **{**weights, **{n: w.half() for n, w in weights.items() if n != "down_weight"}})
+        mome_ffn(x.half(), changed(**half))
     with pytest.raises(TypeError, match="x must be float32/float16/bfloat16, got torch.int64"):
-        mome_ffn(x.long(), lora_scale=1.0, **weights)
+        mome_ffn(x.long(), weights)
     with pytest.raises(ValueError, match=r"up_lora_B must have shape \(24, 2\)"):
-        mome_ffn(x, lora_scale=1.0, **{**weights, "up_lora_B": torch.zeros(24, 3)})
+        mome_ffn(x, changed(up_lora_B=torch.zeros(24, 3)))
     with pytest.raises(ValueError, match="fc1_weight is frozen"):
-        mome_ffn(x, lora_scale=1.0, **{**weights, "fc1_weight": weights["fc1_weight"].clone().requires_grad_()})
+        mome_ffn(x, changed(fc1_weight=weights.fc1_weight.clone().requires_grad_()))
+    meta = {name: getattr(weights, name).to("meta") for name in (*FROZEN_NAMES, *TRAINABLE_NAMES)
+            if name != "router_weight"}
     with pytest.raises(ValueError, match="router_weight must be on meta like the other inputs, got cpu"):
-        mome_ffn(x.to("meta"), lora_scale=1.0, **{n: w.to("meta") if n != "router_weight" else w for n, w in weights.items()})
+        mome_ffn(x.to("meta"), changed(**meta))
+    with pytest.raises(TypeError, match="lora_scale must be a float, got str"):
+        mome_ffn(x, changed(lora_scale="2"))
+    with pytest.raises(TypeError, match="weights must be a MoMEWeights, got dict"):
+        mome_ffn(x, {"gate_weight": weights.gate_weight})
 
 
 # --------------------------------------------------------------------------- sm_90 compile (no GPU needed)

@@ -18,7 +18,7 @@ from torch import nn
 
 from mkfast.layers.visual_memory import VisualMemory
 from mkfast.ops._checks import FLOAT_DTYPES, check_tensor
-from mkfast.ops.mome import NUM_EXPERTS, mome_ffn
+from mkfast.ops.mome import NUM_EXPERTS, MoMEWeights, mome_ffn
 
 # (module attribute path, projection name) of the five LoRA'd projections.
 PROJECTIONS = {
@@ -166,28 +166,27 @@ class MoMEFFN(nn.Module):
             for name, value in state.items():
                 targets[name].copy_(value)
 
-    def op_arguments(self) -> dict:
-        """The keyword arguments of mkfast.ops.mome_ffn for this layer (weights in the compute dtype)."""
+    def mome_weights(self) -> MoMEWeights:
+        """This layer's weights as mkfast.ops.mome_ffn takes them (norm weights in the compute dtype)."""
         dtype = self.mlp.gate_proj.weight.dtype
-        arguments = dict(
+        lora = {f"{prefix}_lora_{part}": getattr(self, f"{name}_lora_{part}")
+                for name, prefix in _OP_PREFIX.items() for part in "AB"}
+        return MoMEWeights(
             text_norm_weight=self.norm.weight.to(dtype), gate_weight=self.mlp.gate_proj.weight,
             up_weight=self.mlp.up_proj.weight, down_weight=self.mlp.down_proj.weight,
             visual_norm_weight=self.visual_memory.norm.weight.to(dtype),
             fc1_weight=self.visual_memory.fc1.weight, fc2_weight=self.visual_memory.fc2.weight,
             router_weight=self.router.weight, router_bias=self.router.bias, lora_scale=self.scaling,
             text_norm_eps=_norm_eps(self.norm, dtype), visual_norm_eps=_norm_eps(self.visual_memory.norm, dtype),
+            **lora,
         )
-        for name, prefix in _OP_PREFIX.items():
-            arguments[f"{prefix}_lora_A"] = getattr(self, f"{name}_lora_A")
-            arguments[f"{prefix}_lora_B"] = getattr(self, f"{name}_lora_B")
-        return arguments
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states h_s: (B, T, d) or (N, d) -> h_M, same shape and dtype, through the fused op."""
         # Checked before the cast to the weights' dtype, which would accept integers and truncate the output.
         check_tensor("MoMEFFN", "hidden_states", hidden_states, dtypes=FLOAT_DTYPES)
         self._norm_guard.check("MoMEFFN", hidden_states)
-        output = mome_ffn(hidden_states.to(self.mlp.gate_proj.weight.dtype), **self.op_arguments())
+        output = mome_ffn(hidden_states.to(self.mlp.gate_proj.weight.dtype), self.mome_weights())
         return output.to(hidden_states.dtype)
 
     def forward_composed(self, hidden_states: torch.Tensor) -> torch.Tensor:
