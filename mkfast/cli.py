@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from mkfast.errors import EXIT_INTERRUPTED, EXIT_RUNTIME_ERROR, EXIT_USAGE_ERROR, UsageError
 from mkfast.demo import DEVICES as DEMO_DEVICES
 from mkfast.demo import STAGES as DEMO_STAGES
 
@@ -67,14 +68,62 @@ def run_benchmarks(suites: list[str], quick: bool, output_root: str | None = Non
     available = benchmark_suites()
     for suite in suites or available:
         if suite not in available:
-            raise SystemExit(f"mkfast bench: unknown suite {suite!r}; have {available}")
+            raise UsageError(f"bench: unknown suite {suite!r}; have {available}")
         print(f"== benchmark {suite}", flush=True)
         module = importlib.import_module(f"benchmarks.bench_{suite}")
         module.main(quick=quick, output_root=output_root or (QUICK_RESULTS_ROOT if quick else None))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse errors as one line, ``mkfast: error: train racm3: argument --steps: ...`` (exit 2).
+
+    Subcommand parsers are built as this class too (argparse's subparsers take the parent's class).
+    """
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("mkfast").strip()
+        self.exit(EXIT_USAGE_ERROR, f"mkfast: error: {command + ': ' if command else ''}{message} "
+                                    f"(see '{self.prog} --help')\n")
+
+
+# Errors whose message is meant for the user as it is; any other type is named in the one line.
+EXPECTED_ERRORS = (ValueError, TypeError, OSError, RuntimeError, ImportError)
+
+
+def _one_line(error: BaseException) -> str:
+    message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    if isinstance(error, EXPECTED_ERRORS) and not isinstance(error, KeyError) and message:
+        return message
+    return f"{type(error).__name__}: {message} (unexpected: rerun with --debug for the traceback)"
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="mkfast", description=__doc__)
+    """The entry point: an error prints one line ``mkfast: error: ...`` and exits 2 (usage: a bad flag,
+    value or path) or 1 (anything else while running); ``--debug``, anywhere, shows the traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        _run([argument for argument in argv if argument != "--debug"])
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("mkfast: interrupted", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except SystemExit as exit_request:
+        if isinstance(exit_request.code, str) and not debug:
+            # A command's raise SystemExit("message"): Python prints the message and exits 1.
+            raise SystemExit(f"mkfast: error: {exit_request.code}") from None
+        raise
+    except Exception as error:
+        if debug:
+            raise
+        print(f"mkfast: error: {_one_line(error)}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE_ERROR if isinstance(error, UsageError) else EXIT_RUNTIME_ERROR) from None
+
+
+def _run(argv: list[str]) -> None:
+    parser = _Parser(prog="mkfast", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (accepted anywhere)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("env", help="versions, extension build, backend choices")
     demo = commands.add_parser("demo", help="the whole project on the embedded digits set")
@@ -120,6 +169,10 @@ def main(argv: list[str] | None = None) -> None:
         if outcome["failed"]:
             raise SystemExit(1)
     elif arguments.command == "bench" and arguments.compare:
+        for folder in arguments.compare:
+            if not glob.glob(os.path.join(folder, "*.json")):
+                missing = "does not exist" if not os.path.exists(folder) else "holds no result files (*.json)"
+                raise UsageError(f"bench --compare: {folder} {missing}")
         sys.path.insert(0, REPO_ROOT)
         from benchmarks.common import compare
 

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 import mkfast
+from mkfast import cli
+from mkfast.errors import UsageError
 from mkfast.layers.attention import document_ids_from_position_ids
 from mkfast.layers.mome import MoMEFFN
 from mkfast.layers.visual_memory import RMSNorm, VisualMemory
@@ -296,3 +298,79 @@ def test_a_killed_save_leaves_a_loadable_memory_and_the_next_save_cleans_up(stag
     after.save(directory)  # not blocked: the OS released the dead save's lock
     assert torch.equal(Memory.load(directory).embeddings, after.embeddings)
     assert sorted(os.listdir(directory)) == [".memory.lock", _json(directory)["tensors_file"], "memory.json"]
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _run_cli(argv, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    captured = capsys.readouterr()
+    return exited.value.code, captured.err
+
+
+BAD_COMMANDS = {
+    "unknown command": (["nosuch"], 2, "mkfast: error: argument command: invalid choice: 'nosuch'"),
+    "unknown flag": (["env", "--nosuch"], 2, "mkfast: error: unrecognized arguments: --nosuch"),
+    "a word where a number belongs": (["train", "racm3", "--steps", "x"], 2,
+                                      "mkfast: error: train racm3: argument --steps: invalid int value: 'x'"),
+    "compare missing folders": (["bench", "--compare", "missing1", "missing2"], 2,
+                                "mkfast: error: bench --compare: missing1 does not exist"),
+    "unknown suite": (["bench", "nosuch"], 2, "mkfast: error: bench: unknown suite 'nosuch'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_COMMANDS))
+def test_a_bad_command_line_prints_one_error_line(case, capsys):
+    argv, code, phrase = BAD_COMMANDS[case]
+    exit_code, err = _run_cli(argv, capsys)
+    assert exit_code == code
+    assert phrase in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_compare_of_a_folder_without_results_is_an_error(tmp_path, capsys):
+    exit_code, err = _run_cli(["bench", "--compare", str(tmp_path), str(tmp_path)], capsys)
+    assert exit_code == 2 and "holds no result files" in err
+
+
+RAISED_WHILE_RUNNING = {
+    "a clear ValueError": (ValueError("Memory.load: /x/memory.json is not valid JSON"), 1,
+                           "mkfast: error: Memory.load: /x/memory.json is not valid JSON\n"),
+    "a usage error": (UsageError("steps must be > 0, got -3"), 2, "mkfast: error: steps must be > 0, got -3\n"),
+    "a multi-line message": (FileNotFoundError("no such file\n  check the path"), 1,
+                             "mkfast: error: no such file check the path\n"),
+    "an unexpected error": (ZeroDivisionError("division by zero"), 1,
+                            "mkfast: error: ZeroDivisionError: division by zero (unexpected: rerun with --debug"),
+    "a KeyError": (KeyError("loss"), 1, "mkfast: error: KeyError: 'loss'"),
+    "Ctrl-C": (KeyboardInterrupt(), 130, "mkfast: interrupted\n"),
+}
+
+
+@pytest.mark.parametrize("case", list(RAISED_WHILE_RUNNING))
+def test_an_error_while_running_prints_one_line_and_its_exit_code(case, capsys, monkeypatch):
+    error, code, expected = RAISED_WHILE_RUNNING[case]
+
+    def fail():
+        raise error
+
+    monkeypatch.setattr(cli, "environment_report", fail)
+    exit_code, err = _run_cli(["env"], capsys)
+    assert exit_code == code and err.startswith(expected) and len(err.strip().splitlines()) == 1
+
+
+def test_a_command_exiting_with_a_message_gets_the_error_prefix(monkeypatch):
+    def exit_with_message():
+        raise SystemExit("no GPU here")
+
+    monkeypatch.setattr(cli, "environment_report", exit_with_message)
+    with pytest.raises(SystemExit) as exited:  # Python prints the message and exits 1
+        cli.main(["env"])
+    assert exited.value.code == "mkfast: error: no GPU here"
+
+
+@pytest.mark.parametrize("argv", [["--debug", "env"], ["env", "--debug"]])
+def test_debug_anywhere_keeps_the_traceback(argv, monkeypatch):
+    monkeypatch.setattr(cli, "environment_report", lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cli.main(argv)
