@@ -52,3 +52,23 @@ env: $(INSTALLED)
 
 clean:
 	rm -rf build *.egg-info mkfast/_C*.so demo_out
+
+# A borrowed GPU machine (Python 3.12, its own torch, no network): README "On a GPU machine".
+#   make gpu-wheels                  here, where pip reaches a registry: .whl/ for that machine
+#   make gpu-check OUT=dir           there, carrying .whl/; ARGS=--dry-run runs it on a CPU
+GPU_PYTHON ?= python3
+OUT ?= gpu_check_out
+ARGS ?=
+WHEEL_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
+	manylinux1_x86_64
+
+.PHONY: gpu-wheels gpu-check
+
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(GPU_PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(addprefix --platform ,$(WHEEL_PLATFORMS)) -d .whl -r benchmarks/gpu_wheels.txt
+	$(GPU_PYTHON) benchmarks/gpu_check.py --wheels
+
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --out $(OUT) $(ARGS)

@@ -36,6 +36,11 @@ DOCUMENT_FRACTIONS = (0.25, 0.125, 0.625)
 DECODE_CACHE_LENGTH = 4096
 DECODE_BATCHES = (1, 8, 16, 32, 64)
 DECODE_HEADS, DECODE_HEAD_DIM = 16, 128
+# main(cases="target"): the performance targets' shapes (S=4096, D=128, causal / 3 documents, fwd and fwd+bwd;
+# decode over a 4096-token cache); cases="tiny": a dry run's smallest shapes. (B, S, D, dtype) rows,
+# then (cache length, decode batches).
+TARGET_TRAINING, TARGET_DECODE = [(TOKENS_PER_BATCH // 4096, 4096, 128, torch.bfloat16)], (4096, (1, 16, 64))
+TINY_TRAINING, TINY_DECODE = [(1, 128, 64, torch.float32)], (128, (1,))
 
 
 def setup(batch, heads, seq, head_dim, mask, dtype, device, requires_grad=False):
@@ -103,7 +108,9 @@ def _with_backward(forward, inputs, grad_out):
     return run
 
 
-def training_cases(quick: bool, device: torch.device):
+def training_cases(quick: bool, device: torch.device, cases: str = "default"):
+    if cases != "default":
+        return TARGET_TRAINING if cases == "target" else TINY_TRAINING
     if device.type == "cpu":
         # CPU: one small shape, fp32 (CPU SDPA's fast paths are fp32).
         return [(4, 256, 64, torch.float32)] if quick else [(4, 256, 64, torch.float32), (2, 512, 64, torch.float32)]
@@ -127,10 +134,13 @@ def decode_providers(q, k_cache, v_cache, lengths, device):
     return providers
 
 
-def decode_measurements(quick: bool, device: torch.device, repetitions: int) -> list[Measurement]:
+def decode_measurements(quick: bool, device: torch.device, repetitions: int,
+                        cases: str = "default") -> list[Measurement]:
     measurements = []
     cache_length = DECODE_CACHE_LENGTH if device.type == "cuda" else 1024
     batches = DECODE_BATCHES if device.type == "cuda" else (1, 8)
+    if cases != "default":
+        cache_length, batches = TARGET_DECODE if cases == "target" else TINY_DECODE
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for batch in batches[:2] if quick else batches:
         q, k_cache, v_cache, _, _ = setup(batch, DECODE_HEADS, cache_length, DECODE_HEAD_DIM, "causal", dtype, device)
@@ -148,11 +158,12 @@ def decode_measurements(quick: bool, device: torch.device, repetitions: int) -> 
     return measurements
 
 
-def main(quick: bool = False, device: str | None = None, output_root: str | None = None) -> None:
+def main(quick: bool = False, device: str | None = None, output_root: str | None = None,
+         cases: str = "default") -> None:
     device = resolve_device(device)
-    repetitions = 3 if quick else (5 if device.type == "cpu" else 20)
+    repetitions = 3 if quick or cases == "tiny" else (5 if device.type == "cpu" else 20)
     measurements = []
-    for batch, seq, head_dim, dtype in training_cases(quick, device):
+    for batch, seq, head_dim, dtype in training_cases(quick, device, cases):
         heads = MODEL_WIDTH // head_dim if device.type == "cuda" else 4
         for mask in ("causal", "3-documents"):
             for backward in (False, True):
@@ -168,7 +179,7 @@ def main(quick: bool = False, device: str | None = None, output_root: str | None
                         memory = peak_memory_mb(fn, device)
                     measurements.append(Measurement(case, provider, timings, work=work, peak_memory_mb=memory))
                     print(f"{case} {provider}: {measurements[-1].median_ms:.3f} ms", flush=True)
-    measurements += decode_measurements(quick, device, repetitions)
+    measurements += decode_measurements(quick, device, repetitions, cases)
     notes = ("bf16 on GPU, fp32 on CPU. TFLOP/s: 4*B*S^2*H*D forward, halved for causal, x3.5 for fwd+bwd; "
              "3-document rows are charged the causal FLOPs (causal-equivalent rate). Decode GB/s: one read of "
              "the K and V cache. sdpa = F.scaled_dot_product_attention (is_causal without a mask; attn_mask for "

@@ -15,7 +15,7 @@ pipeline is not timed). Two suites, each with its own baseline:
                 eager reference   the same op forced to its reference backend
                 peft-style        MoMEFFN.forward_composed: nn.Linear + LoRA modules, unfused;
                                   the baseline
-GPU sizes are the issue's targets (a ~1B generator at sequence 4096; Llama-2-7B layers, a
+GPU sizes are the performance targets (a ~1B generator at sequence 4096; Llama-2-7B layers, a
 few of them); CPU sizes are small, and on CPU mkfast's ops run their reference backends
 (the kernels need a GPU), so CPU rows measure the code path, not the kernels.
 """
@@ -46,6 +46,11 @@ MKS2_CPU_QUICK = {**MKS2_CPU, "sequence": 32}
 # pass is seconds, not the minutes of building a 1B model and four 7B layers twice.
 RACM3_GPU_QUICK = {**RACM3_GPU, "hidden": 1024, "layers": 2, "heads": 8, "intermediate": 2816, "sequence": 1024}
 MKS2_GPU_QUICK = {**MKS2_GPU, "layers": 1, "batch": 1, "sequence": 512}
+# main(cases="target") is the GPU sizes above with fewer repetitions (benchmarks/gpu_check.py);
+# cases="tiny" the smallest models that still run every code path (its dry run).
+RACM3_TINY = {"hidden": 64, "layers": 1, "heads": 2, "intermediate": 172, "vocab": 512, "batch": 1,
+              "sequence": 64}
+MKS2_TINY = {**RACM3_TINY, "vocab": 256, "sequence": 16}
 LORA_RANK, LORA_ALPHA = 8, 16  # SPEC.md, Stage 2
 CPU_THREADS = 1  # see benchmarks.common.cpu_threads
 
@@ -58,9 +63,10 @@ def _llama(shape: dict, attention: str, device: torch.device, dtype: torch.dtype
                          num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
                          max_position_embeddings=shape["sequence"], tie_word_embeddings=False)
     config._attn_implementation = attention
-    with torch.random.fork_rng(devices=[]):
+    # Built on the device: a 1B model's random initialisation runs there, not on the host CPU.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(seed)
-        return LlamaForCausalLM(config).to(device=device, dtype=dtype)
+        return LlamaForCausalLM(config).to(dtype=dtype)
 
 
 def _training_step(model, tokens: torch.Tensor, device: torch.device):
@@ -145,18 +151,21 @@ def mks2_measurements(shape: dict, device: torch.device, dtype: torch.dtype, war
                         peak_memory_mb=peak_memory_mb(call, device)) for name, call in calls.items()]
 
 
-def main(quick: bool = False, device: str | None = None, output_root: str | None = None) -> None:
+def main(quick: bool = False, device: str | None = None, output_root: str | None = None,
+         cases: str = "default") -> None:
     device = resolve_device(device)
     with cpu_threads(device, CPU_THREADS):
-        _run(quick, device, output_root)
+        _run(quick, device, output_root, cases)
 
 
-def _run(quick: bool, device: torch.device, output_root: str | None) -> None:
+def _run(quick: bool, device: torch.device, output_root: str | None, cases: str = "default") -> None:
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    repetitions = 3 if quick else (10 if on_gpu else 5)
+    repetitions = 3 if quick or cases == "tiny" else (5 if cases == "target" or not on_gpu else 10)
     warmup_rounds = 2 if on_gpu else 1  # GPU: Triton compilation and cuBLAS heuristics settle
-    if on_gpu:
+    if cases != "default":
+        racm3_shape, mks2_shape = (RACM3_GPU, MKS2_GPU) if cases == "target" else (RACM3_TINY, MKS2_TINY)
+    elif on_gpu:
         racm3_shape, mks2_shape = (RACM3_GPU_QUICK, MKS2_GPU_QUICK) if quick else (RACM3_GPU, MKS2_GPU)
     else:
         racm3_shape, mks2_shape = (RACM3_CPU_QUICK, MKS2_CPU_QUICK) if quick else (RACM3_CPU, MKS2_CPU)

@@ -39,7 +39,7 @@ GPU_TOKENS, GPU_QUICK_TOKENS = (4096, 8192, 16384), (4096,)
 # A CPU-sized layer (same ratios, 1/8 width) so the whole CPU run stays under 2 minutes on 2 cores.
 CPU_SHAPE = dict(hidden=512, intermediate=1376, visual=128, rank=8)
 CPU_TOKENS, CPU_QUICK_TOKENS = (256, 1024), (256,)
-# main(cases=...): "target" is the issue's GPU target (Llama-2-7B sizes, 8192 tokens); "tiny" a dry run's.
+# main(cases=...): "target" is the GPU target's shape (Llama-2-7B sizes, 8192 tokens); "tiny" a dry run's.
 CASE_SETS = {"target": (GPU_SHAPE, (8192,)), "tiny": (dict(hidden=64, intermediate=172, visual=16, rank=8), (16,))}
 # One CPU thread: on the shared 2-core machine, 2 OpenMP threads under other jobs' load made
 # the same forward 30x slower and erratic (0.78 s vs 0.02 s at 128 tokens, load average 8).

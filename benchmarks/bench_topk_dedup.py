@@ -34,6 +34,8 @@ CPU_CASES = [(100_000, batch, 8) for batch in (1, 64, 256)] + [(100_000, 64, k) 
 ]
 GPU_CASES = [(num_rows, batch, k) for num_rows in (1_000_000, 10_000_000) for batch in (1, 64, 256) for k in (8, 16)]
 QUICK_CASES = [(20_000, 1, 8), (20_000, 64, 8)]
+# main(cases=...): "target" is the GPU target's shape (N=1e7, d=768, k=8, b=1/64/256); "tiny" a dry run's.
+CASE_SETS = {"target": [(10_000_000, batch, 8) for batch in (1, 64, 256)], "tiny": [(2_000, 1, 8), (2_000, 4, 8)]}
 
 
 def setup(num_rows: int, dim: int, batch: int, dtype: torch.dtype, device: torch.device):
@@ -109,10 +111,12 @@ def _providers(queries, memory, k, index, device):
     return providers
 
 
-def main(quick: bool = False, device: str | None = None, output_root: str | None = None) -> None:
+def main(quick: bool = False, device: str | None = None, output_root: str | None = None,
+         cases: str = "default") -> None:
     device = resolve_device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cases = QUICK_CASES if quick else (GPU_CASES if device.type == "cuda" else CPU_CASES)
+    default_cases = QUICK_CASES if quick else (GPU_CASES if device.type == "cuda" else CPU_CASES)
+    cases = default_cases if cases == "default" else CASE_SETS[cases]
     has_faiss = importlib.util.find_spec("faiss") is not None
     measurements = []
     for num_rows in dict.fromkeys(num_rows for num_rows, _, _ in cases):

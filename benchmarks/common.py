@@ -38,6 +38,8 @@ DEVICE_PEAKS = {
 
 RATE_LABELS = {"tflops": "TFLOP/s", "gbps": "GB/s", "tokens": "tokens/s"}
 PEAK_KEYS = {"tflops": "tflops_bf16", "gbps": "hbm_gbps"}
+# Case sets a suite's main(cases=...) may take besides its default grid (see command_line).
+CASE_SETS = ("target", "tiny")
 
 
 def resolve_device(device: torch.device | str | None = None) -> torch.device:
@@ -151,13 +153,20 @@ def cpu_threads(device: torch.device, count: int = 1):
 
 
 def command_line(main: Callable[..., None], description: str | None = None) -> None:
-    """``python -m benchmarks.bench_<suite> [--quick] [--device D] [--output-root DIR]`` calls ``main``."""
+    """``python -m benchmarks.bench_<suite> [--quick] [--cases SET] [--device D] [--output-root R]``.
+
+    Calls ``main``; ``--cases`` reaches it only when given: ``target`` (the performance targets'
+    shapes, what benchmarks/gpu_check.py measures on a GPU) or ``tiny`` (smallest shapes on any
+    device, that script's dry run).
+    """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
+    parser.add_argument("--cases", choices=CASE_SETS, help="target: the targets' shapes; tiny: smallest")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--output-root", help="results folder root (default: benchmarks/results)")
     arguments = parser.parse_args()
-    main(quick=arguments.quick, device=arguments.device, output_root=arguments.output_root)
+    cases = {} if arguments.cases is None else {"cases": arguments.cases}
+    main(quick=arguments.quick, device=arguments.device, output_root=arguments.output_root, **cases)
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
