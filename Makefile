@@ -16,7 +16,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu
 
 PYTEST_FLAGS ?= -q
 
-.PHONY: install demo test test-all lint test-gpu bench env clean
+.PHONY: install demo test test-all lint test-browser test-gpu bench env clean
 
 $(PYTHON):
 	python3 -m venv $(VENV_FLAGS) $(VENV)
@@ -39,6 +39,11 @@ test-all: $(INSTALLED)
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
+
+# The demo's report page in a real browser: Debian's headless Chromium (installed if missing).
+test-browser: $(INSTALLED)
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+	$(PYTHON) -m pytest $(PYTEST_FLAGS) tests/test_report.py
 
 # On a GPU machine: the CUDA-marked tests run (they are skipped elsewhere).
 test-gpu: $(INSTALLED)
