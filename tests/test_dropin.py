@@ -37,11 +37,19 @@ def _input_ids(batch=2, length=7):
 def test_visual_memory_stage_is_the_identity_at_insertion_in_the_models_dtype(architecture, dtype):
     model = tiny_model(architecture, dtype)
     input_ids = _input_ids()
-    with torch.no_grad():
-        before = model(input_ids).logits
+    embeddings = model.get_input_embeddings()(input_ids).detach()
+
+    def logits_and_input_gradient():
+        inputs = embeddings.clone().requires_grad_()
+        output = model(inputs_embeds=inputs, labels=input_ids)
+        output.loss.backward()
+        return output.logits.detach(), inputs.grad
+
+    before = logits_and_input_gradient()
     assert mkfast.apply_mks2(model, stage=VISUAL_MEMORY) is model
-    with torch.no_grad():
-        assert torch.equal(model(input_ids).logits, before)  # fc2 starts at zero: bit for bit
+    after = logits_and_input_gradient()
+    assert torch.equal(after[0], before[0])  # fc2 starts at zero: logits bit for bit
+    assert_close(after[1], before[1])  # gradients: the same terms, summed in another order by autograd
     memory = visual_memories(model)[0]
     assert {parameter.dtype for parameter in memory.parameters()} == {dtype}
     trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
