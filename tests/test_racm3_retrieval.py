@@ -70,7 +70,7 @@ def test_retrieval_never_returns_the_example_and_respects_the_threshold(corpus):
     assert self_would_be_found > COUNT // 2
 
 
-def test_training_batch_builds_k_in_0_1_2_with_roles_and_no_sentinel_loss(corpus):
+def test_training_batch_builds_k_in_0_1_2_with_roles_and_loss_on_every_token(corpus):
     options = SequenceOptions(max_retrieved=2, mask_probability=1.0, mean_span_length=3.0)
     seen_counts = set()
     for seed in range(6):
@@ -87,9 +87,12 @@ def test_training_batch_builds_k_in_0_1_2_with_roles_and_no_sentinel_loss(corpus
             if retrieved:
                 document = corpus.documents[retrieved[0]].token_ids
                 assert torch.equal(batch.labels[row, :len(document)], document)
+            # CM3's objective is -log p of the whole transformed document: the sentinels and <infill>
+            # the masking moved in are targets like every other token.
             main_targets = batch.labels[row, :size][batch.target_roles[row, :size] == ROLE_MAIN]
-            assert not bool(corpus.vocabulary.is_sentinel(main_targets[main_targets != IGNORE]).any())
-            assert int((main_targets == IGNORE).sum()) > 0  # masked: sentinel targets were ignored
+            assert bool(corpus.vocabulary.is_sentinel(main_targets).any())
+            assert not bool((batch.labels[row, :size] == IGNORE).any())
+            assert torch.equal(batch.labels[row, :size - 1], batch.input_ids[row, 1:size])
             assert sequence.shape[0] == size + 1
     assert seen_counts == {0, 1, 2}
 

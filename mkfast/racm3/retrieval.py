@@ -1,6 +1,6 @@
 """Retrieval-augmented CM3 sequences and their loss (RA-CM3 "Retriever", "Generator").
 
-Per training example x (SPEC.md):
+Per training example x (docs/methods.md, R2 and R3):
   - the query is x's text part or its image part, never the whole document;
   - query dropout: ~20% of the query's tokens are dropped before encoding;
   - K ~ Uniform{0, 1, 2} documents are retrieved from the memory with the
@@ -10,7 +10,8 @@ Per training example x (SPEC.md):
     the token budget (retrieved documents are dropped, last first, until it fits);
   - loss L = L_main + alpha * L_retr, per-token cross-entropy averaged over the
     main document's tokens and over the retrieved documents' tokens, alpha = 0.1.
-Sentinel targets (``<mask:i>``, ``<infill>``) carry no loss.
+Every token of the transformed document is a target, the sentinels (``<mask:i>``, ``<infill>``)
+included: CM3's objective is -log p of the whole transformed sequence (docs/methods.md, R3).
 """
 
 from __future__ import annotations
@@ -178,9 +179,7 @@ class RetrievalCorpus:
             size = ids.shape[0] - 1
             input_ids[row, :size] = ids[:-1]
             attention_mask[row, :size] = 1
-            targets = ids[1:].clone()
-            targets[self.vocabulary.is_sentinel(targets)] = IGNORE
-            labels[row, :size] = targets
+            labels[row, :size] = ids[1:]
             target_roles[row, :size] = roles[1:]
             target_parts[row, :size] = parts[1:]
         return Batch(input_ids, attention_mask, labels, target_roles, target_parts, retrieved)
