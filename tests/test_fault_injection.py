@@ -374,3 +374,47 @@ def test_debug_anywhere_keeps_the_traceback(argv, monkeypatch):
     monkeypatch.setattr(cli, "environment_report", lambda: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         cli.main(argv)
+
+
+# --------------------------------------------------------------------------- pretrained model paths
+def _record_from_pretrained(monkeypatch):
+    import transformers
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def record(source, **kwargs):
+        calls.append((source, kwargs.get("local_files_only")))
+        raise Stop
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", record)
+    return calls, Stop
+
+
+@pytest.mark.parametrize("path", ["/nonexistent/llama", "./llama", "org/llama-that-is-not-here", "llama"])
+def test_a_model_path_that_does_not_exist_is_an_error_not_a_hub_lookup(path, monkeypatch):
+    from mkfast.mks2.build import load_llama
+
+    calls, _ = _record_from_pretrained(monkeypatch)
+    with pytest.raises(UsageError, match=f"load_llama: path '{path}' does not exist"):
+        load_llama(path)
+    assert calls == []  # transformers (and so the hub) never asked
+
+
+def test_a_local_model_loads_offline_and_a_hub_id_only_when_written_hf(tmp_path, monkeypatch):
+    from mkfast.mks2.build import load_llama
+
+    calls, stop = _record_from_pretrained(monkeypatch)
+    for value in (str(tmp_path), "hf:meta-llama/Llama-2-7b-hf"):
+        with pytest.raises(stop):
+            load_llama(value)
+    assert calls == [(str(tmp_path), True), ("meta-llama/Llama-2-7b-hf", False)]
+
+
+def test_a_vision_checkpoint_path_that_does_not_exist_is_an_error():
+    from mkfast.mks2.vision import load_blip2_vision_adapter
+
+    with pytest.raises(UsageError, match="'/nonexistent/blip2' must be a local checkpoint directory"):
+        load_blip2_vision_adapter("/nonexistent/blip2", 16)

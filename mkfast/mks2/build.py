@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mkfast.errors import pretrained_source
 from mkfast.mks2.model import MKS2Model
 from mkfast.mks2.patching import add_visual_memory, seeded
 from mkfast.mks2.vision import load_blip2_vision_adapter, small_vision_adapter
@@ -48,13 +49,15 @@ def small_llama(config: SmallLlamaConfig, tokenizer=None, seed: int = 0):
 
 
 def load_llama(path: str, dtype: torch.dtype = torch.bfloat16):
-    """A LlamaForCausalLM-like model and its tokenizer from a local directory (or hub id on a user's machine)."""
+    """A LlamaForCausalLM-like model and its tokenizer from a local directory, or from the hub when
+    ``path`` is written ``"hf:<org>/<name>"``; a local path that does not exist is a UsageError."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    source, local_only = pretrained_source(path, "load_llama: path")
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # Llama-2 ships no pad token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

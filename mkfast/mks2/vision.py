@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mkfast.errors import UsageError
+
 # BLIP-2's Q-Former uses 32 learned queries (BLIP-2 paper, Sec. 3.1; SPEC "32 soft tokens").
 NUM_QUERY_TOKENS = 32
 # The <img-start>/<img-end> embeddings start at the scale of a Llama embedding row (init std 0.02).
@@ -166,7 +168,9 @@ def load_blip2_vision_adapter(path: str, language_hidden_size: int,
     """
     from transformers import Blip2Config, Blip2QFormerModel, Blip2VisionModel
 
-    config = Blip2Config.from_pretrained(path)
+    if not os.path.isdir(path):
+        raise UsageError(f"load_blip2_vision_adapter: path {path!r} must be a local checkpoint directory")
+    config = Blip2Config.from_pretrained(path, local_files_only=True)
     vision_model = Blip2VisionModel(config.vision_config)
     qformer = Blip2QFormerModel(config.qformer_config)
     tensors = _checkpoint_tensors(path)
