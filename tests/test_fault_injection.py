@@ -15,19 +15,20 @@ import torch
 from torch import nn
 
 import mkfast
+from helpers import devices_to_test
 from mkfast import cli
 from mkfast.errors import UsageError
 from mkfast.layers.attention import document_ids_from_position_ids
 from mkfast.layers.mome import MoMEFFN
 from mkfast.layers.visual_memory import RMSNorm, VisualMemory
-from mkfast.ops.attention import attention, decode_attention
+from mkfast.ops.attention import attention, attention_allowed_mask, decode_attention
 from mkfast.ops.topk_dedup import topk_dedup
 from mkfast.racm3 import memory_files
 from mkfast.racm3.memory import Memory
 
 
-def randn(*shape, **kwargs):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(0), **kwargs)
+def randn(*shape, device="cpu"):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device)
 
 
 def small_mome_layer(hidden_size=8):
@@ -161,17 +162,47 @@ def test_nan_propagates_on_the_cpu_backend_as_in_the_reference(causal, documents
     torch.testing.assert_close(outputs["cpu"][finite], outputs["reference"][finite])
 
 
-def test_decode_attention_ignores_nan_past_the_cache_lengths():
-    k_cache, v_cache = randn(2, 2, 8, 16), randn(2, 2, 8, 16)
-    lengths = torch.tensor([5, 3])
+BACKEND_DEVICES = [pytest.param("reference", "cpu"), pytest.param("cpu", "cpu")] + [
+    pytest.param("triton", device.values[0], marks=device.marks) for device in devices_to_test()]
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("documents, key_length", [(False, 6), (False, 9), (True, 6)])
+def test_nan_is_never_hidden_on_any_backend(backend, device, causal, where, documents, key_length):
+    """A NaN query's row is NaN, and no other; a NaN key or value reaches at least every query
+    allowed to attend to it (the reference spreads it to the whole head, block-skipping kernels
+    to fewer rows)."""
+    tensors = {"q": randn(1, 2, 6, 16), "k": randn(1, 2, key_length, 16), "v": randn(1, 2, key_length, 16)}
+    tensors[where][0, 0, 2, 3] = math.nan
+    document_ids = torch.tensor([[0, 0, 0, 1, 1, 1]], device=device) if documents else None
+    with mkfast.use_backend(backend):
+        out = attention(**{name: tensor.to(device) for name, tensor in tensors.items()}, causal=causal,
+                        document_ids=document_ids)
+    nan_rows = out[0, 0].isnan().any(-1).cpu()
+    if where == "q":
+        assert nan_rows.tolist() == [row == 2 for row in range(6)]
+    else:
+        allowed = attention_allowed_mask(6, key_length, causal, document_ids, device)[0, 0, :, 2].cpu()
+        assert allowed.any() and bool((nan_rows | ~allowed).all())
+    assert not out[0, 1].isnan().any()  # the other head never sees it
+
+
+@pytest.mark.parametrize("backend, device", [pytest.param("reference", "cpu")] + [
+    pytest.param("triton", device.values[0], marks=device.marks) for device in devices_to_test()])
+def test_decode_attention_ignores_nan_past_the_cache_lengths(backend, device):
+    k_cache, v_cache = randn(2, 2, 8, 16, device=device), randn(2, 2, 8, 16, device=device)
+    lengths = torch.tensor([5, 3], device=device)
     poisoned_k, poisoned_v = k_cache.clone(), v_cache.clone()
     for row, length in enumerate(lengths.tolist()):
         poisoned_k[row, :, length:] = math.nan  # what torch.empty may hold
         poisoned_v[row, :, length:] = math.nan
-    query = randn(2, 2, 2, 16)
-    expected = decode_attention(query, k_cache, v_cache, lengths)
-    assert not expected.isnan().any()
-    assert torch.equal(decode_attention(query, poisoned_k, poisoned_v, lengths), expected)
+    query = randn(2, 2, 2, 16, device=device)
+    with mkfast.use_backend(backend):
+        expected = decode_attention(query, k_cache, v_cache, lengths)
+        assert not expected.isnan().any()
+        assert torch.equal(decode_attention(query, poisoned_k, poisoned_v, lengths), expected)
 
 
 def test_attention_ops_on_meta_tensors_use_the_fake_implementations():
