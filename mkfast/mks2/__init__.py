@@ -1,1 +1,1 @@
-"""MKS2: visual memory inside a Llama and the soft mixture of multimodal experts (SPEC.md)."""
+"""MKS2: visual memory inside a Llama, soft mixture of multimodal experts (docs/methods.md, M1-M7)."""
