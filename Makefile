@@ -60,10 +60,12 @@ clean:
 
 # A borrowed GPU machine (Python 3.12, its own torch, no network): README "On a GPU machine".
 #   make gpu-wheels                  here, where pip reaches a registry: .whl/ for that machine
-#   make gpu-check OUT=dir           there, carrying .whl/; ARGS=--dry-run runs it on a CPU
+#   make gpu-check OUT=dir           there, carrying .whl/ (COMMIT=hash where no .git travels);
+#                                    ARGS=--dry-run runs the same steps on a CPU, tiny shapes
 GPU_PYTHON ?= python3
 OUT ?= gpu_check_out
 ARGS ?=
+COMMIT ?=
 WHEEL_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
 	manylinux1_x86_64
 
@@ -76,4 +78,4 @@ gpu-wheels:
 	$(GPU_PYTHON) benchmarks/gpu_check.py --wheels
 
 gpu-check:
-	$(GPU_PYTHON) benchmarks/gpu_check.py --out $(OUT) $(ARGS)
+	$(GPU_PYTHON) benchmarks/gpu_check.py --out $(OUT) $(if $(COMMIT),--commit $(COMMIT)) $(ARGS)
