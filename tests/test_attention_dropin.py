@@ -92,6 +92,20 @@ def test_flattening_collator_batch_equals_sequences_run_separately(architecture,
     assert document_ids[0].tolist() == [0] * 5 + [1] * 3 + [2] * 8
 
 
+def test_flattening_collator_flash_kwargs_without_position_ids_keep_sequences_apart(seen):
+    ours, _ = model_pair("llama")
+    collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True,
+                                                       return_position_ids=False)
+    logits = []
+    for first in ([5, 8, 13, 21], [9, 9, 2, 40]):  # only the first sequence changes
+        batch = collator([{"input_ids": sequence} for sequence in (first, [3, 1, 4], [2, 7, 1, 8, 2])])
+        with torch.no_grad():
+            logits.append(ours(**batch, use_cache=False).logits)
+    assert seen["attention"][0][0].tolist() == [0] * 4 + [1] * 3 + [2] * 5
+    assert not torch.allclose(logits[0][:, :4], logits[1][:, :4])
+    assert torch.equal(logits[0][:, 4:], logits[1][:, 4:])  # the later sequences never see the first
+
+
 def test_packed_training_skips_the_blocks_between_documents(seen):
     """Through the Triton kernel (interpreter): the document ids derived from position_ids reach
     the kernel, whose launcher visits only the key blocks whose documents meet each query block's."""

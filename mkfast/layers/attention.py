@@ -21,7 +21,9 @@ function (for ``position_ids`` packing):
     on the row's keys from there (a view), rows with the same start together;
   - plain causal -> ``mkfast.ops.decode_attention`` for a few new tokens without
     gradients (generation), ``mkfast.ops.attention`` otherwise.
-A ``document_ids`` (B, S) model kwarg (RA-CM3 packing) supersedes the mask. A 4-D mask
+A ``document_ids`` (B, S) model kwarg (RA-CM3 packing) supersedes the mask; without
+position_ids, FlashAttention's ``cu_seq_lens_q`` kwarg (the flattening collator's
+``return_flash_attn_kwargs=True``) gives the documents of a packed row. A 4-D mask
 tensor a caller built itself goes to transformers' SDPA (any mask is allowed there).
 A forced backend (``mkfast.use_backend``) applies per op: decode steps use the main op
 where ``decode_attention`` lacks that backend (it has no ``cpu`` one).
@@ -38,7 +40,7 @@ import torch
 
 from mkfast.backend import BackendUnavailableError
 from mkfast.ops.attention import attention, decode_attention, decode_attention_backends
-from mkfast.ops.attention_interface import document_ids_from_position_ids
+from mkfast.ops.attention_interface import document_ids_from_cu_seqlens, document_ids_from_position_ids
 
 __all__ = ["ATTENTION_NAME", "MkfastMask", "apply_attention", "document_ids_from_position_ids",
            "mkfast_attention_forward", "mkfast_mask", "register_transformers_attention", "remove_attention"]
@@ -154,6 +156,19 @@ def _left_padded_attention(query, key, value, row_starts, scaling, is_causal):
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
+def _document_ids_from_flash_kwargs(query, key, kwargs) -> torch.Tensor | None:
+    """Document ids of one packed row from FlashAttention's ``cu_seq_lens_q`` (what transformers'
+    flattening collator gives with ``return_flash_attn_kwargs=True``), or None. Per layer, but
+    one searchsorted over S positions: negligible next to the attention."""
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is None or query.shape[2] != key.shape[2]:
+        return None
+    if query.shape[0] != 1:
+        raise ValueError(f"mkfast attention: cu_seq_lens_q describes one packed row, "
+                         f"got a batch of {query.shape[0]}")
+    return document_ids_from_cu_seqlens(cu_seqlens.to(query.device), query.shape[2])[None]
+
+
 def mkfast_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -190,6 +205,8 @@ def mkfast_attention_forward(
     if window is not None and key.shape[2] > window:
         raise ValueError(f"mkfast attention has no sliding window: {key.shape[2]} keys exceed this model's "
                          f"sliding_window={window} (use sequences up to it, or attn_implementation='sdpa')")
+    if document_ids is None and (mask is None or mask.document_ids is None):
+        document_ids = _document_ids_from_flash_kwargs(query, key, kwargs)
     if document_ids is not None:
         if query.shape[2] != key.shape[2]:
             raise ValueError(f"mkfast attention: document_ids needs no KV cache (S_q == S_kv), "
