@@ -294,7 +294,9 @@ def attention(
     """Causal and/or document-masked attention, forward and backward.
 
     Args:
-        q: (B, Hq, S_q, D) fp32/fp16/bf16.
+        q: (B, Hq, S_q, D) fp32/fp16/bf16. (B, S, H, D) tensors (flash_attn's layout) go to
+            ``mkfast.ops.attention_bshd``: shapes cannot tell the layouts apart when
+            Hq == Hkv and S_q == S_kv.
         k, v: (B, Hkv, S_kv, D), same dtype and device; Hq a multiple of Hkv
             (GQA/MQA); S_kv >= S_q (a KV cache: queries are the last S_q positions).
         causal: mask keys after each query (aligned to the end when S_kv > S_q).
