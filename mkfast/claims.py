@@ -60,7 +60,7 @@ def paired_claim(paper: str, claim: str, arms: str, treatment: Sequence[float], 
                          f"{len(treatment)} and {len(control)}")
     gains = [a - b for a, b in zip(treatment, control, strict=True)]
     mean, low, high = mean_interval(gains)
-    interval = "n/a (one seed)" if math.isnan(low) else f"[{low:+.3g}, {high:+.3g}]{unit}"
-    return {"paper": paper, "claim": claim, "arms": arms, "measured": f"{mean:+.3g}{unit}",
+    interval = "n/a (one seed)" if math.isnan(low) else f"[{low:+.3f}, {high:+.3f}]{unit}"
+    return {"paper": paper, "claim": claim, "arms": arms, "measured": f"{mean:+.3f}{unit}",
             "interval": interval, "verdict": verdict(low, high, higher_is_better), "seeds": len(gains),
             "treatment": list(treatment), "control": list(control)}
