@@ -292,8 +292,7 @@ def _has_module(run: Run, module: str) -> bool:
 
 
 def step_tests(run: Run, step: Step) -> None:
-    command = [run.python, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-               f"--junitxml={run.junit}", *KERNEL_TEST_FILES]
+    command = [run.python, "-m", "pytest", "-q", "-m", "cuda", f"--junitxml={run.junit}", *KERNEL_TEST_FILES]
     if not run.dry_run and _has_module(run, "xdist"):
         # Several workers compile the cold Triton cache's kernels in parallel (16 cores, one GPU).
         command += ["-n", str(min(8, run.cores))]
