@@ -13,7 +13,7 @@ import mkfast
 from mkfast.layers import attention as attention_layer
 
 transformers = pytest.importorskip("transformers")
-from hf_models import ARCHITECTURES, tiny_causal_lm  # noqa: E402
+from hf_models import ARCHITECTURES, assert_greedy_equal_up_to_near_ties, tiny_causal_lm  # noqa: E402
 
 TINY = {"vocab_size": 97, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
@@ -106,6 +106,7 @@ def test_flattening_collator_flash_kwargs_without_position_ids_keep_sequences_ap
     assert torch.equal(logits[0][:, 4:], logits[1][:, 4:])  # the later sequences never see the first
 
 
+@pytest.mark.interpreter
 def test_packed_training_skips_the_blocks_between_documents(seen):
     """Through the Triton kernel (interpreter): the document ids derived from position_ids reach
     the kernel, whose launcher visits only the key blocks whose documents meet each query block's."""
@@ -145,6 +146,23 @@ def test_left_padded_greedy_generation_is_token_equal_to_sdpa(architecture, cach
     # rows' views (3 distinct starts), by the decode op (auto backend on CPU: its reference).
     assert len(seen["attention"]) == TINY["num_hidden_layers"]
     assert seen["decode_attention"] == 4 * TINY["num_hidden_layers"] * 3
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_left_padded_generation_through_the_triton_kernels_is_token_equal_to_sdpa(cache, seen):
+    """The Triton main and decode kernels (interpreter on CPU) on the rows' key views."""
+    ours, sdpa = model_pair("llama")
+    input_ids, attention_mask = _left_padded_prompts()
+    settings = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0, "attention_mask": attention_mask}
+    if cache == "static":
+        settings["cache_implementation"] = "static"
+    with torch.no_grad():
+        expected = sdpa.generate(input_ids, **settings)
+        with mkfast.use_backend("triton"):
+            generated = ours.generate(input_ids, **settings)
+    assert torch.equal(generated, expected)
+    assert seen["decode_attention"] == 2 * TINY["num_hidden_layers"] * 3
 
 
 def test_static_cache_prefill_logits_match_sdpa_without_padding():
@@ -205,3 +223,40 @@ def test_keys_beyond_the_sliding_window_are_refused():
     ours.config.sliding_window = 8  # Mistral reads it at each forward
     with pytest.raises(ValueError, match="sliding_window=8"):
         ours(torch.randint(1, 97, (1, 12)), use_cache=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_cuda_padded_packed_and_cached_paths_match_sdpa(architecture):
+    """On the GPU's Triton kernels: a right-padded bf16 training step, a packed fp32 batch, and
+    left-padded greedy generation with dynamic and static caches (fp32, up to near-ties)."""
+    sizes = {**TINY, "hidden_size": 256, "intermediate_size": 384}  # head dim 64
+    sdpa, ours = (tiny_causal_lm(architecture, sizes).cuda() for _ in range(2))
+    mkfast.apply_attention(ours)
+    input_ids, attention_mask = (tensor.cuda() for tensor in _left_padded_prompts())
+    for cache in ("dynamic", "static"):
+        settings = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0,
+                    "attention_mask": attention_mask, "cache_implementation": cache}
+        with torch.no_grad():
+            generated, expected = ours.generate(input_ids, **settings), sdpa.generate(input_ids, **settings)
+        assert_greedy_equal_up_to_near_ties(sdpa, input_ids, generated, expected, attention_mask)
+    position_ids = torch.cat([torch.arange(70), torch.arange(58)])[None].cuda()
+    packed_ids = torch.randint(1, 97, (1, 128), device="cuda")
+    with torch.no_grad():
+        packed = ours(packed_ids, position_ids=position_ids, use_cache=False).logits
+        separate = torch.cat([sdpa(packed_ids[:, :70], use_cache=False).logits,
+                              sdpa(packed_ids[:, 70:], use_cache=False).logits], dim=1)
+    assert_close(packed, separate, dtype=torch.float32, scale=10.0)  # fp32 Triton vs SDPA summation order
+    sdpa, ours = sdpa.to(torch.bfloat16), ours.to(torch.bfloat16)
+    train_ids = torch.randint(1, 97, (2, 150), device="cuda")
+    train_mask = torch.ones_like(train_ids)
+    train_mask[1, 100:] = 0
+    labels = train_ids.masked_fill(train_mask == 0, -100)
+    losses = [model(train_ids, attention_mask=train_mask, labels=labels, use_cache=False).loss
+              for model in (ours, sdpa)]
+    for loss in losses:
+        loss.backward()
+    assert_close(losses[0], losses[1].detach(), dtype=torch.bfloat16)
+    assert_close(ours.model.layers[0].self_attn.q_proj.weight.grad,
+                 sdpa.model.layers[0].self_attn.q_proj.weight.grad,
+                 dtype=torch.bfloat16, scale=5.0)  # bf16 gradients through two layers

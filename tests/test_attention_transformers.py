@@ -9,10 +9,11 @@ import mkfast
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import assert_close
+from helpers import assert_close  # noqa: E402
+from hf_models import assert_greedy_equal_up_to_near_ties  # noqa: E402
 
-from mkfast.layers import attention as attention_layer
-from mkfast.layers.attention import document_ids_from_position_ids, register_transformers_attention
+from mkfast.layers import attention as attention_layer  # noqa: E402
+from mkfast.layers.attention import document_ids_from_position_ids, register_transformers_attention  # noqa: E402
 
 TINY_LLAMA = {"vocab_size": 97, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
@@ -58,7 +59,8 @@ def test_logits_match_eager(models, calls):
 def test_greedy_generation_with_kv_cache_matches_eager(models, calls):
     ours, eager = models
     prompt = torch.randint(1, 97, (2, 10))
-    settings = {"max_new_tokens": 6, "do_sample": False, "attention_mask": torch.ones_like(prompt), "pad_token_id": 0}
+    settings = {"max_new_tokens": 6, "do_sample": False, "attention_mask": torch.ones_like(prompt),
+                "pad_token_id": 0}
     with torch.no_grad(), mkfast.use_backend("triton"):
         generated = ours.generate(prompt, **settings)
     expected = eager.generate(prompt, **settings)
@@ -82,8 +84,8 @@ def test_packed_documents_match_eager_packing_forward_and_backward(models, calls
     expected.loss.backward()
     assert calls["attention"] == 2
     assert_close(result.logits, expected.logits)
-    for (name, parameter), expected_parameter in zip(ours.named_parameters(), eager.parameters()):
-        assert_close(parameter.grad, expected_parameter.grad, message=name)
+    for (name, parameter), wanted in zip(ours.named_parameters(), eager.parameters(), strict=True):
+        assert_close(parameter.grad, wanted.grad, message=name)
     ours.zero_grad()
     eager.zero_grad()
 
@@ -114,8 +116,8 @@ def test_cuda_logits_generation_and_training_step_match_sdpa():
     assert register_transformers_attention()
     torch.manual_seed(0)
     config = {**TINY_LLAMA, "hidden_size": 256, "intermediate_size": 512}  # head dim 64, GQA 4:2
-    sdpa = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config, attn_implementation="sdpa")).cuda()
-    ours = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config, attn_implementation="mkfast")).cuda()
+    sdpa, ours = (transformers.LlamaForCausalLM(transformers.LlamaConfig(**config, attn_implementation=name))
+                  .cuda() for name in ("sdpa", "mkfast"))
     ours.load_state_dict(sdpa.state_dict())
     input_ids = torch.randint(1, 97, (2, 300), device="cuda")
     with torch.no_grad():
@@ -123,26 +125,17 @@ def test_cuda_logits_generation_and_training_step_match_sdpa():
                      dtype=torch.float32, scale=10.0)  # fp32 Triton vs cuBLAS/SDPA summation order
         settings = {"max_new_tokens": 8, "do_sample": False, "attention_mask": torch.ones_like(input_ids),
                     "pad_token_id": 0}
-        # Greedy tokens agree wherever SDPA's choice is not a near-tie (fp32 sums differ by ~1e-6).
         generated = ours.generate(input_ids, **settings)
         expected = sdpa.generate(input_ids, **settings)
-        logits = sdpa(expected, use_cache=False).logits[:, input_ids.shape[1] - 1:-1].float()
-        top2 = logits.topk(2, dim=-1).values
-        decisive = (top2[..., 0] - top2[..., 1]) > 1e-3
-        new_tokens = slice(input_ids.shape[1], None)
-        first_difference = (generated[:, new_tokens] != expected[:, new_tokens]).float().cumsum(dim=1) == 0
-        # Up to each row's first difference the sequences are equal; the difference itself must be a near-tie.
-        diverged_at = (~first_difference).float().argmax(dim=1)
-        for row in range(expected.shape[0]):
-            if not bool(first_difference[row].all()):
-                assert not bool(decisive[row, diverged_at[row]]), (row, int(diverged_at[row]))
+    assert_greedy_equal_up_to_near_ties(sdpa, input_ids, generated, expected)
     ours, sdpa = ours.to(torch.bfloat16), sdpa.to(torch.bfloat16)
     ours_loss = ours(input_ids, labels=input_ids, use_cache=False).loss
     sdpa_loss = sdpa(input_ids, labels=input_ids, use_cache=False).loss
     ours_loss.backward()
     sdpa_loss.backward()
     assert_close(ours_loss, sdpa_loss, dtype=torch.bfloat16)
-    assert_close(ours.model.layers[0].self_attn.q_proj.weight.grad, sdpa.model.layers[0].self_attn.q_proj.weight.grad,
+    assert_close(ours.model.layers[0].self_attn.q_proj.weight.grad,
+                 sdpa.model.layers[0].self_attn.q_proj.weight.grad,
                  dtype=torch.bfloat16, scale=5.0)  # bf16 gradients through two layers
 
 
