@@ -39,6 +39,12 @@ def small_mome_layer(hidden_size=8):
     return MoMEFFN(mlp, VisualMemory(hidden_size), RMSNorm(hidden_size), rank=2)
 
 
+def _mome_weights(**floats):
+    import dataclasses
+
+    return dataclasses.replace(small_mome_layer().mome_weights(), **floats)
+
+
 Q, K, V = randn(1, 2, 4, 16), randn(1, 2, 4, 16), randn(1, 2, 4, 16)
 CACHE = randn(1, 2, 8, 16)
 LENGTHS = torch.tensor([5])
@@ -108,6 +114,14 @@ BAD_INPUTS = {
         "hidden_states must be float32/float16/bfloat16, got torch.int32"),
     "attention int q under autocast": (lambda: _under_autocast(lambda: attention(Q.int(), K, V)), TypeError,
                                        "q must be float32/float16/bfloat16, got torch.int32"),
+    "MoMEFFN alpha nan": (lambda: MoMEFFN(small_mome_layer().mlp, VisualMemory(8), RMSNorm(8), alpha=math.nan),
+                          ValueError, "MoMEFFN: alpha must be finite, got nan"),
+    "mome_ffn lora_scale inf": (lambda: mkfast.ops.mome_ffn(randn(2, 8), _mome_weights(lora_scale=math.inf)),
+                                ValueError, "mome_ffn: lora_scale must be finite, got inf"),
+    "mome_ffn eps nan": (lambda: mkfast.ops.mome_ffn(randn(2, 8), _mome_weights(text_norm_eps=math.nan)),
+                         ValueError, "mome_ffn: text_norm_eps must be finite"),
+    "mome_ffn eps negative": (lambda: mkfast.ops.mome_ffn(randn(2, 8), _mome_weights(visual_norm_eps=-1.0)),
+                              ValueError, "mome_ffn: visual_norm_eps must be >= 0, got -1.0"),
     "MoMEFFN rank 0": (lambda: MoMEFFN(small_mome_layer().mlp, VisualMemory(8), RMSNorm(8), rank=0), ValueError,
                        "rank must be a positive int"),
     "MoMEFFN adapter missing key": (lambda: small_mome_layer().load_adapter_state_dict({}), KeyError,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mkfast.layers.visual_memory import VisualMemory
-from mkfast.ops._checks import FLOAT_DTYPES, check_tensor
+from mkfast.ops._checks import FLOAT_DTYPES, check_finite_float, check_tensor
 from mkfast.ops.mome import NUM_EXPERTS, MoMEWeights, mome_ffn
 
 # (module attribute path, projection name) of the five LoRA'd projections.
@@ -127,7 +127,7 @@ class MoMEFFN(nn.Module):
         self.mlp, self.visual_memory, self.norm = mlp, visual_memory, norm
         for module in (mlp, visual_memory, norm):
             module.requires_grad_(False)
-        self.rank, self.alpha = rank, alpha
+        self.rank, self.alpha = rank, check_finite_float("MoMEFFN", "alpha", alpha)
         self.scaling = alpha / rank
         self._norm_guard = NormGuard(norm)
         for name in PROJECTIONS:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from mkfast.backend import OpDispatcher, triton_unavailable_reason
-from mkfast.ops._checks import FLOAT_DTYPES, check_same_size, check_tensor
+from mkfast.ops._checks import FLOAT_DTYPES, check_finite_float, check_same_size, check_tensor
 
 OP = "mome_ffn"
 NUM_EXPERTS = 2  # router column 0: visual expert (S_1), column 1: text expert (S_2), as in MKS2
@@ -308,9 +308,9 @@ def _validate(x: torch.Tensor, weights: MoMEWeights) -> None:
                 raise ValueError(f"{OP}: {name} is frozen (MKS2 trains only LoRA and the router) and gets no "
                                  f"gradient; call requires_grad_(False) on it, got requires_grad=True")
     for name in ("lora_scale", "text_norm_eps", "visual_norm_eps"):
-        value = getattr(weights, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{OP}: {name} must be a float, got {type(value).__name__}")
+        value = check_finite_float(OP, name, getattr(weights, name))  # a NaN scale or eps: all-NaN output
+        if name.endswith("_eps") and value < 0:
+            raise ValueError(f"{OP}: {name} must be >= 0, got {value}")
 
 
 def mome_ffn(x: torch.Tensor, weights: MoMEWeights) -> torch.Tensor:
