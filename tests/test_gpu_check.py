@@ -83,7 +83,7 @@ def test_two_versions_of_one_wheel_are_refused(tmp_path, monkeypatch, capsys):
 def test_dry_run_brings_back_what_a_gpu_run_would(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     command = [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--out", str(out),
-               "--dry-run", "--no-build", "--work-dir", str(work), "--commit", "test"]
+               "--dry-run", "--no-build", "--work-dir", str(work), "--commit", "test", "--budget", "1200"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     files = sorted(os.listdir(out))
@@ -108,3 +108,12 @@ def test_dry_run_brings_back_what_a_gpu_run_would(tmp_path):
     assert "## Steps" in text and all(f"## {suite}" in text for suite in SUITES)
     assert gpu_report.unpack(str(out), str(tmp_path / "results")) == 1  # a dry run is never committed
     assert not (tmp_path / "results").exists()
+    # The same record as a GPU run's: unpacked into results/<device>/, each suite rendered again.
+    report["dry_run"] = False
+    for record in report["suites"].values():
+        record["device_tag"] = "h200"
+    (out / "gpu_check.json").write_text(json.dumps(report))
+    assert gpu_report.unpack(str(out), str(tmp_path / "results")) == 0
+    unpacked = set(os.listdir(tmp_path / "results" / "h200"))
+    assert {f"{suite}.{kind}" for suite in SUITES for kind in ("json", "md")} <= unpacked
+    assert {"gpu_check.json", "gpu_check.md", "tests.xml"} <= unpacked
