@@ -114,13 +114,17 @@ def test_packed_training_skips_the_blocks_between_documents(seen):
 
     ours, sdpa = model_pair("llama")
     lengths = (30, 34, 32)  # 96 tokens: three 32-token blocks under the interpreter; document 2 = block 2
-    input_ids = torch.randint(1, 97, (1, sum(lengths)), generator=torch.Generator().manual_seed(5))
-    position_ids = torch.cat([torch.arange(length) for length in lengths])[None]
+    generator = torch.Generator().manual_seed(5)
+    batch = transformers.DataCollatorWithFlattening()(
+        [{"input_ids": torch.randint(1, 97, (length,), generator=generator).tolist()} for length in lengths])
     with mkfast.use_backend("triton"):
-        loss = ours(input_ids, position_ids=position_ids, labels=input_ids, use_cache=False).loss
+        loss = ours(**batch, use_cache=False).loss
         loss.backward()
-    expected = sdpa(input_ids, position_ids=position_ids, labels=input_ids, use_cache=False).loss
+    expected = sdpa(**batch, use_cache=False).loss
+    expected.backward()
     assert_close(loss, expected.detach())
+    for (name, parameter), wanted in zip(ours.named_parameters(), sdpa.parameters(), strict=True):
+        assert_close(parameter.grad, wanted.grad, message=name)
     assert all(ids is seen["attention"][0] for ids in seen["attention"])  # derived once per batch
     block_m, block_n = INTERPRETER_CONFIG[:2]
     first, last = meeting_block_spans(seen["attention"][0].to(torch.int32), block_m, block_n)
