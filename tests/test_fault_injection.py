@@ -137,6 +137,8 @@ BAD_INPUTS = {
     "RMSNorm hidden size float": (lambda: RMSNorm(16.0), ValueError, "hidden_size must be a positive int, got 16.0"),
     "RMSNorm wrong input size": (lambda: RMSNorm(16)(randn(2, 8)), ValueError,
                                  "RMSNorm: hidden_states must be (..., 16) like its weight, got shape (2, 8)"),
+    "RMSNorm int input": (lambda: RMSNorm(4)(torch.ones(2, 4, dtype=torch.int64)), TypeError,
+                          "RMSNorm: hidden_states must be floating point, got torch.int64"),
     "VisualMemory wrong input size": (lambda: VisualMemory(16)(randn(2, 8)), ValueError,
                                       "hidden_states must be (..., 16)"),
     "document ids from 1-D positions": (lambda: document_ids_from_position_ids(torch.arange(5)), ValueError,
@@ -201,6 +203,21 @@ def test_nan_is_never_hidden_on_any_backend(backend, device, causal, where, docu
         allowed = attention_allowed_mask(6, key_length, causal, document_ids, device)[0, 0, :, 2].cpu()
         assert allowed.any() and bool((nan_rows | ~allowed).all())
     assert not out[0, 1].isnan().any()  # the other head never sees it
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES[1:])
+@pytest.mark.parametrize("scale", [0.0, -0.5])
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_zero_or_negative_scale_matches_the_reference(backend, device, scale, causal):
+    # ATen's is_causal path returned NaN for scale <= 0 (the cpu backend masks explicitly there).
+    inputs = [randn(1, 2, 5, 16, device=device).add(index).requires_grad_() for index in range(3)]
+    results = {}
+    for name in ("reference", backend):
+        with mkfast.use_backend(name):
+            out = attention(*inputs, causal=causal, scale=scale)
+            results[name] = (out, *torch.autograd.grad(out.square().sum(), inputs))
+    for got, expected in zip(results[backend], results["reference"]):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend, device", [pytest.param("reference", "cpu")] + [

@@ -42,6 +42,8 @@ class RMSNorm(nn.Module):
         if hidden_states.shape[-1:] != self.weight.shape:
             raise ValueError(f"RMSNorm: hidden_states must be (..., {self.weight.shape[0]}) like its weight, "
                              f"got shape {tuple(hidden_states.shape)}")
+        if not hidden_states.is_floating_point():  # the output is cast back to it: integers would truncate
+            raise TypeError(f"RMSNorm: hidden_states must be floating point, got {hidden_states.dtype}")
         input_dtype = hidden_states.dtype
         hidden_fp32 = hidden_states.float()
         variance = hidden_fp32.pow(2).mean(-1, keepdim=True)

@@ -116,15 +116,17 @@ def _cpu_only(device: torch.device) -> str | None:
     return None if device.type == "cpu" else "ATen's CPU flash attention runs on CPU tensors only"
 
 
-def _cpu_mask(q, k, causal, document_ids) -> tuple[bool, torch.Tensor | None]:
+def _cpu_mask(q, k, causal, document_ids, scale) -> tuple[bool, torch.Tensor | None]:
     """(is_causal, additive mask) for ATen, whose is_causal puts queries at the first keys, not the last.
 
     NaN in q or k takes the masked path: without a mask ATen's kernel turns a NaN query row into
     zeros (and leaves rows before a NaN key finite), hiding the NaN the reference propagates. The
-    check is one read of q and k, small next to the O(S^2) attention.
+    check is one read of q and k, small next to the O(S^2) attention. So does a scale <= 0: ATen's
+    is_causal then returns NaN (it scales the masked scores).
     """
     has_nan = bool(torch.isnan(q).any()) or bool(torch.isnan(k).any())
-    if document_ids is None and (not causal or q.shape[2] == k.shape[2]) and not has_nan:
+    plain = document_ids is None and (not causal or (q.shape[2] == k.shape[2] and scale > 0))
+    if plain and not has_nan:
         return causal, None
     allowed = attention_allowed_mask(q.shape[2], k.shape[2], causal, document_ids, q.device)
     return False, torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
@@ -138,7 +140,7 @@ def _expand_heads(tensor: torch.Tensor, group: int) -> torch.Tensor:
 @attention_backends.register("cpu", _cpu_only)
 def _attention_cpu_forward(q, k, v, causal, document_ids, scale):
     group = q.shape[1] // k.shape[1]
-    is_causal, mask = _cpu_mask(q, k, causal, document_ids)
+    is_causal, mask = _cpu_mask(q, k, causal, document_ids, scale)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, _expand_heads(k, group), _expand_heads(v, group), 0.0, is_causal, attn_mask=mask, scale=scale)
     return out.contiguous(), lse.float().contiguous()
@@ -146,7 +148,7 @@ def _attention_cpu_forward(q, k, v, causal, document_ids, scale):
 
 def _attention_cpu_backward(grad_out, q, k, v, out, lse, causal, document_ids, scale):
     group = q.shape[1] // k.shape[1]
-    is_causal, mask = _cpu_mask(q, k, causal, document_ids)
+    is_causal, mask = _cpu_mask(q, k, causal, document_ids, scale)
     grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         grad_out, q, _expand_heads(k, group), _expand_heads(v, group), out, lse, 0.0, is_causal,
         attn_mask=mask, scale=scale)
