@@ -134,17 +134,23 @@ def test_packed_training_skips_the_blocks_between_documents(seen):
     assert last[0].tolist() == [2, 2, 3]
 
 
+def _greedy_generations(architecture: str, cache: str, max_new_tokens: int, backend: str = "auto"):
+    """(mkfast's, SDPA's) greedy continuations of the left-padded prompts."""
+    ours, sdpa = model_pair(architecture)
+    input_ids, attention_mask = _left_padded_prompts()
+    settings = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": 0,
+                "attention_mask": attention_mask, "cache_implementation": cache}
+    with torch.no_grad():
+        expected = sdpa.generate(input_ids, **settings)
+        with mkfast.use_backend(backend):
+            generated = ours.generate(input_ids, **settings)
+    return generated, expected
+
+
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_left_padded_greedy_generation_is_token_equal_to_sdpa(architecture, cache, seen):
-    ours, sdpa = model_pair(architecture)
-    input_ids, attention_mask = _left_padded_prompts()
-    settings = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0, "attention_mask": attention_mask}
-    if cache == "static":
-        settings["cache_implementation"] = "static"
-    with torch.no_grad():
-        expected = sdpa.generate(input_ids, **settings)
-        generated = ours.generate(input_ids, **settings)
+    generated, expected = _greedy_generations(architecture, cache, max_new_tokens=5)
     assert torch.equal(generated, expected)
     # Prefill through the main op with padding as documents; 4 later steps per layer on the
     # rows' views (3 distinct starts), by the decode op (auto backend on CPU: its reference).
@@ -156,15 +162,7 @@ def test_left_padded_greedy_generation_is_token_equal_to_sdpa(architecture, cach
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_left_padded_generation_through_the_triton_kernels_is_token_equal_to_sdpa(cache, seen):
     """The Triton main and decode kernels (interpreter on CPU) on the rows' key views."""
-    ours, sdpa = model_pair("llama")
-    input_ids, attention_mask = _left_padded_prompts()
-    settings = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0, "attention_mask": attention_mask}
-    if cache == "static":
-        settings["cache_implementation"] = "static"
-    with torch.no_grad():
-        expected = sdpa.generate(input_ids, **settings)
-        with mkfast.use_backend("triton"):
-            generated = ours.generate(input_ids, **settings)
+    generated, expected = _greedy_generations("llama", cache, max_new_tokens=3, backend="triton")
     assert torch.equal(generated, expected)
     assert seen["decode_attention"] == 2 * TINY["num_hidden_layers"] * 3
 
@@ -183,13 +181,8 @@ def test_static_cache_prefill_logits_match_sdpa_without_padding():
 
 
 def test_generation_under_a_forced_cpu_backend_uses_it_per_op(seen):
-    ours, sdpa = model_pair("qwen2")
-    input_ids, attention_mask = _left_padded_prompts()
-    settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "attention_mask": attention_mask}
-    with torch.no_grad():
-        expected = sdpa.generate(input_ids, **settings)
-        with mkfast.use_backend("cpu"):  # decode_attention has no cpu backend: its steps take the main op
-            generated = ours.generate(input_ids, **settings)
+    # decode_attention has no cpu backend: under use_backend("cpu") its steps take the main op.
+    generated, expected = _greedy_generations("qwen2", "dynamic", max_new_tokens=4, backend="cpu")
     assert torch.equal(generated, expected)
     assert seen["decode_attention"] == 0
 
