@@ -9,8 +9,12 @@ from helpers import assert_close
 
 import mkfast
 from mkfast.ops import attention_reference
-from mkfast.ops.attention_interface import (attention_bshd, attention_varlen, document_ids_from_cu_seqlens,
-                                            document_ids_from_position_ids)
+from mkfast.ops.attention_interface import (
+    attention_bshd,
+    attention_varlen,
+    document_ids_from_cu_seqlens,
+    document_ids_from_position_ids,
+)
 
 
 def _inputs(*shape_q, kv_heads, dtype=torch.float32):
@@ -22,7 +26,8 @@ def _inputs(*shape_q, kv_heads, dtype=torch.float32):
     return [tensor.requires_grad_() for tensor in (q, k, v)]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("backend",
+                         ["cpu", "reference", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_bshd_matches_the_reference_and_passes_views_not_copies(backend, monkeypatch):
     q, k, v = _inputs(2, 13, 6, 24, kv_heads=2)  # (B, S, H, D), GQA 3:1, odd S
     received = []

@@ -6,7 +6,11 @@ from mkfast.layers.visual_memory import RMSNorm, VisualMemory  # noqa: E402
 __all__ = ["MoMEFFN", "RMSNorm", "VisualMemory"]
 
 from mkfast.layers.attention import (  # noqa: E402
-    apply_attention, mkfast_attention_forward, register_transformers_attention, remove_attention,
+    apply_attention,
+    mkfast_attention_forward,
+    register_transformers_attention,
+    remove_attention,
 )
 
-__all__ += ["apply_attention", "mkfast_attention_forward", "register_transformers_attention", "remove_attention"]
+__all__ += ["apply_attention", "mkfast_attention_forward", "register_transformers_attention",
+            "remove_attention"]

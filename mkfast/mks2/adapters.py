@@ -38,8 +38,15 @@ import torch
 from torch import nn
 
 from mkfast.mks2.model import MKS2Model
-from mkfast.mks2.patching import (MOMES, VISUAL_MEMORY, VisualMemoryFeedForward, apply_mks2, decoder_layers,
-                                  enable_momes, patch_state)
+from mkfast.mks2.patching import (
+    MOMES,
+    VISUAL_MEMORY,
+    VisualMemoryFeedForward,
+    apply_mks2,
+    decoder_layers,
+    enable_momes,
+    patch_state,
+)
 
 FORMAT_NAME = "mkfast-mks2"
 FORMAT_VERSION = 1
@@ -62,7 +69,7 @@ def _language_model(model: nn.Module) -> nn.Module:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Name -> tensor of everything MKS2 adds to the base Llama and the frozen BLIP-2 (see module docstring)."""
+    """Name -> tensor of everything MKS2 adds to the base Llama and the frozen BLIP-2 (module docstring)."""
     language_model = _language_model(model)
     if patch_state(language_model) is None:
         raise RuntimeError("save_adapters: the language model has no visual memory")
@@ -115,7 +122,8 @@ def read_adapter_config(directory: str) -> dict:
     with open(os.path.join(directory, CONFIG_NAME)) as handle:
         config = json.load(handle)
     if config.get("format") != FORMAT_NAME or config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"load_adapters: {directory} is not a {FORMAT_NAME} v{FORMAT_VERSION} adapter directory")
+        raise ValueError(f"load_adapters: {directory} is not a {FORMAT_NAME} v{FORMAT_VERSION} "
+                         "adapter directory")
     return config
 
 
@@ -137,7 +145,8 @@ def load_adapters(model: nn.Module, directory: str) -> nn.Module:
     layers = len(decoder_layers(language_model))
     if config["num_hidden_layers"] != layers or config["hidden_size"] != language_model.config.hidden_size:
         raise ValueError(f"load_adapters: adapters are for {config['num_hidden_layers']} layers of size "
-                         f"{config['hidden_size']}, the model has {layers} of size {language_model.config.hidden_size}")
+                         f"{config['hidden_size']}, the model has {layers} of size "
+                         f"{language_model.config.hidden_size}")
     state = patch_state(language_model)
     if state is None and model_class == "causal_lm":
         apply_mks2(language_model, stage=config["stage"], rank=config["lora_rank"] or 8,

@@ -65,18 +65,20 @@ def seeded(seed: int):
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of a LlamaForCausalLM-like model (``model.model.layers``) or of a bare LlamaModel."""
+    """The decoder layers of a LlamaForCausalLM-like model (``model.model.layers``) or a bare LlamaModel."""
     for candidate in (getattr(getattr(model, "model", None), "layers", None), getattr(model, "layers", None)):
         if isinstance(candidate, nn.ModuleList) and len(candidate) > 0:
             layers = list(candidate)
             break
     else:
-        raise TypeError(f"mks2: expected a LlamaForCausalLM-like model with model.layers, got {type(model).__name__}")
+        raise TypeError("mks2: expected a LlamaForCausalLM-like model with model.layers, "
+                        f"got {type(model).__name__}")
     for index, layer in enumerate(layers):
         for attribute in ("mlp", "post_attention_layernorm", "self_attn"):
             if not hasattr(layer, attribute):
                 raise TypeError(f"mks2: decoder layer {index} ({type(layer).__name__}) has no {attribute!r}; "
-                                "only Llama-style blocks (attention, post-attention norm, MLP) can be patched")
+                                "only Llama-style blocks (attention, post-attention norm, MLP) "
+                                "can be patched")
     return layers
 
 
@@ -110,7 +112,8 @@ def add_visual_memory(model: nn.Module, ratio: float = 0.25, freeze_base: bool =
     model is frozen and only the MVMs train (stage 1). Returns the model.
     """
     if patch_state(model) is not None:
-        raise RuntimeError(f"mks2: model already patched ({patch_state(model)}); call remove_visual_memory first")
+        raise RuntimeError(f"mks2: model already patched ({patch_state(model)}); "
+                           "call remove_visual_memory first")
     hidden_size = _hidden_size(model)
     # The memory's own RMSNorm uses the model's epsilon (Llama-2: 1e-5 or 1e-6 depending on the release).
     eps = float(getattr(getattr(model, "config", None), "rms_norm_eps", 1e-6))
@@ -151,7 +154,8 @@ def visual_memories(model: nn.Module) -> list[nn.Module]:
 
 def router_probabilities(mome: MoMEFFN, hidden_states: torch.Tensor) -> torch.Tensor:
     """S = softmax(W_s x + b_s) (MKS2 eq. 3) of one MoMEFFN for h_s: (..., d) -> (..., 2) fp32;
-    column 0 weighs the visual expert, column 1 the text expert. x is the block's post-attention norm of h_s."""
+    column 0 weighs the visual expert, column 1 the text expert. x is the block's post-attention norm
+    of h_s."""
     dtype = mome.router.weight.dtype
     return torch.softmax(mome.router(mome.norm(hidden_states.to(dtype)).to(dtype)).float(), dim=-1)
 
