@@ -1,31 +1,47 @@
 """Triton kernels of mome_ffn (MKS2 stage 2's soft mixture of a LoRA-SwiGLU and a LoRA-MVM).
 
-The op's math and names are defined in mkfast/ops/mome.py. Here, per token block:
+The op's math and names are defined in mkfast/ops/mome.py; the backward's math, and the
+rank-r products between these launches, in mkfast/ops/mome_fused.py. Per token block:
 
 forward
-  _mome_lowrank_in_kernel     one pass over x: both RMSNorm statistics, the LoRA-A
-                              outputs of gate/up/fc1 and the router logits + softmax
-  _mome_expert_in_kernel      gate|up (or fc1) GEMM over x*norm_weight, rstd applied in
-                              the epilogue, LoRA as an extra K-slice (lowrank @ B^T),
-                              SwiGLU (or SiLU) in the epilogue
-  _mome_act_lowrank_kernel    LoRA-A of down / fc2: activation @ A^T
-  _mome_expert_out_kernel     down and fc2 GEMMs into two accumulators, LoRA K-slices,
-                              router mix in the epilogue
+  _mome_norm_in_kernel        both RMSNorms (x_t, x_v written once), the LoRA-A outputs of
+                              gate/up/fc1 and the router logits + softmax
+  _mome_expert_in_kernel      gate|up (or fc1) GEMM over the normalised input, LoRA as an
+                              extra K-slice, S * SwiGLU (or S * SiLU) in the epilogue
+  _mome_act_lowrank_kernel    LoRA-A of down / fc2 on the router-weighted activations
+  _mome_expert_out_kernel     down and fc2 (and their LoRA-B) as one GEMM, one accumulator
 backward
-  _mome_expert_grad_hidden_kernel  u = g W_out + s (g B_out) A_out; epilogue: dS partial
-                              row sums u.a, dgate/dup (or dfc1) and the LoRA-A gradient
-                              of the out projection (atomic over token blocks)
+  _mome_expert_grad_hidden_kernel  u = g W_out + s (g B_out) A_out; epilogue: dS row sums,
+                              dgate/dup (or dfc1), dA_out, and the rank-r products of
+                              dgate/dup/dfc1 (d(pre) B and dB), so they are not read back
   _mome_grad_input_kernel     d(x_t) and d(x_v) from both experts and the router in one
                               output tile, with the per-row sums the RMSNorm backward needs
-The skinny (rank-r) products between launches run as torch matmuls: they read
-(M, d) or (M, I) once and cost a few percent of the frozen GEMMs.
+  _mome_norm_backward_kernel  the RMSNorm backward's row-wide half, written in x's dtype
 
-Stored for backward: gate/up/fc1 pre-activations (not silu, not the product, not
-the LoRA intermediates of the wide layers): 2*I + Iv values per token, against
-about 4*I + 2*Iv for a PEFT composition under autograd. The activations (I + Iv per
-token) are written once in forward for the second layer and freed when it returns:
-recomputing SwiGLU in the down GEMM's prologue instead would redo it once per
-output-column tile (d / BLOCK_N = 32 times at Llama-2-7B sizes).
+Stored for backward: gate/up/fc1 pre-activations (2 I + Iv per token) and rank-r outputs;
+the activations (I + Iv per token) are written once in forward for the second layer and
+freed when it returns: recomputing SwiGLU in the down GEMM's prologue instead would redo
+it once per output-column tile (d / BLOCK_N = 32 times at Llama-2-7B sizes).
+
+Memory traffic per token, activations only (weights are read once per GEMM wave and
+amortised over the tokens), in elements of x's dtype, counted from the launches below;
+d = 4096, I = 11008, Iv = 1024 (Llama-2-7B), rank-r and fp32 (M, 2) terms left out.
+  frozen GEMMs alone, forward: x read by gate, up, fc1 (3d), gate/up/fc1 written (2I + Iv),
+      h and a_v read by down/fc2 (I + Iv), out written twice (2d)          5d + 3I + 2Iv = 55.6 K
+  ours, forward: norm_in reads x twice, writes x_t, x_v (4d); expert_in reads them (2d),
+      writes pre-activations and activations (3I + 2Iv); act_lowrank and expert_out each
+      read the activations (2I + 2Iv); out written once (d)                7d + 5I + 4Iv = 87.8 K (1.58x)
+  frozen GEMMs alone, backward (input gradients): g read by down/fc2 (2d), dh and dh_v
+      written (I + Iv), read by gate/up/fc1 (2I + Iv), dx written three times (3d)
+                                                                           5d + 3I + 2Iv = 55.6 K
+  ours, backward: g read by g[B_d|B_2], grad_hidden (x2) and dB (4d); pre-activations read
+      (2I + Iv), d(pre) written (2I + Iv) and read once by grad_input (2I + Iv); x read by
+      grad_input, norm_backward and two x^T products (4d); scaled_grad fp32 written and read
+      (4d); dx written (d)                                                 13d + 6I + 3Iv = 122.4 K (2.20x)
+The frozen GEMMs move 2 * (3 I d + 2 Iv d) FLOPs per token each way (0.29 GFLOP): at an
+H100 SXM's spec 3.35 TB/s and 989 TFLOP/s bf16 dense, 122 K elements (245 KB) take ~25% of the
+GEMMs' time, hidden where the epilogues overlap the next tiles' loads. A static count,
+not a measurement.
 """
 
 from __future__ import annotations
@@ -34,25 +50,36 @@ import torch
 import triton
 import triton.language as tl
 
-from mkfast.backend import triton_interpreter_enabled
+from . import interpreter_enabled
 
-# Tile sizes. No GPU was available when this was written, so nothing here is a
-# measurement: the wide GEMM kernels autotune over GEMM_TILES (BLOCK_M, BLOCK_N,
-# BLOCK_K, warps, stages), the Triton matmul tutorial's fp16 configurations cut to
-# those whose two fp32 accumulators fit in registers; the kernel with atomics and
-# the rank-r kernels use FIXED_TILE (64x128x64, 4 warps, 3 stages). The interpreter
-# runs 32-wide tiles: fewer, larger numpy ops are faster there, and tl.dot needs
-# every dimension >= 16. Checked without a GPU by compiling every kernel and tile for
-# sm_90 with Triton + ptxas (bf16/fp16/fp32, and with tokens = rank = 1 specialised): all
-# compile; in fp32 the 128x128x64 grad-input tile needs 256 KiB of shared memory, more
-# than an H100 has, and the autotuner skips it (OutOfResources).
-GEMM_TILES = ((128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 4))
-if triton_interpreter_enabled():
-    GEMM_TILES = ((32, 32, 32, 4, 1),)
-BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = (32, 32, 32, 4, 1) if triton_interpreter_enabled() else (64, 128, 64, 4, 3)
-GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
-                for m, n, k, warps, stages in GEMM_TILES]
-SMALLEST_GEMM_BLOCK_N = min(tile[1] for tile in GEMM_TILES)
+# Tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) per kernel. No GPU was available: each list
+# keeps the tiles that compile for sm_90a (bf16, Llama-2-7B widths, Triton 3.8 + ptxas) with
+# every tl.dot of the main loop on wgmma and no register spill (ptxas -v, and no local
+# loads/stores in the SASS of a loop); the autotuner picks among them on the GPU. Dropped
+# for spilling: expert_in and grad_input at 64x128 on 4 warps (grad_input 544 B inside its
+# K loop).
+EXPERT_IN_TILES = ((128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4))
+EXPERT_OUT_TILES = ((128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 4))
+GRAD_INPUT_TILES = ((64, 128, 64, 8, 3), (64, 64, 64, 4, 4))
+# Fixed (its atomics and partial sums depend on the tile). Its epilogue holds the activation,
+# both pre-activations and the rank-r products of d(pre): 64x64 on 8 warps is the one tile
+# tried that does not spill (64x128 on 8 warps: 988 B outside the loop, 128x64: 180 B,
+# 64x64 on 4 warps: 112 B).
+GRAD_HIDDEN_TILE = (64, 64, 64, 8, 4)
+# The row kernels (norm_in, act_lowrank, norm_backward): (BLOCK_M, BLOCK_K, warps, stages).
+ROW_TILE = (64, 64, 4, 3)
+if interpreter_enabled():
+    # The interpreter runs 32-wide tiles: fewer, larger numpy ops are faster there, and
+    # tl.dot needs every dimension >= 16.
+    EXPERT_IN_TILES = EXPERT_OUT_TILES = GRAD_INPUT_TILES = ((32, 32, 32, 4, 1),)
+    GRAD_HIDDEN_TILE, ROW_TILE = (32, 32, 32, 4, 1), (32, 32, 4, 1)
+
+
+def _configs(tiles) -> list:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
+            for m, n, k, warps, stages in tiles]
+
+
 GROUP_M = 8  # row blocks per group in the tile order (Triton matmul tutorial's value)
 MIN_DOT_SIZE = 16  # smallest tl.dot dimension; LoRA ranks are padded up to it
 # Columns of rstd (text norm, visual norm) and of the router probabilities (visual, text expert).
@@ -88,57 +115,64 @@ def _tile_coordinates(num_rows, num_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 
 
 @triton.jit
-def _silu_and_grad(pre):
-    sigmoid = 1.0 / (1.0 + tl.exp(-pre))
-    return pre * sigmoid, sigmoid * (1.0 + pre * (1.0 - sigmoid))
-
-
-@triton.jit
-def _mome_lowrank_in_kernel(
+def _mome_norm_in_kernel(
     x_ptr, text_norm_ptr, visual_norm_ptr, text_proj_ptr, visual_proj_ptr, router_bias_ptr,
-    text_lowrank_ptr, visual_lowrank_ptr, probs_ptr, rstd_ptr,
+    text_input_ptr, visual_input_ptr, text_lowrank_ptr, visual_lowrank_ptr, probs_ptr, rstd_ptr,
     tokens, hidden, rank, text_eps, visual_eps,
     TEXT_COLUMNS: tl.constexpr, VISUAL_COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """text_proj: (2r+2, d) = [gate_A; up_A; router_W]; visual_proj: (r, d) = fc1_A.
+    """Both RMSNorms of a row block, the LoRA-A outputs of gate/up/fc1 and the router.
 
-    Writes text_lowrank (M, 2r), visual_lowrank (M, r), probs (M, 2) fp32, rstd (M, 2) fp32.
+    text_proj: (2r+2, d) = [gate_A; up_A; router_W]; visual_proj: (r, d) = fc1_A. Writes
+    text_input = x_t and visual_input = x_v (M, d), rounded as the reference rounds them,
+    text_lowrank (M, 2r), visual_lowrank (M, r), probs (M, 2) fp32 and rstd (M, 2) fp32.
+    The first pass over the rows sums squares; the second (from L2) normalises.
     """
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_mask = rows < tokens
+    sum_squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for start in range(0, hidden, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * hidden + ks[None, :], mask=row_mask[:, None] & (ks < hidden)[None, :],
+                    other=0.0).to(tl.float32)
+        sum_squares += tl.sum(x * x, axis=1)
+    text_rstd = 1.0 / tl.sqrt(sum_squares / hidden + text_eps)
+    visual_rstd = 1.0 / tl.sqrt(sum_squares / hidden + visual_eps)
     text_cols = tl.arange(0, TEXT_COLUMNS)
     visual_cols = tl.arange(0, VISUAL_COLUMNS)
-    sum_squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
     text_acc = tl.zeros((BLOCK_M, TEXT_COLUMNS), dtype=tl.float32)
     visual_acc = tl.zeros((BLOCK_M, VISUAL_COLUMNS), dtype=tl.float32)
+    dtype = text_input_ptr.dtype.element_ty
     for start in range(0, hidden, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         k_mask = ks < hidden
-        x = tl.load(x_ptr + rows[:, None] * hidden + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        x32 = x.to(tl.float32)
-        sum_squares += tl.sum(x32 * x32, axis=1)
-        # The norms' rstd is per row, so it moves to the epilogue: norm(x) W^T = rstd * (x*w) W^T.
+        offsets = rows[:, None] * hidden + ks[None, :]
+        mask = row_mask[:, None] & k_mask[None, :]
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         text_norm = tl.load(text_norm_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
         visual_norm = tl.load(visual_norm_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
+        # weight * (x * rstd).to(dtype), the reference's (Llama's) rounding.
+        text_input = (text_norm[None, :] * (x * text_rstd[:, None]).to(dtype).to(tl.float32)).to(dtype)
+        visual_input = (visual_norm[None, :] * (x * visual_rstd[:, None]).to(dtype).to(tl.float32)).to(dtype)
+        tl.store(text_input_ptr + offsets, text_input, mask=mask)
+        tl.store(visual_input_ptr + offsets, visual_input, mask=mask)
         text_proj = tl.load(text_proj_ptr + text_cols[None, :] * hidden + ks[:, None],
                             mask=(text_cols[None, :] < 2 * rank + 2) & k_mask[:, None], other=0.0)
         visual_proj = tl.load(visual_proj_ptr + visual_cols[None, :] * hidden + ks[:, None],
                               mask=(visual_cols[None, :] < rank) & k_mask[:, None], other=0.0)
-        text_acc += tl.dot((x32 * text_norm[None, :]).to(x.dtype), text_proj, input_precision=PRECISION)
-        visual_acc += tl.dot((x32 * visual_norm[None, :]).to(x.dtype), visual_proj, input_precision=PRECISION)
-    text_rstd = 1.0 / tl.sqrt(sum_squares / hidden + text_eps)
-    visual_rstd = 1.0 / tl.sqrt(sum_squares / hidden + visual_eps)
-    text_acc = text_acc * text_rstd[:, None]
-    visual_acc = visual_acc * visual_rstd[:, None]
-    out_dtype = text_lowrank_ptr.dtype.element_ty
-    tl.store(text_lowrank_ptr + rows[:, None] * (2 * rank) + text_cols[None, :], text_acc.to(out_dtype),
+        text_acc += tl.dot(text_input, text_proj, input_precision=PRECISION)
+        visual_acc += tl.dot(visual_input, visual_proj, input_precision=PRECISION)
+    tl.store(text_lowrank_ptr + rows[:, None] * (2 * rank) + text_cols[None, :], text_acc.to(dtype),
              mask=row_mask[:, None] & (text_cols[None, :] < 2 * rank))
-    tl.store(visual_lowrank_ptr + rows[:, None] * rank + visual_cols[None, :], visual_acc.to(out_dtype),
+    tl.store(visual_lowrank_ptr + rows[:, None] * rank + visual_cols[None, :], visual_acc.to(dtype),
              mask=row_mask[:, None] & (visual_cols[None, :] < rank))
-    # Router epilogue: the two logits are columns 2r and 2r+1; softmax of two = a sigmoid.
-    logit_visual = tl.sum(tl.where(text_cols[None, :] == 2 * rank, text_acc, 0.0), axis=1) + tl.load(router_bias_ptr).to(tl.float32)
-    logit_text = tl.sum(tl.where(text_cols[None, :] == 2 * rank + 1, text_acc, 0.0), axis=1) + tl.load(router_bias_ptr + 1).to(tl.float32)
+    # Router epilogue: the two logits are columns 2r and 2r+1, rounded like the reference's
+    # logits; a softmax of two is a sigmoid of the difference.
+    logit_visual = tl.sum(tl.where(text_cols[None, :] == 2 * rank, text_acc, 0.0), axis=1)
+    logit_text = tl.sum(tl.where(text_cols[None, :] == 2 * rank + 1, text_acc, 0.0), axis=1)
+    logit_visual = logit_visual.to(dtype).to(tl.float32) + tl.load(router_bias_ptr).to(tl.float32)
+    logit_text = logit_text.to(dtype).to(tl.float32) + tl.load(router_bias_ptr + 1).to(tl.float32)
     prob_visual = 1.0 / (1.0 + tl.exp(logit_text - logit_visual))
     tl.store(probs_ptr + rows * 2, prob_visual, mask=row_mask)
     tl.store(probs_ptr + rows * 2 + 1, 1.0 - prob_visual, mask=row_mask)
@@ -147,21 +181,23 @@ def _mome_lowrank_in_kernel(
 
 
 # Tuned per (widths, power-of-two token count): training sees few distinct buckets.
-@triton.autotune(configs=GEMM_CONFIGS, key=["hidden", "width", "tokens_bucket"])
+@triton.autotune(configs=_configs(EXPERT_IN_TILES), key=["hidden", "width", "tokens_bucket"])
 @triton.jit
 def _mome_expert_in_kernel(
-    x_ptr, norm_ptr, first_weight_ptr, second_weight_ptr, lowrank_ptr, first_lora_B_ptr, second_lora_B_ptr,
-    rstd_ptr, probs_ptr, first_out_ptr, second_out_ptr, activation_out_ptr,
-    tokens, tokens_bucket, hidden, width, rank, lowrank_stride, rstd_column, prob_column, lora_scale,
+    input_ptr, first_weight_ptr, second_weight_ptr, lowrank_ptr, first_lora_B_ptr, second_lora_B_ptr,
+    probs_ptr, first_out_ptr, second_out_ptr, activation_out_ptr,
+    tokens, tokens_bucket, hidden, width, rank, lowrank_stride, prob_column, lora_scale,
     GATED: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """first_out = rstd * (x*w) W1^T + s * lowrank[:, :r] B1^T: (M, width); GATED also second (W2, lowrank[:, r:2r]).
+    """first_out = z W1^T + s lowrank[:, :r] B1^T: (M, width), z the normalised input (M, d);
+    GATED also second_out from (W2, lowrank[:, r:2r], B2).
 
-    Epilogue: activation_out = S * silu(first) * second (GATED, SwiGLU) or S * silu(first), from
-    the values as rounded for storage, S = probs[:, prob_column] the expert's router weight, so
-    that both experts' second layers add into one accumulator. It feeds the second layer and is
-    freed after forward (backward recomputes the activation from the pre-activations).
+    The main loop is a plain GEMM (the norm was applied once, by _mome_norm_in_kernel); LoRA is
+    one more K-slice of the same tile. Epilogue: activation_out = S * silu(first) * second (GATED,
+    SwiGLU) or S * silu(first), from the values as rounded for storage, S = probs[:, prob_column]
+    the expert's router weight, so both experts' second layers add into one accumulator. It
+    feeds the second layer and is freed after forward (backward recomputes it).
     """
     row_block, col_block = _tile_coordinates(tokens, width, BLOCK_M, BLOCK_N, GROUP_M)
     rows = (row_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -172,33 +208,37 @@ def _mome_expert_in_kernel(
     for start in range(0, hidden, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         k_mask = ks < hidden
-        x = tl.load(x_ptr + rows[:, None] * hidden + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        norm = tl.load(norm_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
-        x = (x.to(tl.float32) * norm[None, :]).to(x.dtype)
+        z = tl.load(input_ptr + rows[:, None] * hidden + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
+                    other=0.0)
         weight_offsets = cols[None, :] * hidden + ks[:, None]  # W^T tile (BLOCK_K, BLOCK_N)
         weight_mask = col_mask[None, :] & k_mask[:, None]
-        first_acc += tl.dot(x, tl.load(first_weight_ptr + weight_offsets, mask=weight_mask, other=0.0), input_precision=PRECISION)
+        first_acc = tl.dot(z, tl.load(first_weight_ptr + weight_offsets, mask=weight_mask, other=0.0), first_acc,
+                           input_precision=PRECISION)
         if GATED:
-            second_acc += tl.dot(x, tl.load(second_weight_ptr + weight_offsets, mask=weight_mask, other=0.0), input_precision=PRECISION)
-    rstd = tl.load(rstd_ptr + rows * 2 + rstd_column, mask=row_mask, other=0.0)
-    # LoRA as one more K-slice of the same output tile: [x, x A^T] . [W0, s B]^T.
+            second_acc = tl.dot(z, tl.load(second_weight_ptr + weight_offsets, mask=weight_mask, other=0.0),
+                                second_acc, input_precision=PRECISION)
+    # LoRA as one more K-slice of the same output tile: [z, z A^T] . [W0, s B]^T.
     ranks = tl.arange(0, RANK_PAD)
     rank_mask = ranks < rank
-    lowrank = tl.load(lowrank_ptr + rows[:, None] * lowrank_stride + ranks[None, :], mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
+    lowrank_offsets = rows[:, None] * lowrank_stride + ranks[None, :]
+    lowrank_mask = row_mask[:, None] & rank_mask[None, :]
     lora_B_offsets = cols[None, :] * rank + ranks[:, None]  # B^T tile (RANK_PAD, BLOCK_N)
     lora_B_mask = col_mask[None, :] & rank_mask[:, None]
-    first = first_acc * rstd[:, None] + lora_scale * tl.dot(lowrank, tl.load(first_lora_B_ptr + lora_B_offsets, mask=lora_B_mask, other=0.0), input_precision=PRECISION)
+    lowrank = tl.load(lowrank_ptr + lowrank_offsets, mask=lowrank_mask, other=0.0)
+    first_lora = tl.dot(lowrank, tl.load(first_lora_B_ptr + lora_B_offsets, mask=lora_B_mask, other=0.0),
+                        input_precision=PRECISION)
     out_offsets = rows[:, None] * width + cols[None, :]
     out_mask = row_mask[:, None] & col_mask[None, :]
     dtype = first_out_ptr.dtype.element_ty
-    first = first.to(dtype)
+    first = (first_acc + lora_scale * first_lora).to(dtype)
     tl.store(first_out_ptr + out_offsets, first, mask=out_mask)
     first = first.to(tl.float32)
     activation = first / (1.0 + tl.exp(-first))
     if GATED:
-        second_lowrank = tl.load(lowrank_ptr + rows[:, None] * lowrank_stride + rank + ranks[None, :], mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
-        second = second_acc * rstd[:, None] + lora_scale * tl.dot(second_lowrank, tl.load(second_lora_B_ptr + lora_B_offsets, mask=lora_B_mask, other=0.0), input_precision=PRECISION)
-        second = second.to(dtype)
+        second_lowrank = tl.load(lowrank_ptr + lowrank_offsets + rank, mask=lowrank_mask, other=0.0)
+        second_lora = tl.dot(second_lowrank, tl.load(second_lora_B_ptr + lora_B_offsets, mask=lora_B_mask, other=0.0),
+                             input_precision=PRECISION)
+        second = (second_acc + lora_scale * second_lora).to(dtype)
         tl.store(second_out_ptr + out_offsets, second, mask=out_mask)
         activation = activation * second.to(tl.float32)
     prob = tl.load(probs_ptr + rows * 2 + prob_column, mask=row_mask, other=0.0)
@@ -225,21 +265,28 @@ def _mome_act_lowrank_kernel(
 
 
 @triton.jit
-def _accumulate_row_major(acc, act_ptr, weight_ptr, rows, cols, row_mask, col_mask, width,
-                          BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += act[rows, :] @ weight[cols, :]^T over K = width; act: (M, width), weight: (N, width)."""
+def _accumulate_row_major(acc, act_ptr, weight_ptr, rows, cols, row_mask, col_mask, width, weight_stride,
+                          BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, WEIGHT_K_MAJOR: tl.constexpr):
+    """acc += act[rows, :] @ W over K = width; act: (M, width) row-major.
+
+    W is weight[cols, :]^T for a (N, width) weight (nn.Linear layout, weight_stride = width), or
+    weight[:, cols] for a K-major (width, N) one (WEIGHT_K_MAJOR, weight_stride = N).
+    """
     for start in range(0, width, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         k_mask = ks < width
         act = tl.load(act_ptr + rows[:, None] * width + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
                       other=0.0)
-        weight = tl.load(weight_ptr + cols[None, :] * width + ks[:, None], mask=col_mask[None, :] & k_mask[:, None],
-                         other=0.0)
-        acc += tl.dot(act, weight, input_precision=PRECISION)
+        if WEIGHT_K_MAJOR:
+            weight_offsets = ks[:, None] * weight_stride + cols[None, :]
+        else:
+            weight_offsets = cols[None, :] * weight_stride + ks[:, None]
+        weight = tl.load(weight_ptr + weight_offsets, mask=col_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = tl.dot(act, weight, acc, input_precision=PRECISION)
     return acc
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["hidden", "intermediate", "visual_size", "tokens_bucket"])
+@triton.autotune(configs=_configs(EXPERT_OUT_TILES), key=["hidden", "intermediate", "visual_size", "tokens_bucket"])
 @triton.jit
 def _mome_expert_out_kernel(
     text_act_ptr, visual_act_ptr, down_weight_ptr, fc2_weight_ptr, down_lowrank_ptr, fc2_lowrank_ptr,
@@ -259,9 +306,9 @@ def _mome_expert_out_kernel(
     row_mask, col_mask = rows < tokens, cols < hidden
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _accumulate_row_major(acc, text_act_ptr, down_weight_ptr, rows, cols, row_mask, col_mask, intermediate,
-                                BLOCK_K, PRECISION)
+                                intermediate, BLOCK_K, PRECISION, WEIGHT_K_MAJOR=False)
     acc = _accumulate_row_major(acc, visual_act_ptr, fc2_weight_ptr, rows, cols, row_mask, col_mask, visual_size,
-                                BLOCK_K, PRECISION)
+                                visual_size, BLOCK_K, PRECISION, WEIGHT_K_MAJOR=False)
     ranks = tl.arange(0, RANK_PAD)
     rank_mask = ranks < rank
     lowrank_offsets = rows[:, None] * rank + ranks[None, :]
@@ -280,18 +327,44 @@ def _mome_expert_out_kernel(
 
 
 @triton.jit
+def _rank_update(grad_tile, lora_B_ptr, lowrank_ptr, lowrank_stride, lowrank_grad_partial_ptr, lora_B_grad_ptr,
+                 rows, cols, ranks, row_mask, col_mask, rank, width, partial_stride, col_block, lora_scale,
+                 PRECISION: tl.constexpr):
+    """The rank-r products of one first-layer gradient tile d(pre) (BLOCK_M, BLOCK_N), as stored.
+
+    Writes this column block's share of d(pre) B (the LoRA-A input gradient, summed over blocks by
+    the launcher) and adds s d(pre)^T lowrank into dB (fp32, atomically over row blocks), so
+    d(pre) is not read back from memory for either.
+    """
+    rank_mask = ranks < rank
+    lora_B = tl.load(lora_B_ptr + cols[:, None] * rank + ranks[None, :], mask=col_mask[:, None] & rank_mask[None, :],
+                     other=0.0)
+    lowrank_grad = tl.dot(grad_tile, lora_B, input_precision=PRECISION)
+    tl.store(lowrank_grad_partial_ptr + rows[:, None] * partial_stride + col_block * rank + ranks[None, :],
+             lowrank_grad, mask=row_mask[:, None] & rank_mask[None, :])
+    lowrank = tl.load(lowrank_ptr + rows[:, None] * lowrank_stride + ranks[None, :],
+                      mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
+    lora_B_grad = lora_scale * tl.dot(tl.trans(grad_tile), lowrank, input_precision=PRECISION)
+    tl.atomic_add(lora_B_grad_ptr + cols[:, None] * rank + ranks[None, :], lora_B_grad,
+                  mask=col_mask[:, None] & rank_mask[None, :])
+
+
+@triton.jit
 def _mome_expert_grad_hidden_kernel(
-    grad_ptr, out_weight_ptr, grad_lowrank_ptr, lora_A_ptr, first_ptr, second_ptr, probs_ptr,
-    partial_ptr, first_grad_ptr, second_grad_ptr, lora_A_grad_ptr,
-    tokens, hidden, width, rank, prob_column, num_col_blocks, lora_scale,
+    grad_ptr, out_weight_ptr, grad_lowrank_ptr, lora_A_ptr, probs_ptr,
+    first_ptr, first_lowrank_ptr, first_lora_B_ptr, second_ptr, second_lowrank_ptr, second_lora_B_ptr,
+    score_partial_ptr, first_grad_ptr, second_grad_ptr, lora_A_grad_ptr,
+    first_lowrank_grad_ptr, second_lowrank_grad_ptr, first_lora_B_grad_ptr, second_lora_B_grad_ptr,
+    tokens, hidden, width, rank, lowrank_stride, prob_column, num_col_blocks, lora_scale,
     GATED: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One expert's hidden-layer gradient. g: (M, d), out_weight: (d, width), grad_lowrank = g B_out: (M, r).
 
-    u = g W_out + s (g B_out) A_out (the gradient of the expert's hidden activation a, before
-    the router weight p). Writes partial[m, block] = sum_n u*a (for dS), d(pre) = p*u*act'(pre)
-    and accumulates dA_out += s (p g B_out)^T a (fp32, atomically over token blocks).
+    u = g W_out + s (g B_out) A_out (the gradient of the expert's activation a, before its router
+    weight S). Writes score_partial[m, block] = sum_n u*a (for dS), d(pre) = S u act'(pre), adds
+    dA_out += s (S g B_out)^T a, and the rank-r products of d(pre) (see _rank_update). The
+    epilogue orders its work so that few (BLOCK_M, BLOCK_N) fp32 tiles are live at once.
     """
     row_block, col_block = _tile_coordinates(tokens, width, BLOCK_M, BLOCK_N, GROUP_M)
     rows = (row_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -302,57 +375,74 @@ def _mome_expert_grad_hidden_kernel(
     for start in range(0, hidden, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         k_mask = ks < hidden
-        grad = tl.load(grad_ptr + rows[:, None] * hidden + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        weight = tl.load(out_weight_ptr + ks[:, None] * width + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc += tl.dot(grad, weight, input_precision=PRECISION)
+        grad = tl.load(grad_ptr + rows[:, None] * hidden + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
+                       other=0.0)
+        weight = tl.load(out_weight_ptr + ks[:, None] * width + cols[None, :],
+                         mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(grad, weight, acc, input_precision=PRECISION)
     ranks = tl.arange(0, RANK_PAD)
     rank_mask = ranks < rank
-    grad_lowrank = tl.load(grad_lowrank_ptr + rows[:, None] * rank + ranks[None, :], mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
+    grad_lowrank = tl.load(grad_lowrank_ptr + rows[:, None] * rank + ranks[None, :],
+                           mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
     lora_A_offsets = ranks[:, None] * width + cols[None, :]
     lora_A_mask = rank_mask[:, None] & col_mask[None, :]
-    acc += lora_scale * tl.dot(grad_lowrank, tl.load(lora_A_ptr + lora_A_offsets, mask=lora_A_mask, other=0.0), input_precision=PRECISION)
+    acc += lora_scale * tl.dot(grad_lowrank, tl.load(lora_A_ptr + lora_A_offsets, mask=lora_A_mask, other=0.0),
+                               input_precision=PRECISION)
     # Recompute the activation from the stored pre-activations instead of storing it.
     offsets = rows[:, None] * width + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
     first = tl.load(first_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    first_act, first_act_grad = _silu_and_grad(first)
+    sigmoid = 1.0 / (1.0 + tl.exp(-first))
+    silu = first * sigmoid
     if GATED:
         second = tl.load(second_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        activation = first_act * second
+        activation = (silu * second).to(dtype)
     else:
-        activation = first_act
-    tl.store(partial_ptr + rows * num_col_blocks + col_block, tl.sum(acc * activation.to(dtype).to(tl.float32), axis=1), mask=row_mask)
+        activation = silu.to(dtype)
+    tl.store(score_partial_ptr + rows * num_col_blocks + col_block, tl.sum(acc * activation.to(tl.float32), axis=1),
+             mask=row_mask)
     prob = tl.load(probs_ptr + rows * 2 + prob_column, mask=row_mask, other=0.0)
-    activation_grad = acc * prob[:, None]
-    if GATED:
-        tl.store(first_grad_ptr + offsets, (activation_grad * second * first_act_grad).to(dtype), mask=mask)
-        tl.store(second_grad_ptr + offsets, (activation_grad * first_act).to(dtype), mask=mask)
-    else:
-        tl.store(first_grad_ptr + offsets, (activation_grad * first_act_grad).to(dtype), mask=mask)
+    # dA_out first, so the activation tile dies before the gradient tiles are made.
     weighted_lowrank = (grad_lowrank.to(tl.float32) * prob[:, None]).to(dtype)
-    lora_A_grad = lora_scale * tl.dot(tl.trans(weighted_lowrank), activation.to(dtype), input_precision=PRECISION)
+    lora_A_grad = lora_scale * tl.dot(tl.trans(weighted_lowrank), activation, input_precision=PRECISION)
     tl.atomic_add(lora_A_grad_ptr + lora_A_offsets, lora_A_grad, mask=lora_A_mask)
+    acc = acc * prob[:, None]
+    partial_stride = num_col_blocks * rank
+    if GATED:
+        second_grad = (acc * silu).to(dtype)
+        tl.store(second_grad_ptr + offsets, second_grad, mask=mask)
+        _rank_update(second_grad, second_lora_B_ptr, second_lowrank_ptr, lowrank_stride, second_lowrank_grad_ptr,
+                     second_lora_B_grad_ptr, rows, cols, ranks, row_mask, col_mask, rank, width, partial_stride,
+                     col_block, lora_scale, PRECISION)
+        acc = acc * second
+    first_grad = (acc * (sigmoid + silu * (1.0 - sigmoid))).to(dtype)  # silu' = s + silu (1 - s)
+    tl.store(first_grad_ptr + offsets, first_grad, mask=mask)
+    _rank_update(first_grad, first_lora_B_ptr, first_lowrank_ptr, lowrank_stride, first_lowrank_grad_ptr,
+                 first_lora_B_grad_ptr, rows, cols, ranks, row_mask, col_mask, rank, width, partial_stride,
+                 col_block, lora_scale, PRECISION)
 
 
 # partial is zeroed before each tuning trial: a trial with narrower tiles writes more column blocks.
-@triton.autotune(configs=GEMM_CONFIGS, key=["hidden", "intermediate", "visual_size", "tokens_bucket"],
+@triton.autotune(configs=_configs(GRAD_INPUT_TILES), key=["hidden", "intermediate", "visual_size", "tokens_bucket"],
                  reset_to_zero=["partial_ptr"])
 @triton.jit
 def _mome_grad_input_kernel(
     x_ptr, gate_grad_ptr, up_grad_ptr, visual_grad_ptr, gate_weight_ptr, up_weight_ptr, fc1_weight_ptr,
-    gate_grad_lowrank_ptr, up_grad_lowrank_ptr, fc1_grad_lowrank_ptr, gate_lora_A_ptr, up_lora_A_ptr,
-    fc1_lora_A_ptr, logits_grad_ptr, router_weight_ptr, text_norm_ptr, visual_norm_ptr, rstd_ptr,
-    scaled_grad_ptr, partial_ptr,
+    text_lowrank_grad_ptr, fc1_lowrank_grad_ptr, text_lora_A_ptr, fc1_lora_A_ptr, logits_grad_ptr,
+    router_weight_ptr, text_norm_ptr, visual_norm_ptr, rstd_ptr, scaled_grad_ptr, partial_ptr,
     tokens, tokens_bucket, hidden, intermediate, visual_size, rank, num_col_blocks, lora_scale,
-    RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+    RANK_PAD: tl.constexpr, TEXT_RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Gradients of the two normalised inputs, then the per-tile half of the RMSNorm backward.
 
-    d(x_t) = dgate Wg + dup Wu + s (dgate Bg) Ag + s (dup Bu) Au + dlogits W_s;  d(x_v) = dfc1 W1 + s (dfc1 B1) A1.
-    With g_t = w_t * d(x_t), g_v = w_v * d(x_v): writes scaled_grad = rstd_t g_t + rstd_v g_v (M, d)
-    and partial[m, block, :] = (sum x g_t, sum x g_v) over this tile's columns (num_col_blocks
-    is partial's row stride, sized for the narrowest tile; unused blocks stay zero).
+    d(x_t) = dgate Wg + dup Wu + s [dgate Bg, dup Bu] [Ag; Au] + dlogits W_s;
+    d(x_v) = dfc1 W1 + s (dfc1 B1) A1. text_lowrank_grad: (M, 2r) = [dgate Bg, dup Bu];
+    text_lora_A: (2r, d) = [Ag; Au]. With g_t = w_t * d(x_t), g_v = w_v * d(x_v): writes
+    scaled_grad = rstd_t g_t + rstd_v g_v (M, d) fp32 and partial[m, block, :] = (sum x g_t,
+    sum x g_v) over this tile's columns (num_col_blocks is partial's row stride, sized for the
+    narrowest tile; unused blocks stay zero). Two accumulators: each expert's norm weight
+    scales its own columns, so they cannot share one.
     """
     row_block, col_block = _tile_coordinates(tokens, hidden, BLOCK_M, BLOCK_N, GROUP_M)
     rows = (row_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -366,29 +456,29 @@ def _mome_grad_input_kernel(
         grad_mask = row_mask[:, None] & k_mask[None, :]
         weight_offsets = ks[:, None] * hidden + cols[None, :]
         weight_mask = k_mask[:, None] & col_mask[None, :]
-        text_acc += tl.dot(tl.load(gate_grad_ptr + grad_offsets, mask=grad_mask, other=0.0),
-                           tl.load(gate_weight_ptr + weight_offsets, mask=weight_mask, other=0.0), input_precision=PRECISION)
-        text_acc += tl.dot(tl.load(up_grad_ptr + grad_offsets, mask=grad_mask, other=0.0),
-                           tl.load(up_weight_ptr + weight_offsets, mask=weight_mask, other=0.0), input_precision=PRECISION)
+        text_acc = tl.dot(tl.load(gate_grad_ptr + grad_offsets, mask=grad_mask, other=0.0),
+                          tl.load(gate_weight_ptr + weight_offsets, mask=weight_mask, other=0.0), text_acc,
+                          input_precision=PRECISION)
+        text_acc = tl.dot(tl.load(up_grad_ptr + grad_offsets, mask=grad_mask, other=0.0),
+                          tl.load(up_weight_ptr + weight_offsets, mask=weight_mask, other=0.0), text_acc,
+                          input_precision=PRECISION)
     visual_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for start in range(0, visual_size, BLOCK_K):
-        ks = start + tl.arange(0, BLOCK_K)
-        k_mask = ks < visual_size
-        visual_acc += tl.dot(tl.load(visual_grad_ptr + rows[:, None] * visual_size + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0),
-                             tl.load(fc1_weight_ptr + ks[:, None] * hidden + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0.0),
-                             input_precision=PRECISION)
+    visual_acc = _accumulate_row_major(visual_acc, visual_grad_ptr, fc1_weight_ptr, rows, cols, row_mask, col_mask,
+                                       visual_size, hidden, BLOCK_K, PRECISION, WEIGHT_K_MAJOR=True)
+    text_ranks = tl.arange(0, TEXT_RANK_PAD)
+    text_rank_mask = text_ranks < 2 * rank
+    text_lowrank_grad = tl.load(text_lowrank_grad_ptr + rows[:, None] * (2 * rank) + text_ranks[None, :],
+                                mask=row_mask[:, None] & text_rank_mask[None, :], other=0.0)
+    text_lora_A = tl.load(text_lora_A_ptr + text_ranks[:, None] * hidden + cols[None, :],
+                          mask=text_rank_mask[:, None] & col_mask[None, :], other=0.0)
+    text_acc += lora_scale * tl.dot(text_lowrank_grad, text_lora_A, input_precision=PRECISION)
     ranks = tl.arange(0, RANK_PAD)
     rank_mask = ranks < rank
-    lowrank_offsets = rows[:, None] * rank + ranks[None, :]
-    lowrank_mask = row_mask[:, None] & rank_mask[None, :]
-    lora_A_offsets = ranks[:, None] * hidden + cols[None, :]
-    lora_A_mask = rank_mask[:, None] & col_mask[None, :]
-    text_acc += lora_scale * tl.dot(tl.load(gate_grad_lowrank_ptr + lowrank_offsets, mask=lowrank_mask, other=0.0),
-                                    tl.load(gate_lora_A_ptr + lora_A_offsets, mask=lora_A_mask, other=0.0), input_precision=PRECISION)
-    text_acc += lora_scale * tl.dot(tl.load(up_grad_lowrank_ptr + lowrank_offsets, mask=lowrank_mask, other=0.0),
-                                    tl.load(up_lora_A_ptr + lora_A_offsets, mask=lora_A_mask, other=0.0), input_precision=PRECISION)
-    visual_acc += lora_scale * tl.dot(tl.load(fc1_grad_lowrank_ptr + lowrank_offsets, mask=lowrank_mask, other=0.0),
-                                      tl.load(fc1_lora_A_ptr + lora_A_offsets, mask=lora_A_mask, other=0.0), input_precision=PRECISION)
+    fc1_lowrank_grad = tl.load(fc1_lowrank_grad_ptr + rows[:, None] * rank + ranks[None, :],
+                               mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
+    fc1_lora_A = tl.load(fc1_lora_A_ptr + ranks[:, None] * hidden + cols[None, :],
+                         mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
+    visual_acc += lora_scale * tl.dot(fc1_lowrank_grad, fc1_lora_A, input_precision=PRECISION)
     # The router's logits are x_t W_s^T + b_s: a rank-2 update, done elementwise.
     logit_grad_visual = tl.load(logits_grad_ptr + rows * 2, mask=row_mask, other=0.0)
     logit_grad_text = tl.load(logits_grad_ptr + rows * 2 + 1, mask=row_mask, other=0.0)
@@ -397,24 +487,49 @@ def _mome_grad_input_kernel(
     text_acc += logit_grad_visual[:, None] * router_visual[None, :] + logit_grad_text[:, None] * router_text[None, :]
     text_grad = text_acc * tl.load(text_norm_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     visual_grad = visual_acc * tl.load(visual_norm_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    text_rstd = tl.load(rstd_ptr + rows * 2, mask=row_mask, other=0.0)
-    visual_rstd = tl.load(rstd_ptr + rows * 2 + 1, mask=row_mask, other=0.0)
     offsets = rows[:, None] * hidden + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
-    tl.store(scaled_grad_ptr + offsets, text_rstd[:, None] * text_grad + visual_rstd[:, None] * visual_grad, mask=mask)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     partial_offsets = (rows * num_col_blocks + col_block) * 2
     tl.store(partial_ptr + partial_offsets, tl.sum(x * text_grad, axis=1), mask=row_mask)
     tl.store(partial_ptr + partial_offsets + 1, tl.sum(x * visual_grad, axis=1), mask=row_mask)
+    text_rstd = tl.load(rstd_ptr + rows * 2, mask=row_mask, other=0.0)
+    visual_rstd = tl.load(rstd_ptr + rows * 2 + 1, mask=row_mask, other=0.0)
+    tl.store(scaled_grad_ptr + offsets, text_rstd[:, None] * text_grad + visual_rstd[:, None] * visual_grad,
+             mask=mask)
 
 
-def _launch_options(dtype: torch.dtype) -> dict:
-    return dict(PRECISION=_dot_precision(dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+@triton.jit
+def _mome_norm_backward_kernel(
+    x_ptr, scaled_grad_ptr, row_sums_ptr, rstd_ptr, x_grad_ptr, tokens, hidden,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """RMSNorm backward, the row-wide half: dx = scaled_grad - x sum_n(rstd_n^3 row_sums_n) / d, in x's dtype."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_mask = rows < tokens
+    text_rstd = tl.load(rstd_ptr + rows * 2, mask=row_mask, other=0.0)
+    visual_rstd = tl.load(rstd_ptr + rows * 2 + 1, mask=row_mask, other=0.0)
+    text_sum = tl.load(row_sums_ptr + rows * 2, mask=row_mask, other=0.0)
+    visual_sum = tl.load(row_sums_ptr + rows * 2 + 1, mask=row_mask, other=0.0)
+    coefficient = (text_rstd * text_rstd * text_rstd * text_sum
+                   + visual_rstd * visual_rstd * visual_rstd * visual_sum) / hidden
+    for start in range(0, hidden, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        offsets = rows[:, None] * hidden + ks[None, :]
+        mask = row_mask[:, None] & (ks < hidden)[None, :]
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        scaled = tl.load(scaled_grad_ptr + offsets, mask=mask, other=0.0)
+        tl.store(x_grad_ptr + offsets, (scaled - x * coefficient[:, None]).to(x_grad_ptr.dtype.element_ty), mask=mask)
 
 
 def _tile_grid(tokens: int, width: int):
     """1-D grid of (tokens / BLOCK_M) x (width / BLOCK_N) tiles, ordered by _tile_coordinates."""
     return lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),)
+
+
+def _row_options(dtype: torch.dtype) -> dict:
+    block_m, block_k, warps, stages = ROW_TILE
+    return dict(BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
 
 
 def mome_forward(x, weights):
@@ -439,78 +554,105 @@ def mome_forward(x, weights):
     residuals = (gate_pre, up_pre, visual_pre, text_lowrank, visual_lowrank, down_lowrank, fc2_lowrank, probs, rstd)
     if tokens == 0:
         return output, residuals
-    options, rank_pad = _launch_options(dtype), _padded(rank)
-    row_blocks = triton.cdiv(tokens, BLOCK_M)
+    precision, rank_pad = _dot_precision(dtype), _padded(rank)
+    row_options = _row_options(dtype)
+    row_grid = (triton.cdiv(tokens, row_options["BLOCK_M"]),)
     text_proj = torch.cat([w.gate_lora_A, w.up_lora_A, w.router_weight]).contiguous()
-    _mome_lowrank_in_kernel[(row_blocks,)](
-        x, w.text_norm_weight, w.visual_norm_weight, text_proj, w.fc1_lora_A, w.router_bias,
-        text_lowrank, visual_lowrank, probs, rstd, tokens, hidden, rank, w.text_norm_eps, w.visual_norm_eps,
-        TEXT_COLUMNS=_padded(2 * rank + 2), VISUAL_COLUMNS=rank_pad, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, **options)
-    tuned = dict(RANK_PAD=rank_pad, PRECISION=options["PRECISION"], GROUP_M=GROUP_M)
+    # The normalised inputs feed the first layers and die with this call.
+    text_input, visual_input = torch.empty_like(x), torch.empty_like(x)
+    _mome_norm_in_kernel[row_grid](
+        x, w.text_norm_weight, w.visual_norm_weight, text_proj, w.fc1_lora_A, w.router_bias, text_input,
+        visual_input, text_lowrank, visual_lowrank, probs, rstd, tokens, hidden, rank, w.text_norm_eps,
+        w.visual_norm_eps, TEXT_COLUMNS=_padded(2 * rank + 2), VISUAL_COLUMNS=rank_pad, PRECISION=precision,
+        **row_options)
+    tuned = dict(RANK_PAD=rank_pad, PRECISION=precision, GROUP_M=GROUP_M)
     tokens_bucket = triton.next_power_of_2(tokens)
     scale = w.lora_scale
     # The router-weighted activations feed the second layer and die with this call.
     text_act = torch.empty_like(gate_pre)
     visual_act = torch.empty_like(visual_pre)
     _mome_expert_in_kernel[_tile_grid(tokens, intermediate)](
-        x, w.text_norm_weight, w.gate_weight, w.up_weight, text_lowrank, w.gate_lora_B, w.up_lora_B, rstd, probs,
-        gate_pre, up_pre, text_act, tokens, tokens_bucket, hidden, intermediate, rank, 2 * rank, RSTD_TEXT,
-        PROB_TEXT, scale, GATED=True, **tuned)
+        text_input, w.gate_weight, w.up_weight, text_lowrank, w.gate_lora_B, w.up_lora_B, probs, gate_pre, up_pre,
+        text_act, tokens, tokens_bucket, hidden, intermediate, rank, 2 * rank, PROB_TEXT, scale, GATED=True, **tuned)
     _mome_expert_in_kernel[_tile_grid(tokens, visual_size)](
-        x, w.visual_norm_weight, w.fc1_weight, w.fc1_weight, visual_lowrank, w.fc1_lora_B, w.fc1_lora_B, rstd, probs,
-        visual_pre, visual_pre, visual_act, tokens, tokens_bucket, hidden, visual_size, rank, rank, RSTD_VISUAL,
-        PROB_VISUAL, scale, GATED=False, **tuned)
-    low_options = dict(RANK_PAD=rank_pad, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, **options)
-    _mome_act_lowrank_kernel[(row_blocks,)](text_act, w.down_lora_A, down_lowrank, tokens, intermediate, rank,
-                                            **low_options)
-    _mome_act_lowrank_kernel[(row_blocks,)](visual_act, w.fc2_lora_A, fc2_lowrank, tokens, visual_size, rank,
-                                            **low_options)
+        visual_input, w.fc1_weight, w.fc1_weight, visual_lowrank, w.fc1_lora_B, w.fc1_lora_B, probs, visual_pre,
+        visual_pre, visual_act, tokens, tokens_bucket, hidden, visual_size, rank, rank, PROB_VISUAL, scale,
+        GATED=False, **tuned)
+    for activation, lora_A, lowrank in ((text_act, w.down_lora_A, down_lowrank),
+                                        (visual_act, w.fc2_lora_A, fc2_lowrank)):
+        _mome_act_lowrank_kernel[row_grid](activation, lora_A, lowrank, tokens, activation.shape[1], rank,
+                                           RANK_PAD=rank_pad, PRECISION=precision, **row_options)
     _mome_expert_out_kernel[_tile_grid(tokens, hidden)](
         text_act, visual_act, w.down_weight, w.fc2_weight, down_lowrank, fc2_lowrank, w.down_lora_B, w.fc2_lora_B,
         output, tokens, tokens_bucket, hidden, intermediate, visual_size, rank, scale, **tuned)
     return output, residuals
 
 
-def expert_grad_hidden(grad_output, out_weight, lora_A, grad_lowrank, first, second, probs, prob_column, lora_scale):
+def expert_grad_hidden(grad_output, out_weight, lora_A, grad_lowrank, first, second, probs, prob_column,
+                       lora_scale):
     """Launch one expert's hidden-layer gradient (the math: mkfast/ops/mome_fused.py).
 
     grad_output: (M, d); out_weight: (d, width); lora_A: (r, width); grad_lowrank = g B_out: (M, r);
-    first, second: the pre-activations (M, width) (second None for the ungated visual expert).
-    Returns (dS (M,) fp32, d(first), d(second) or None, dA_out (r, width) fp32).
+    first, second: (pre-activation (M, width), its layer's LoRA-A output (M, r), LoRA B (width, r));
+    second is None for the ungated visual expert. Returns, in mkfast.ops.mome_fused.ExpertGrads order,
+    dS (M,) fp32, d(first), d(second), dA_out (r, width) fp32, d(first) B_first and d(second) B_second
+    (M, r) fp32, dB_first and dB_second (width, r) fp32 (None for a missing second).
     """
-    tokens, hidden = grad_output.shape
-    width, rank = first.shape[1], lora_A.shape[0]
+    first_pre, first_lowrank, first_lora_B = first
     gated = second is not None
-    col_blocks = triton.cdiv(width, BLOCK_N)
-    partial = torch.empty((tokens, col_blocks), dtype=torch.float32, device=first.device)
-    first_grad = torch.empty_like(first)
-    second_grad = torch.empty_like(second) if gated else first_grad
-    lora_A_grad = torch.zeros(lora_A.shape, dtype=torch.float32, device=first.device)
-    _mome_expert_grad_hidden_kernel[(triton.cdiv(tokens, BLOCK_M) * col_blocks,)](
-        grad_output, out_weight, grad_lowrank, lora_A, first, second if gated else first, probs, partial,
-        first_grad, second_grad, lora_A_grad, tokens, hidden, width, rank, prob_column, col_blocks, lora_scale,
-        GATED=gated, RANK_PAD=_padded(rank), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
-        **_launch_options(first.dtype))
-    return partial.sum(dim=1), first_grad, second_grad if gated else None, lora_A_grad
+    second_pre, second_lowrank, second_lora_B = second if gated else first
+    if first_lowrank.stride(0) != second_lowrank.stride(0) or first_lowrank.stride(1) != 1:
+        raise ValueError("expert_grad_hidden: both LoRA-A outputs need one row stride and unit column stride")
+    tokens, hidden = grad_output.shape
+    width, rank = first_pre.shape[1], lora_A.shape[0]
+    block_m, block_n, block_k, warps, stages = GRAD_HIDDEN_TILE
+    col_blocks = triton.cdiv(width, block_n)
+    device = first_pre.device
+
+    def fp32_zeros(*shape):
+        return torch.zeros(shape, dtype=torch.float32, device=device)
+
+    score_partial = torch.empty((tokens, col_blocks), dtype=torch.float32, device=device)
+    first_grad = torch.empty_like(first_pre)
+    second_grad = torch.empty_like(second_pre) if gated else first_grad
+    lora_A_grad = fp32_zeros(*lora_A.shape)
+    lowrank_grads = [torch.empty((tokens, col_blocks, rank), dtype=torch.float32, device=device)
+                     for _ in range(2 if gated else 1)]
+    lora_B_grads = [fp32_zeros(width, rank) for _ in range(2 if gated else 1)]
+    _mome_expert_grad_hidden_kernel[(triton.cdiv(tokens, block_m) * col_blocks,)](
+        grad_output, out_weight, grad_lowrank, lora_A, probs, first_pre, first_lowrank, first_lora_B, second_pre,
+        second_lowrank, second_lora_B, score_partial, first_grad, second_grad, lora_A_grad, lowrank_grads[0],
+        lowrank_grads[-1], lora_B_grads[0], lora_B_grads[-1], tokens, hidden, width, rank, first_lowrank.stride(0),
+        prob_column, col_blocks, lora_scale, GATED=gated, RANK_PAD=_padded(rank), BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_dot_precision(first_pre.dtype), GROUP_M=GROUP_M,
+        num_warps=warps, num_stages=stages)
+    lowrank_grads = [partial.sum(dim=1) for partial in lowrank_grads]
+    return (score_partial.sum(dim=1), first_grad, second_grad if gated else None, lora_A_grad, lowrank_grads[0],
+            lowrank_grads[1] if gated else None, lora_B_grads[0], lora_B_grads[1] if gated else None)
 
 
-def grad_input(x, gate_grad, up_grad, visual_grad, gate_grad_lowrank, up_grad_lowrank, fc1_grad_lowrank,
-               logits_grad, weights, rstd):
-    """Launch the gradient of both normalised inputs and the per-tile half of the RMSNorm backward.
+def grad_input(x, gate_grad, up_grad, visual_grad, text_lowrank_grad, fc1_lowrank_grad, logits_grad, weights, rstd):
+    """Launch d(x): both normalised inputs' gradients, then both RMSNorms' backward, in x's dtype.
 
-    Returns (rstd_t w_t.d(x_t) + rstd_v w_v.d(x_v) (M, d) fp32, per-row [sum x w_t.d(x_t),
-    sum x w_v.d(x_v)] (M, 2) fp32); the row-wide half is finished by the caller.
+    text_lowrank_grad: (M, 2r) = [dgate B_gate, dup B_up]; fc1_lowrank_grad: (M, r); logits_grad:
+    (M, 2) fp32; rstd: (M, 2) fp32 (the math: mkfast/ops/mome_fused.py).
     """
     w = weights
     tokens, hidden = x.shape
     intermediate, visual_size, rank = w.gate_weight.shape[0], w.fc1_weight.shape[0], w.gate_lora_A.shape[0]
-    col_blocks = triton.cdiv(hidden, SMALLEST_GEMM_BLOCK_N)
+    col_blocks = triton.cdiv(hidden, min(tile[1] for tile in GRAD_INPUT_TILES))
     scaled_grad = torch.empty((tokens, hidden), dtype=torch.float32, device=x.device)
     partial = torch.zeros((tokens, col_blocks, 2), dtype=torch.float32, device=x.device)
+    text_lora_A = torch.cat([w.gate_lora_A, w.up_lora_A]).contiguous()
     _mome_grad_input_kernel[_tile_grid(tokens, hidden)](
-        x, gate_grad, up_grad, visual_grad, w.gate_weight, w.up_weight, w.fc1_weight, gate_grad_lowrank,
-        up_grad_lowrank, fc1_grad_lowrank, w.gate_lora_A, w.up_lora_A, w.fc1_lora_A, logits_grad, w.router_weight,
-        w.text_norm_weight, w.visual_norm_weight, rstd, scaled_grad, partial, tokens, triton.next_power_of_2(tokens),
-        hidden, intermediate, visual_size, rank, col_blocks, w.lora_scale, RANK_PAD=_padded(rank),
-        PRECISION=_dot_precision(x.dtype), GROUP_M=GROUP_M)
-    return scaled_grad, partial.sum(dim=1)
+        x, gate_grad, up_grad, visual_grad, w.gate_weight, w.up_weight, w.fc1_weight,
+        text_lowrank_grad.to(x.dtype).contiguous(), fc1_lowrank_grad.to(x.dtype).contiguous(), text_lora_A,
+        w.fc1_lora_A, logits_grad, w.router_weight, w.text_norm_weight, w.visual_norm_weight, rstd, scaled_grad,
+        partial, tokens, triton.next_power_of_2(tokens), hidden, intermediate, visual_size, rank, col_blocks,
+        w.lora_scale, RANK_PAD=_padded(rank), TEXT_RANK_PAD=_padded(2 * rank), PRECISION=_dot_precision(x.dtype),
+        GROUP_M=GROUP_M)
+    x_grad = torch.empty_like(x)
+    row_options = _row_options(x.dtype)
+    _mome_norm_backward_kernel[(triton.cdiv(tokens, row_options["BLOCK_M"]),)](
+        x, scaled_grad, partial.sum(dim=1), rstd, x_grad, tokens, hidden, **row_options)
+    return x_grad

@@ -11,13 +11,16 @@ g the output's gradient). Backward, per expert with second layer (W_out, A_out, 
 
 then the first layers and the router give d(x_t), d(x_v), and each RMSNorm's backward
 dx = rstd w.d(x_n) - x rstd^3 / d * sum(x w.d(x_n)). A backend supplies the two wide
-steps (expert_grad_hidden, grad_input); the rank-r products between them run here as
-torch matmuls on the (M, r) side, scaling the (M, r) operand instead of a wide one.
+steps: expert_grad_hidden (with the rank-r products of d(pre), which a kernel computes
+from the tiles it holds instead of reading d(pre) back) and grad_input (with the RMSNorm
+backward). The remaining rank-r products run here as torch matmuls, each reading a wide
+operand once and scaling the (M, r) operand instead of a wide one.
 """
 
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -54,51 +57,73 @@ def cpu_forward(x: torch.Tensor, weights: MoMEWeights) -> tuple[torch.Tensor, Mo
                                  fc2_lowrank, probs, rstd)
 
 
-def _cpu_expert_grad_hidden(grad_output, out_weight, lora_A, grad_lowrank, first, second, probs, column,
-                            scale):
-    """(dS (M,) fp32, d(first), d(second) or None, dA_out (r, width)); the math in the module docstring."""
+class ExpertGrads(NamedTuple):
+    """What a backend's expert_grad_hidden returns for one expert (second_* None when ungated).
+
+    score_grad (M,) fp32 = dS; first_grad, second_grad (M, width) = d(pre) in x's dtype;
+    lora_A_grad (r, width) = dA_out; first_lowrank_grad, second_lowrank_grad (M, r) = d(pre) B;
+    first_lora_B_grad, second_lora_B_grad (width, r) = s d(pre)^T (z A^T) of the first layers.
+    """
+
+    score_grad: torch.Tensor
+    first_grad: torch.Tensor
+    second_grad: torch.Tensor | None
+    lora_A_grad: torch.Tensor
+    first_lowrank_grad: torch.Tensor
+    second_lowrank_grad: torch.Tensor | None
+    first_lora_B_grad: torch.Tensor
+    second_lora_B_grad: torch.Tensor | None
+
+
+def _cpu_expert_grad_hidden(grad_output, out_weight, lora_A, grad_lowrank, first, second, probs, column, scale):
+    """ExpertGrads with torch ops; first/second: (pre-activation, LoRA-A output, LoRA B) of a first layer."""
+    first_pre, first_lowrank, first_lora_B = first
     grad_act = (grad_output @ out_weight).addmm_(grad_lowrank, lora_A, alpha=scale)
-    silu = F.silu(first)
-    activation = silu * second if second is not None else silu
+    silu = F.silu(first_pre)
+    activation = silu * second[0] if second is not None else silu
     score_grad = torch.linalg.vecdot(grad_act, activation).float()
     prob = probs[:, column:column + 1]
     grad_act.mul_(prob)
-    second_grad = None
+    second_grads = (None, None, None)
     if second is not None:
+        second_pre, second_lowrank, second_lora_B = second
         second_grad = grad_act * silu
-        grad_act.mul_(second)
+        second_grads = (second_grad, second_grad @ second_lora_B, scale * (second_grad.T @ second_lowrank))
+        grad_act.mul_(second_pre)
     # ATen's silu_backward: grad * silu'(first) in one pass over the wide tensor.
-    first_grad = torch.ops.aten.silu_backward(grad_act, first)
-    lora_A_grad = scale * ((grad_lowrank * prob).to(first.dtype).T @ activation)
-    return score_grad, first_grad, second_grad, lora_A_grad
+    first_grad = torch.ops.aten.silu_backward(grad_act, first_pre)
+    lora_A_grad = scale * ((grad_lowrank * prob).to(first_pre.dtype).T @ activation)
+    return ExpertGrads(score_grad, first_grad, second_grads[0], lora_A_grad, first_grad @ first_lora_B,
+                       second_grads[1], scale * (first_grad.T @ first_lowrank), second_grads[2])
 
 
-def _cpu_grad_input(x, gate_grad, up_grad, visual_grad, gate_grad_lowrank, up_grad_lowrank, fc1_grad_lowrank,
-                    logits_grad, weights, rstd):
-    """(rstd_t g_t + rstd_v g_v (M, d) fp32, [sum x g_t, sum x g_v] (M, 2) fp32), g_n = w_n d(x_n)."""
-    w, scale = weights, weights.lora_scale
+def _cpu_grad_input(x, gate_grad, up_grad, visual_grad, text_lowrank_grad, fc1_lowrank_grad, logits_grad,
+                    weights, rstd):
+    """d(x) in x's dtype: both normalised inputs' gradients, then both RMSNorms' backward."""
+    w, scale, dtype = weights, weights.lora_scale, x.dtype
     text = (gate_grad @ w.gate_weight).addmm_(up_grad, w.up_weight)
-    text_lowrank_grad = torch.cat([gate_grad_lowrank, up_grad_lowrank], dim=1)
-    text.addmm_(text_lowrank_grad, torch.cat([w.gate_lora_A, w.up_lora_A]), alpha=scale)
-    text.addmm_(logits_grad.to(x.dtype), w.router_weight)
-    visual = (visual_grad @ w.fc1_weight).addmm_(fc1_grad_lowrank, w.fc1_lora_A, alpha=scale)
+    text.addmm_(text_lowrank_grad.to(dtype), torch.cat([w.gate_lora_A, w.up_lora_A]), alpha=scale)
+    text.addmm_(logits_grad.to(dtype), w.router_weight)
+    visual = (visual_grad @ w.fc1_weight).addmm_(fc1_lowrank_grad.to(dtype), w.fc1_lora_A, alpha=scale)
     text_grad = text.float().mul_(w.text_norm_weight.float())
     visual_grad_input = visual.float().mul_(w.visual_norm_weight.float())
     x32 = x.float()
     row_sums = torch.stack([torch.linalg.vecdot(x32, text_grad), torch.linalg.vecdot(x32, visual_grad_input)],
                            dim=1)
-    scaled = text_grad.mul_(rstd[:, 0:1]).add_(visual_grad_input.mul_(rstd[:, 1:2]))
-    return scaled, row_sums
+    # RMSNorm backward per norm: dx = rstd w.g - x rstd^3 / d * sum(x w.g).
+    row_terms = (rstd.pow(3) * row_sums).sum(dim=1, keepdim=True)
+    x_grad = text_grad.mul_(rstd[:, 0:1]).add_(visual_grad_input.mul_(rstd[:, 1:2]))
+    return x_grad.addcmul_(x32, row_terms, value=-1.0 / x.shape[1]).to(dtype)
+
+
+def _cpu_parts():
+    return SimpleNamespace(expert_grad_hidden=_cpu_expert_grad_hidden, grad_input=_cpu_grad_input)
 
 
 def _triton_parts():
     from mkfast.kernels import mome
 
     return SimpleNamespace(expert_grad_hidden=mome.expert_grad_hidden, grad_input=mome.grad_input)
-
-
-def _cpu_parts():
-    return SimpleNamespace(expert_grad_hidden=_cpu_expert_grad_hidden, grad_input=_cpu_grad_input)
 
 
 _PARTS = {"cpu": _cpu_parts, "triton": _triton_parts}
@@ -112,45 +137,40 @@ def fused_backward(backend: str, grad_output: torch.Tensor, x: torch.Tensor, wei
         return [torch.zeros_like(x)] + [torch.zeros_like(tensor) for tensor in weights.trainable()]
     parts = _PARTS[backend]()
     w, res, scale, dtype = weights, residuals, weights.lora_scale, x.dtype
-    rank, hidden = w.gate_lora_A.shape[0], x.shape[1]
+    rank = w.gate_lora_A.shape[0]
     probs, rstd = res.router_probs, res.rstd
-    text_score_grad, gate_grad, up_grad, down_lora_A_grad = parts.expert_grad_hidden(
-        grad_output, w.down_weight, w.down_lora_A, grad_output @ w.down_lora_B, res.gate_pre, res.up_pre,
-        probs, TEXT, scale)
-    visual_score_grad, visual_grad, _, fc2_lora_A_grad = parts.expert_grad_hidden(
-        grad_output, w.fc2_weight, w.fc2_lora_A, grad_output @ w.fc2_lora_B, res.visual_pre, None, probs,
-        VISUAL, scale)
-    # Softmax over two experts: dlogit_visual = p_v p_t (dS_v - dS_t) = -dlogit_text.
-    logit_grad_visual = probs[:, VISUAL] * probs[:, TEXT] * (visual_score_grad - text_score_grad)
-    logits_grad = torch.stack([logit_grad_visual, -logit_grad_visual], dim=1).contiguous()
-    gate_grad_lowrank, up_grad_lowrank = gate_grad @ w.gate_lora_B, up_grad @ w.up_lora_B
-    fc1_grad_lowrank = visual_grad @ w.fc1_lora_B
-    scaled_grad, row_sums = parts.grad_input(x, gate_grad, up_grad, visual_grad, gate_grad_lowrank,
-                                             up_grad_lowrank, fc1_grad_lowrank, logits_grad, w, rstd)
-    # RMSNorm backward, the row-wide half: dx = rstd w.g - x rstd^3 / d * sum(x w.g), per norm.
-    row_terms = (rstd.pow(3) * row_sums).sum(dim=1, keepdim=True)
-    x_grad = scaled_grad.addcmul_(x.float(), row_terms, value=-1.0 / hidden)
-
-    def times_normalized_input(row_grads, column, norm_weight):
-        """row_grads^T @ norm(x): (k, d) from row_grads (M, k), scaling the (M, k) side by rstd."""
-        scaled_rows = (row_grads.float() * rstd[:, column:column + 1]).to(dtype)
-        return (scaled_rows.T @ x).float() * norm_weight.float()
-
+    # One read of g for both second layers' LoRA-B products, one for both LoRA-B gradients.
+    out_grad_lowrank = grad_output @ torch.cat([w.down_lora_B, w.fc2_lora_B], dim=1)
+    # The second layers' LoRA-A outputs were saved router-weighted: dB = s g^T (S a) A^T.
+    out_lora_B_grads = scale * (grad_output.T @ torch.cat([res.down_lowrank, res.fc2_lowrank], dim=1))
     text_lowrank = res.text_lowrank
+    text = ExpertGrads(*parts.expert_grad_hidden(
+        grad_output, w.down_weight, w.down_lora_A, out_grad_lowrank[:, :rank].contiguous(),
+        (res.gate_pre, text_lowrank[:, :rank], w.gate_lora_B), (res.up_pre, text_lowrank[:, rank:], w.up_lora_B),
+        probs, TEXT, scale))
+    visual = ExpertGrads(*parts.expert_grad_hidden(
+        grad_output, w.fc2_weight, w.fc2_lora_A, out_grad_lowrank[:, rank:].contiguous(),
+        (res.visual_pre, res.visual_lowrank, w.fc1_lora_B), None, probs, VISUAL, scale))
+    # Softmax over two experts: dlogit_visual = p_v p_t (dS_v - dS_t) = -dlogit_text.
+    logit_grad_visual = probs[:, VISUAL] * probs[:, TEXT] * (visual.score_grad - text.score_grad)
+    logits_grad = torch.stack([logit_grad_visual, -logit_grad_visual], dim=1).contiguous()
+    text_lowrank_grad = torch.cat([text.first_lowrank_grad, text.second_lowrank_grad], dim=1)
+    x_grad = parts.grad_input(x, text.first_grad, text.second_grad, visual.first_grad, text_lowrank_grad,
+                              visual.first_lowrank_grad, logits_grad, w, rstd)
+    # G^T x_n = ((rstd_n G)^T x) * w_n: the (M, k) side is scaled, and x read once per norm.
+    text_rows = torch.cat([scale * text_lowrank_grad, logits_grad], dim=1) * rstd[:, 0:1]
+    text_products = (text_rows.to(dtype).T @ x).float() * w.text_norm_weight.float()
+    fc1_lora_A_grad = ((scale * visual.first_lowrank_grad.float() * rstd[:, 1:2]).to(dtype).T @ x).float()
+    def part(tensor):  # a slice of a shared product, copied: outputs of a custom op may not alias
+        return tensor.to(dtype, copy=True)
+
     grads = (
         x_grad,
-        scale * times_normalized_input(gate_grad_lowrank, 0, w.text_norm_weight),
-        scale * (gate_grad.T @ text_lowrank[:, :rank]),
-        scale * times_normalized_input(up_grad_lowrank, 0, w.text_norm_weight),
-        scale * (up_grad.T @ text_lowrank[:, rank:]),
-        down_lora_A_grad,
-        # The second layers' LoRA-A outputs were saved router-weighted: dB = s g^T (S a) A^T.
-        scale * (grad_output.T @ res.down_lowrank),
-        scale * times_normalized_input(fc1_grad_lowrank, 1, w.visual_norm_weight),
-        scale * (visual_grad.T @ res.visual_lowrank),
-        fc2_lora_A_grad,
-        scale * (grad_output.T @ res.fc2_lowrank),
-        times_normalized_input(logits_grad, 0, w.text_norm_weight),
-        logits_grad.sum(dim=0),
+        part(text_products[:rank]), text.first_lora_B_grad,
+        part(text_products[rank:2 * rank]), text.second_lora_B_grad,
+        text.lora_A_grad, part(out_lora_B_grads[:, :rank]),
+        fc1_lora_A_grad * w.visual_norm_weight.float(), visual.first_lora_B_grad,
+        visual.lora_A_grad, part(out_lora_B_grads[:, rank:]),
+        part(text_products[2 * rank:]), logits_grad.sum(dim=0),
     )
     return [grad.to(dtype) for grad in grads]
