@@ -246,3 +246,28 @@ def test_a_reader_never_sees_a_half_replaced_memory(memory, tmp_path, monkeypatc
     expected = 10 + saves_in_between - 1
     assert len(loaded) == expected
     assert torch.equal(loaded.embeddings, memory.embeddings[:expected])
+
+
+def _save_repeatedly(directory, rounds):
+    for index in range(rounds):
+        embeddings = torch.full((50 + index % 7, DIM), float(index))
+        Memory.from_arrays(embeddings).save(directory)
+
+
+@pytest.mark.slow
+def test_loads_racing_real_saves_in_another_process_always_see_a_whole_memory(tmp_path):
+    import multiprocessing
+
+    directory = tmp_path / "memory"
+    _save_repeatedly(directory, 1)
+    writer = multiprocessing.get_context("fork").Process(target=_save_repeatedly, args=(directory, 300))
+    writer.start()
+    loads = 0
+    while writer.is_alive() or loads == 0:
+        memory = Memory.load(directory)
+        # Each save writes one value everywhere and its own row count: a mix would show.
+        assert len(memory) == 50 + int(memory.embeddings[0, 0]) % 7
+        assert torch.equal(memory.embeddings, torch.full_like(memory.embeddings, memory.embeddings[0, 0]))
+        loads += 1
+    writer.join()
+    assert writer.exitcode == 0 and loads > 1

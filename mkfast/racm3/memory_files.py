@@ -108,13 +108,17 @@ def read_memory(directory, device: str) -> tuple[dict[str, torch.Tensor], dict, 
         path = os.path.join(directory, metadata["tensors_file"])
         try:
             return load_file(path, device=device), metadata, path
-        except FileNotFoundError:
-            # A save committed a newer memory.json and removed this file: read the index again.
-            if read_index(directory)["tensors_file"] == metadata["tensors_file"]:
+        except (OSError, RuntimeError, SafetensorError) as error:
+            # safetensors opens the file more than once (RuntimeError when it vanished in between):
+            # if a save committed a newer memory.json and removed this file, read the index again.
+            if read_index(directory)["tensors_file"] != metadata["tensors_file"]:
+                continue
+            if not os.path.exists(path):
                 raise FileNotFoundError(f"Memory.load: {path}, named by {METADATA_FILE}, does not exist") from None
-        except SafetensorError as error:
-            raise ValueError(f"Memory.load: {path} is not a readable safetensors file "
-                             f"(truncated or damaged?): {error}") from error
+            if isinstance(error, SafetensorError):
+                raise ValueError(f"Memory.load: {path} is not a readable safetensors file "
+                                 f"(truncated or damaged?): {error}") from error
+            raise
     raise RuntimeError(f"Memory.load: {directory} was replaced {LOAD_ATTEMPTS} times while being read")
 
 
