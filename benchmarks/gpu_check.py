@@ -183,8 +183,9 @@ class Run:
     def execute(self, step: Step, command: list[str] | None, *, dropped: str | None = None,
                 skipped: str | None = None, note: str = "") -> StepResult:
         """Run ``command`` as ``step`` within its time box and the budget left; record the result."""
-        result = StepResult(step.name, "skipped", estimate_s=step.estimate_s, command=command or [],
-                            note=note)
+        # Recorded relative to the checkout: the report is committed, the machine's paths are not.
+        shown = [argument.replace(ROOT + os.sep, "") for argument in command or []]
+        result = StepResult(step.name, "skipped", estimate_s=step.estimate_s, command=shown, note=note)
         limit = min(step.limit_s, self.left_s())
         if dropped or skipped:
             result.status, result.note = ("dropped", dropped) if dropped else ("skipped", skipped)
@@ -193,7 +194,7 @@ class Run:
             result.note = f"dropped: {max(self.left_s(), 0):.0f} s of the budget left"
         else:
             log_path = os.path.join(self.logs, f"{step.name}.log")
-            print(f"== {step.name} (time box {limit:.0f} s): {' '.join(command)}", flush=True)
+            print(f"== {step.name} (time box {limit:.0f} s): {' '.join(shown)}", flush=True)
             outcome = run_command(command, limit_s=limit, env=self.env, log_path=log_path)
             result.status, result.returncode, result.seconds = outcome
             result.limit_s = round(limit, 1)
