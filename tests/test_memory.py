@@ -255,19 +255,26 @@ def _save_repeatedly(directory, rounds):
 
 
 @pytest.mark.slow
-def test_loads_racing_real_saves_in_another_process_always_see_a_whole_memory(tmp_path):
+def test_loads_racing_real_saves_in_other_processes_always_see_a_whole_memory(tmp_path):
     import multiprocessing
 
     directory = tmp_path / "memory"
     _save_repeatedly(directory, 1)
-    writer = multiprocessing.get_context("fork").Process(target=_save_repeatedly, args=(directory, 300))
-    writer.start()
+    # Two writers (the lock makes their saves take turns) and this process reading.
+    writers = [multiprocessing.get_context("fork").Process(target=_save_repeatedly, args=(directory, 150))
+               for _ in range(2)]
+    for writer in writers:
+        writer.start()
     loads = 0
-    while writer.is_alive() or loads == 0:
+    while any(writer.is_alive() for writer in writers) or loads == 0:
         memory = Memory.load(directory)
         # Each save writes one value everywhere and its own row count: a mix would show.
         assert len(memory) == 50 + int(memory.embeddings[0, 0]) % 7
         assert torch.equal(memory.embeddings, torch.full_like(memory.embeddings, memory.embeddings[0, 0]))
         loads += 1
-    writer.join()
-    assert writer.exitcode == 0 and loads > 1
+    for writer in writers:
+        writer.join()
+        assert writer.exitcode == 0
+    assert loads > 1
+    assert sorted(name.split("-")[0] for name in os.listdir(directory)) == [".memory.lock", "embeddings",
+                                                                          "memory.json"]
