@@ -16,7 +16,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu
 
 PYTEST_FLAGS ?= -q
 
-.PHONY: install demo test test-all lint test-browser test-gpu bench env clean
+.PHONY: install demo test test-all lint test-browser test-gpu bench env audit clean
 
 $(PYTHON):
 	python3 -m venv $(VENV_FLAGS) $(VENV)
@@ -54,6 +54,11 @@ bench: $(INSTALLED)
 
 env: $(INSTALLED)
 	$(VENV)/bin/mkfast env
+
+# Every kernel compiled for sm_90a and read from its machine code (no GPU): the committed table.
+audit: $(INSTALLED)
+	$(PYTHON) -m mkfast.audit --json benchmarks/results/sm90_static/audit.json \
+		--markdown benchmarks/results/sm90_static/audit.md
 
 clean:
 	rm -rf build *.egg-info mkfast/_C*.so demo_out
