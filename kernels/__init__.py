@@ -5,6 +5,18 @@ outputs, picks the grid and launches. Input checks live in mkfast.ops.
 """
 
 
+def interpreter_enabled() -> bool:
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1), as Triton itself reads it.
+
+    Asked of Triton, not of mkfast: this package imports nothing of mkfast (the ops call it).
+    """
+    try:
+        from triton import knobs
+    except ImportError:  # no Triton, or one older than its knobs (3.4)
+        return False
+    return bool(knobs.runtime.interpret)
+
+
 def _patch_triton_interpreter_index() -> None:
     """Let Triton < 3.7's interpreter use a scalar tensor as a loop bound under NumPy >= 2.4.
 
@@ -14,14 +26,12 @@ def _patch_triton_interpreter_index() -> None:
     TRITON_INTERPRET=1 (triton 3.6 is what torch 2.11 ships). Triton 3.7+ squeezes the
     array first; this does the same for older ones, and only when the interpreter is on.
     """
-    from mkfast.backend import triton_interpreter_enabled
-
-    if not triton_interpreter_enabled():
-        return
     try:
         import triton
         from triton.runtime import interpreter
     except ImportError:
+        return
+    if not interpreter_enabled():
         return
     if tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 7):
         return
