@@ -112,11 +112,12 @@ def _extension():
 
 
 # Metadata, dependencies and the entry point are in pyproject.toml. The package list stays
-# here: kernels/ is installed as mkfast.kernels, a mapping the declarative form cannot add
+# here: kernels/ and benchmarks/ are installed as mkfast.kernels and mkfast.benchmarks (so
+# `mkfast bench` runs from an installed package), mappings the declarative form cannot add
 # to a find_packages result.
 setup(
-    packages=find_packages(include=["mkfast", "mkfast.*"]) + ["mkfast.kernels"],
-    package_dir={"mkfast.kernels": "kernels"},
+    packages=find_packages(include=["mkfast", "mkfast.*"]) + ["mkfast.kernels", "mkfast.benchmarks"],
+    package_dir={"mkfast.kernels": "kernels", "mkfast.benchmarks": "benchmarks"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import mkfast
-from benchmarks.common import Measurement, command_line, measure, peak_memory_mb, resolve_device, run_suite
+from .common import Measurement, command_line, measure, peak_memory_mb, resolve_device, run_suite
 from mkfast.ops.attention import attention_allowed_mask, attention_reference, decode_attention_reference
 
 TOKENS_PER_BATCH = 16 * 1024  # the B*S

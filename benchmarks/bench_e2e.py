@@ -28,7 +28,7 @@ import os
 import torch
 
 import mkfast
-from benchmarks.common import (Measurement, command_line, cpu_threads, interleaved_timings, peak_memory_mb,
+from .common import (Measurement, command_line, cpu_threads, interleaved_timings, peak_memory_mb,
                                resolve_device, run_suite)
 
 # ~1B Llama-architecture generator (head dim 128, the attention target's), CM3 vocabulary

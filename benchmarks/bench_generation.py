@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from benchmarks.common import Measurement, command_line, cpu_threads, measure, resolve_device, run_suite
+from .common import Measurement, command_line, cpu_threads, measure, resolve_device, run_suite
 from mkfast.racm3.generator import GeneratorConfig, build_generator
 from mkfast.racm3.sampling import ImageCodeConstraint, SamplingOptions, generate
 from mkfast.racm3.vocabulary import IMAGE_CLOSE, IMAGE_OPEN, IMAGE_SOURCE, CM3Vocabulary

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import mkfast
-from benchmarks.common import (Measurement, command_line, cpu_threads, interleaved_timings, peak_memory_mb,
+from .common import (Measurement, command_line, cpu_threads, interleaved_timings, peak_memory_mb,
                                resolve_device, run_suite)
 from mkfast.layers.mome import MoMEFFN
 from mkfast.layers.visual_memory import RMSNorm, VisualMemory
@@ -119,7 +119,8 @@ def _triton_saved_memory_on_cpu(shape) -> str:
     process must keep timing the real CPU paths.
     """
     environment = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "benchmarks.bench_mome", "--saved-memory-only", str(INTERPRETER_TOKENS)]
+    # This module's own name: mkfast.benchmarks.bench_mome installed, benchmarks.bench_mome in a checkout.
+    command = [sys.executable, "-m", __spec__.name, "--saved-memory-only", str(INTERPRETER_TOKENS)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(command, env=environment, cwd=root, capture_output=True, text=True)
     if result.returncode != 0:

@@ -182,7 +182,6 @@ _DISPATCHERS: dict[str, OpDispatcher] = {}
 
 
 def dispatchers() -> dict[str, OpDispatcher]:
-    """Every op's dispatcher, by op name (filled as mkfast.ops imports)."""
-    import mkfast.ops  # noqa: F401  (registers the ops)
-
+    """Every registered op's dispatcher, by op name: filled as mkfast.ops imports (``import mkfast``
+    does), never imported from here, which is below the ops."""
     return dict(_DISPATCHERS)

@@ -4,75 +4,14 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib
 import os
 import sys
 
-import torch
-
-from mkfast.errors import EXIT_INTERRUPTED, EXIT_RUNTIME_ERROR, EXIT_USAGE_ERROR, UsageError
+from mkfast.bench import QUICK_RESULTS_ROOT, benchmark_suites, compare, run_benchmarks  # noqa: F401
 from mkfast.demo import DEVICES as DEMO_DEVICES
 from mkfast.demo import STAGES as DEMO_STAGES
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def environment_report() -> str:
-    """Versions, what the extension was built with, and what `auto` picks per op and device."""
-    import mkfast
-    from mkfast import _extension
-    from mkfast.backend import dispatchers, requested_backend, triton_interpreter_enabled
-
-    lines = [f"mkfast {mkfast.__version__}", f"torch {torch.__version__} (CUDA build: {torch.version.cuda})"]
-    try:
-        import triton
-
-        lines.append(f"triton {triton.__version__}" + (" (interpreter on)" if triton_interpreter_enabled() else ""))
-    except ImportError:
-        lines.append("triton: not installed")
-    if torch.cuda.is_available():
-        lines.append(f"GPU: {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()})")
-    else:
-        lines.append("GPU: none")
-    parts = _extension.built_parts()
-    missing = _extension.missing_reason()
-    lines.append(
-        "extension mkfast._C: " + (missing or f"CPU kernels {'yes' if parts['cpu'] else 'no'}, "
-                                  f"CUDA kernels {'yes' if parts['cuda'] else 'no'}")
-    )
-    lines.append(f"requested backend: {requested_backend()}")
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    lines.append("auto picks:")
-    for name, dispatcher in sorted(dispatchers().items()):
-        if name.endswith("_for_tests"):
-            continue
-        picks = ", ".join(f"{device.type}: {dispatcher.auto_choice(device)}" for device in devices)
-        lines.append(f"  {name:<20} {picks}   (has: {', '.join(sorted(dispatcher.backends))})")
-    return "\n".join(lines)
-
-
-def benchmark_suites() -> list[str]:
-    """Names of benchmarks/bench_<name>.py files, each with a main(quick=...)."""
-    paths = glob.glob(os.path.join(REPO_ROOT, "benchmarks", "bench_*.py"))
-    return sorted(os.path.basename(path)[len("bench_"):-len(".py")] for path in paths)
-
-
-QUICK_RESULTS_ROOT = os.path.join("demo_out", "benchmarks")
-
-
-def run_benchmarks(suites: list[str], quick: bool, output_root: str | None = None) -> None:
-    """Run benchmark suites; quick runs write under demo_out/ so committed results stay measured ones."""
-    if not os.path.isdir(os.path.join(REPO_ROOT, "benchmarks")):
-        raise SystemExit("mkfast bench runs from a source checkout (benchmarks/ not found)")
-    sys.path.insert(0, REPO_ROOT)
-    available = benchmark_suites()
-    for suite in suites or available:
-        if suite not in available:
-            raise UsageError(f"bench: unknown suite {suite!r}; have {available}")
-        print(f"== benchmark {suite}", flush=True)
-        module = importlib.import_module(f"benchmarks.bench_{suite}")
-        module.main(quick=quick, output_root=output_root or (QUICK_RESULTS_ROOT if quick else None))
-
+from mkfast.environment import environment_report
+from mkfast.errors import EXIT_INTERRUPTED, EXIT_RUNTIME_ERROR, EXIT_USAGE_ERROR, UsageError
 
 class _Parser(argparse.ArgumentParser):
     """argparse errors as one line, ``mkfast: error: train racm3: argument --steps: ...`` (exit 2).
@@ -149,11 +88,12 @@ def _run(argv: list[str]) -> None:
     racm3_commands.add_train_parser(train_targets)
     mks2_commands.add_eval_parsers(eval_targets)
     from mkfast.racm3 import inference_commands as racm3_inference_commands
+    from mkfast.racm3 import inference_demo_commands as racm3_demo_commands
 
     generate_targets = commands.add_parser("generate", help="generate with a trained model").add_subparsers(
         dest="target", required=True)
     racm3_inference_commands.add_generate_parsers(generate_targets)
-    racm3_inference_commands.add_eval_parsers(eval_targets)
+    racm3_demo_commands.add_eval_parsers(eval_targets)
     arguments = parser.parse_args(argv)
     if arguments.command == "env":
         print(environment_report())
@@ -173,9 +113,6 @@ def _run(argv: list[str]) -> None:
             if not glob.glob(os.path.join(folder, "*.json")):
                 missing = "does not exist" if not os.path.exists(folder) else "holds no result files (*.json)"
                 raise UsageError(f"bench --compare: {folder} {missing}")
-        sys.path.insert(0, REPO_ROOT)
-        from benchmarks.common import compare
-
         print(compare(*arguments.compare))
     elif arguments.command == "bench":
         run_benchmarks(arguments.suites, arguments.quick, arguments.output_root)
@@ -186,9 +123,9 @@ def _run(argv: list[str]) -> None:
     elif arguments.command == "eval" and arguments.target == "mks2":
         mks2_commands.handle_eval(arguments)
     elif arguments.command == "generate" and arguments.target == "racm3":
-        racm3_inference_commands.handle_generate(arguments)
+        racm3_inference_commands.handle_generate(arguments, racm3_demo_commands.load_pipeline)
     elif arguments.command == "eval" and arguments.target == "racm3":
-        racm3_inference_commands.handle_eval(arguments)
+        racm3_demo_commands.handle_eval(arguments)
 
 
 if __name__ == "__main__":

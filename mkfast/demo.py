@@ -47,7 +47,7 @@ def demo_device(requested: str = "auto") -> torch.device:
 
 
 def _environment_stage(output_dir: str, quick: bool, device: torch.device) -> dict:
-    from mkfast.cli import environment_report
+    from mkfast.environment import environment_report
 
     report = environment_report()
     print(report, flush=True)
@@ -77,7 +77,7 @@ def _mks2_stage(output_dir: str, quick: bool, device: torch.device) -> dict:
 
 
 def _kernels_stage(output_dir: str, quick: bool, device: torch.device) -> dict:
-    from mkfast.cli import run_benchmarks
+    from mkfast.bench import run_benchmarks
 
     # Always the quick sizes here: the full suites are `make bench`.
     root = os.path.join(output_dir, "benchmarks")

@@ -6,7 +6,6 @@ import os
 import pytest
 import torch
 
-from mkfast.cli import REPO_ROOT
 from mkfast.cli import main as mkfast_main
 from mkfast.demo import demo_device
 from mkfast.mks2.demo import FULL as MKS2_FULL
@@ -49,10 +48,7 @@ def test_quick_demo_runs_every_stage_and_writes_its_outputs(tmp_path, capsys):
 
 
 def _device_tag() -> str:
-    import sys
-
-    sys.path.insert(0, REPO_ROOT)
-    from benchmarks.common import device_tag
+    from mkfast.benchmarks.common import device_tag
 
     return device_tag()
 
@@ -90,8 +86,7 @@ def test_demo_asked_for_cuda_without_one_exits_with_a_clear_message(tmp_path):
 
 
 def test_result_folders_and_peaks_tell_the_h100_parts_apart(monkeypatch):
-    _device_tag()  # puts the repository root on sys.path
-    from benchmarks.common import DEVICE_PEAKS, device_tag
+    from mkfast.benchmarks.common import DEVICE_PEAKS, device_tag
 
     for name, tag in (("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H100 PCIe", "h100_pcie"),
                       ("NVIDIA H100 NVL", "h100_nvl"), ("NVIDIA H200", "h200")):

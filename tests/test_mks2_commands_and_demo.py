@@ -23,7 +23,7 @@ def test_train_stage1_stage2_then_eval_from_the_command_line(tmp_path, capsys):
     mkfast_main(["train", "mks2-stage2", "--config", str(config_file), "--output-dir", stage2, *common])
     saved = read_adapter_config(os.path.join(stage2, "adapters"))
     assert saved["stage"] == "momes" and saved["lora_rank"] == 4
-    for name in ("metrics.jsonl", "loss.png", "checkpoint.pt"):
+    for name in ("metrics.jsonl", "loss.png", "checkpoint_00000002.pt"):
         assert os.path.exists(os.path.join(stage2, name)), name
     capsys.readouterr()
     mkfast_main(["eval", "mks2", "--adapters", os.path.join(stage2, "adapters"), "--limit", "5",

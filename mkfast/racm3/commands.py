@@ -17,24 +17,36 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from mkfast.config import check_positive, config_from_dict, merge, nest, read_config_file
 from mkfast.distributed import init_from_environment, shutdown
-from mkfast.racm3.demo import COMPONENTS_FILE, DEMO_TEXT_VOCABULARY, DEMO_VQ, IMAGE_SIZE
-from mkfast.racm3.encoder import CLIPTrainingConfig, MixedModalEncoder, SmallCLIPConfig, build_small_clip, train_clip
-from mkfast.racm3.generator import GeneratorConfig, build_generator
-from mkfast.racm3.image_tokenizer import (
-    VQGAN,
-    VQGANConfig,
-    VQTrainingConfig,
-    load_taming_checkpoint,
-    train_image_tokenizer,
+from mkfast.errors import UsageError
+from mkfast.racm3.components import (
+    COMPONENTS_FILE,
+    DEMO_TEXT_VOCABULARY,
+    DEMO_VQ,
+    IMAGE_SIZE,
+    build_components,
+    load_components,
+    restore_components,
 )
+from mkfast.racm3.encoder import CLIPTrainingConfig, SmallCLIPConfig
+from mkfast.racm3.generator import GeneratorConfig, build_generator
+from mkfast.racm3.image_tokenizer import VQGANConfig, VQTrainingConfig
 from mkfast.racm3.retrieval import RetrievalCorpus, SequenceOptions
 from mkfast.racm3.trainer import Trainer, TrainingConfig
-from mkfast.racm3.vocabulary import CM3Vocabulary
+from mkfast.training import atomic_torch_save, atomic_write_text, fault_point
+
+CONFIG_FILE = "config.json"
+# RunConfig fields the components are built from: a run directory's components.pt belongs to these values.
+COMPONENT_FIELDS = ("data", "data_limit", "image_size", "vq", "vq_checkpoint", "vq_training", "clip_model",
+                    "clip_checkpoint", "clip", "clip_training", "text_vocabulary_size")
+# Names older run directories' config.json used, read as today's.
+LEGACY_TRAINING_NAMES = {"grad_clip": "max_grad_norm"}
 
 
 @dataclass
@@ -53,37 +65,27 @@ class RunConfig:
     text_vocabulary_size: int = DEMO_TEXT_VOCABULARY
     generator: GeneratorConfig = field(default_factory=lambda: GeneratorConfig(max_sequence_length=256))
     sequence: SequenceOptions = field(default_factory=lambda: SequenceOptions(max_sequence_length=256))
-    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(learning_rate=3e-3, warmup_steps=20))
+    training: TrainingConfig = field(
+        default_factory=lambda: TrainingConfig(learning_rate=3e-3, warmup_steps=20))
 
-
-def _from_dict(cls, values: dict):
-    """Build dataclass ``cls`` from a (nested) dict, keeping defaults for missing keys."""
-    instance = cls()
-    for item in fields(cls):
-        if item.name not in values:
-            continue
-        value = values[item.name]
-        current = getattr(instance, item.name)
-        if is_dataclass(current) and isinstance(value, dict):
-            value = _from_dict(type(current), {**asdict(current), **value})
-        elif isinstance(current, tuple) and isinstance(value, list):
-            value = tuple(value)
-        setattr(instance, item.name, value)
-    return instance
+    def __post_init__(self):
+        check_positive(self, "image_size", "text_vocabulary_size")
+        if self.data_limit is not None:
+            check_positive(self, "data_limit")
 
 
 def load_config(path: str | None, overrides: dict) -> RunConfig:
-    values = {}
-    if path:
-        with open(path) as handle:
-            values = json.load(handle)
-    config = _from_dict(RunConfig, values)
-    for name, value in overrides.items():
-        if value is None:
-            continue
-        section, _, attribute = name.rpartition(".")
-        setattr(getattr(config, section) if section else config, attribute, value)
-    return config
+    """RunConfig from a JSON file (every field optional) and dotted overrides ({"training.steps": 3});
+    unknown keys, wrong types and out-of-range values are refused before anything is built."""
+    values = read_config_file(path) if path else {}
+    if not isinstance(values, dict):
+        raise UsageError(f"config file {path}: expected a JSON object of RunConfig fields, "
+                         f"got {type(values).__name__}")
+    training = values.get("training")
+    if isinstance(training, dict):
+        training = {LEGACY_TRAINING_NAMES.get(key, key): value for key, value in training.items()}
+        values = {**values, "training": training}
+    return config_from_dict(RunConfig, merge(values, nest(overrides)), where=path or "RunConfig")
 
 
 def load_pairs(config: RunConfig):
@@ -106,33 +108,31 @@ def load_pairs(config: RunConfig):
     return train
 
 
-def build_components(config: RunConfig, train, progress: bool = True) -> dict:
-    """Train (or load) the tokenizer and CLIP and build the vocabulary; returns a saveable dict."""
-    torch.manual_seed(config.training.seed)
-    if config.vq_checkpoint:
-        tokenizer = load_taming_checkpoint(config.vq_checkpoint, config.vq)
-    else:
-        tokenizer = VQGAN(config.vq)
-        train_image_tokenizer(tokenizer, train.images, config.vq_training, progress=progress)
-    if config.clip_model:
-        encoder = MixedModalEncoder.from_pretrained(config.clip_model, config.clip_checkpoint)
-    else:
-        encoder = MixedModalEncoder(build_small_clip(config.clip))
-        train_clip(encoder, train.images, train.captions, config.clip_training, progress=progress)
-    vocabulary = CM3Vocabulary.from_corpus(train.captions, config.vq.codebook_size, config.text_vocabulary_size)
-    return {"vq": tokenizer.state_dict(), "clip": None if config.clip_model else encoder.clip.state_dict(),
-            "vocabulary": vocabulary.to_json()}
+def prepare_run_directory(config: RunConfig, train) -> None:
+    """config.json (this run's config), then components.pt when missing, each written atomically.
 
-
-def restore_components(config: RunConfig, components: dict):
-    tokenizer = VQGAN(config.vq)
-    tokenizer.load_state_dict(components["vq"])
-    if config.clip_model:
-        encoder = MixedModalEncoder.from_pretrained(config.clip_model, config.clip_checkpoint)
-    else:
-        encoder = MixedModalEncoder(build_small_clip(config.clip))
-        encoder.clip.load_state_dict(components["clip"])
-    return tokenizer.eval(), encoder.eval(), CM3Vocabulary.from_json(components["vocabulary"])
+    The config goes first: a kill between the two leaves a config whose components the next run
+    builds (deterministically, from the same seed), never components without their config.
+    Components built from other values than this config's are refused: the run needs a new directory.
+    """
+    output_dir = config.training.output_dir
+    config_path = os.path.join(output_dir, CONFIG_FILE)
+    components_path = os.path.join(output_dir, COMPONENTS_FILE)
+    saved = None
+    if os.path.exists(components_path) and os.path.exists(config_path):
+        try:
+            saved = load_config(config_path, {})
+        except ValueError as error:  # a 0-byte file a kill left before it was written atomically
+            warnings.warn(f"{config_path} cannot be read ({error}); writing this run's config", stacklevel=2)
+    if saved is not None:
+        changed = [name for name in COMPONENT_FIELDS if getattr(saved, name) != getattr(config, name)]
+        if changed:
+            raise UsageError(f"{output_dir} holds components built with another {changed[0]} "
+                             f"({config_path}); train with a new --output-dir")
+    atomic_write_text(config_path, json.dumps(asdict(config), indent=2))
+    fault_point("config_written")
+    if not os.path.exists(components_path):
+        atomic_torch_save(build_components(config, train, config.training.progress), components_path)
 
 
 def train_racm3(config: RunConfig) -> list[dict]:
@@ -142,16 +142,14 @@ def train_racm3(config: RunConfig) -> list[dict]:
     os.makedirs(config.training.output_dir, exist_ok=True)
     components_path = os.path.join(config.training.output_dir, COMPONENTS_FILE)
     train = load_pairs(config)
-    if rank == 0 and not os.path.exists(components_path):
-        torch.save(build_components(config, train, config.training.progress), components_path + ".tmp")
-        os.replace(components_path + ".tmp", components_path)
-        with open(os.path.join(config.training.output_dir, "config.json"), "w") as handle:
-            json.dump(asdict(config), handle, indent=2)
+    if rank == 0:
+        prepare_run_directory(config, train)
     if world_size > 1:
         torch.distributed.barrier()
-    components = torch.load(components_path, map_location="cpu", weights_only=False)
+    components = load_components(components_path)
     tokenizer, encoder, vocabulary = restore_components(config, components)
-    corpus = RetrievalCorpus(vocabulary, encoder, train.captions, train.images, tokenizer.encode(train.images))
+    corpus = RetrievalCorpus(vocabulary, encoder, train.captions, train.images,
+                             tokenizer.encode(train.images))
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(config.training.seed)
     model = build_generator(len(vocabulary), config.generator, vocabulary.pad_id, device=device)
@@ -185,18 +183,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_train_parser(train_targets) -> None:
     """Register ``racm3`` under ``mkfast train``."""
-    parser = train_targets.add_parser("racm3", help="RA-CM3: tokenizer, CLIP retriever, retrieval-augmented generator",
-                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = train_targets.add_parser(
+        "racm3", help="RA-CM3: tokenizer, CLIP retriever, retrieval-augmented generator", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
 
 
 def run_from_arguments(arguments: argparse.Namespace) -> None:
     overrides = {name: getattr(arguments, name) for name, _ in OVERRIDE_FLAGS.values()}
     config = load_config(arguments.config, overrides)
-    if arguments.no_progress:
-        config.training.progress = False
-    if arguments.fsdp:
-        config.training.fsdp = True
+    training = replace(config.training, progress=config.training.progress and not arguments.no_progress,
+                       fsdp=config.training.fsdp or arguments.fsdp)
+    config = replace(config, training=training)
     records = train_racm3(config)
     if records and int(os.environ.get("RANK", "0")) == 0:
         print(f"racm3: trained to step {records[-1]['step'] + 1}, last loss {records[-1]['loss']:.4f}; "

@@ -23,9 +23,10 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from mkfast.racm3.components import COMPONENTS_FILE, DEMO_TEXT_VOCABULARY, DEMO_VQ, IMAGE_SIZE, cpu_state
 from mkfast.racm3.encoder import CLIPTrainingConfig, MixedModalEncoder, SmallCLIPConfig, build_small_clip, train_clip
 from mkfast.racm3.generator import GeneratorConfig, build_generator
-from mkfast.racm3.image_tokenizer import VQGAN, VQGANConfig, VQTrainingConfig, train_image_tokenizer
+from mkfast.racm3.image_tokenizer import VQGAN, VQTrainingConfig, train_image_tokenizer
 from mkfast.racm3.retrieval import (
     IGNORE,
     MAX_RETRIEVED,
@@ -37,15 +38,7 @@ from mkfast.racm3.retrieval import (
 from mkfast.racm3.trainer import Trainer, TrainingConfig, plot_losses
 from mkfast.racm3.vocabulary import PART_IMAGE, PART_TEXT, CM3Vocabulary
 
-IMAGE_SIZE = 32
-# 32x32 -> 8x8 codes (two downsamples); 64 codes: digits are simple strokes and a
-# larger book stays mostly unused after a few hundred steps.
-DEMO_VQ = VQGANConfig(resolution=IMAGE_SIZE, base_channels=32, channel_multipliers=(1, 1, 2), num_res_blocks=1,
-                      attention_resolutions=(), z_channels=32, embedding_dim=32, codebook_size=64)
-# Text BPE of 300 = 256 bytes + merges enough to make each caption word a token or two.
-DEMO_TEXT_VOCABULARY = 300
 EVALUATION_CHUNK = 32
-COMPONENTS_FILE = "components.pt"  # VQ + CLIP state dicts and the vocabulary (also used by commands.py)
 
 
 @dataclass
@@ -82,11 +75,6 @@ def demo_sizes(quick: bool, device: torch.device | str) -> DemoSizes:
     if quick:
         return QUICK
     return GPU_FULL if torch.device(device).type == "cuda" else FULL
-
-
-def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A state dict any machine loads: a GPU run's components also open on a CPU-only one."""
-    return {name: tensor.cpu() for name, tensor in module.state_dict().items()}
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from mkfast.racm3.inference import NONSENSE_LABELS, RACM3Inference
+from mkfast.racm3.inference_commands import save_grid
 from mkfast.racm3.metrics import CLIPImageFeatures, accuracy, cider_d, clip_scores, fid, normalise_caption
 
 COMPONENTS_FILE = "components.pt"
@@ -222,33 +223,6 @@ def evaluate_k_shot(pipeline: RACM3Inference, run: dict, query_count: int, seed:
             "queries": query_count,
             "note": f"single prompts for k >= 2 hold 2k+1 documents, longer than the {TRAINED_SEQUENCE_LENGTH} "
                     "tokens the demo generator was trained on"}
-
-
-def save_grid(results: list, corpus, path: str, k: int) -> None:
-    """One row per caption: the retrieved documents' images, then the samples best-first with CLIP scores."""
-    from mkfast.plotting import pyplot
-
-    plt = pyplot()
-    if plt is None:
-        return
-
-    columns = k + max(len(result.images) for result in results)
-    figure, axes = plt.subplots(len(results), columns, figsize=(1.3 * columns, 1.5 * len(results)), squeeze=False)
-    for row, result in enumerate(results):
-        panels = [(corpus.images[index], f"retrieved\n{corpus.texts[index].split()[-1]}")
-                  for index in result.retrieved]
-        panels += [(None, "")] * (k - len(panels))
-        panels += [(image, f"CLIP {score:.1f}") for image, score in zip(result.images, result.scores.tolist())]
-        for column, axis in enumerate(axes[row]):
-            axis.axis("off")
-            if column < len(panels) and panels[column][0] is not None:
-                axis.imshow(panels[column][0].permute(1, 2, 0).clamp(0, 1).numpy())
-                axis.set_title(panels[column][1], fontsize=7)
-        axes[row][0].text(-0.1, 0.5, result.caption.split()[-1], transform=axes[row][0].transAxes,
-                          ha="right", va="center", fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def run_inference_demo(racm3_output_dir: str, output_dir: str, quick: bool = False,
