@@ -15,7 +15,8 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 class UsageError(ValueError):
-    """A flag, argument or config value that cannot work; a ValueError so library callers may catch it as one."""
+    """A flag, argument or config value that cannot work (a ValueError, so that library callers
+    may catch it as one)."""
 
 
 # A Hugging Face hub id must be asked for explicitly: any other name is a local path, so a typo in a
@@ -29,8 +30,9 @@ def pretrained_source(value: str, what: str) -> tuple[str, bool]:
     if not isinstance(value, str) or not value:
         raise UsageError(f"{what} must be a local path or '{HUB_PREFIX}<hub id>', got {value!r}")
     if value.startswith(HUB_PREFIX):
-        return value[len(HUB_PREFIX):], False
+        return value[len(HUB_PREFIX) :], False
     if not os.path.exists(value):
-        raise UsageError(f"{what} {value!r} does not exist (a Hugging Face hub id is written "
-                         f"'{HUB_PREFIX}<org>/<name>')")
+        raise UsageError(
+            f"{what} {value!r} does not exist (a Hugging Face hub id is written '{HUB_PREFIX}<org>/<name>')"
+        )
     return value, True

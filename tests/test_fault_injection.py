@@ -12,10 +12,10 @@ import os
 
 import pytest
 import torch
+from helpers import devices_to_test
 from torch import nn
 
 import mkfast
-from helpers import devices_to_test
 from mkfast import cli
 from mkfast.errors import UsageError
 from mkfast.layers.attention import document_ids_from_position_ids
@@ -68,81 +68,180 @@ BAD_INPUTS = {
     "attention q 3-D": (lambda: attention(Q[0], K, V), ValueError, "q must be 4-D"),
     "attention q int": (lambda: attention(Q.int(), K, V), TypeError, "q must be float32/float16/bfloat16"),
     "attention k dtype": (lambda: attention(Q, K.half(), V), TypeError, "k must be float32"),
-    "attention k v shapes": (lambda: attention(Q, K, V[:, :1]), ValueError, "k and v must have the same shape"),
-    "attention heads not GQA": (lambda: attention(randn(1, 3, 4, 16), K, V), ValueError, "multiple of k's heads"),
+    "attention k v shapes": (
+        lambda: attention(Q, K, V[:, :1]),
+        ValueError,
+        "k and v must have the same shape",
+    ),
+    "attention heads not GQA": (
+        lambda: attention(randn(1, 3, 4, 16), K, V),
+        ValueError,
+        "multiple of k's heads",
+    ),
     "attention kv 0 heads": (lambda: attention(Q, K[:, :0], V[:, :0]), ValueError, "multiple of k's heads"),
     "attention head dim 0": (lambda: attention(Q[..., :0], K[..., :0], V[..., :0]), ValueError, "head dim D"),
     "attention S_kv < S_q": (lambda: attention(Q, K[:, :, :2], V[:, :, :2]), ValueError, "at least as many"),
     "attention causal int": (lambda: attention(Q, K, V, causal=1), TypeError, "causal must be a bool"),
     "attention scale str": (lambda: attention(Q, K, V, scale="1"), TypeError, "scale must be a float"),
-    "attention scale nan": (lambda: attention(Q, K, V, scale=math.nan), ValueError, "scale must be finite, got nan"),
-    "attention scale inf": (lambda: attention(Q, K, V, scale=math.inf), ValueError, "scale must be finite, got inf"),
-    "attention document ids float": (lambda: attention(Q, K, V, document_ids=torch.zeros(1, 4)), TypeError,
-                                     "document_ids must be int32/int64"),
-    "attention document ids shape": (lambda: attention(Q, K, V, document_ids=torch.zeros(1, 3, dtype=torch.int64)),
-                                     ValueError, "document_ids must be (B, S)"),
+    "attention scale nan": (
+        lambda: attention(Q, K, V, scale=math.nan),
+        ValueError,
+        "scale must be finite, got nan",
+    ),
+    "attention scale inf": (
+        lambda: attention(Q, K, V, scale=math.inf),
+        ValueError,
+        "scale must be finite, got inf",
+    ),
+    "attention document ids float": (
+        lambda: attention(Q, K, V, document_ids=torch.zeros(1, 4)),
+        TypeError,
+        "document_ids must be int32/int64",
+    ),
+    "attention document ids shape": (
+        lambda: attention(Q, K, V, document_ids=torch.zeros(1, 3, dtype=torch.int64)),
+        ValueError,
+        "document_ids must be (B, S)",
+    ),
     "attention document ids past int32": (
-        lambda: attention(Q, K, V, document_ids=torch.tensor([[0, 0, 2**32, 2**32]])), ValueError,
-        "document_ids must fit in int32"),
+        lambda: attention(Q, K, V, document_ids=torch.tensor([[0, 0, 2**32, 2**32]])),
+        ValueError,
+        "document_ids must fit in int32",
+    ),
     "attention document ids below int32": (
-        lambda: attention(Q, K, V, document_ids=torch.tensor([[0, 0, -2**31 - 1, 1]])), ValueError,
-        "document_ids must fit in int32"),
+        lambda: attention(Q, K, V, document_ids=torch.tensor([[0, 0, -(2**31) - 1, 1]])),
+        ValueError,
+        "document_ids must fit in int32",
+    ),
     # decode_attention
     "decode q 3-D": (lambda: decode_attention(Q[0], CACHE, CACHE, LENGTHS), ValueError, "q must be 4-D"),
-    "decode lengths float": (lambda: decode_attention(Q[:, :, :1], CACHE, CACHE, LENGTHS.float()), TypeError,
-                             "cache_seqlens must be int32/int64"),
-    "decode lengths past cache": (lambda: decode_attention(Q[:, :, :1], CACHE, CACHE, torch.tensor([9])),
-                                  ValueError, "cache_seqlens must be in [T, L_max]"),
-    "decode scale nan": (lambda: decode_attention(Q[:, :, :1], CACHE, CACHE, LENGTHS, scale=math.nan), ValueError,
-                         "scale must be finite"),
+    "decode lengths float": (
+        lambda: decode_attention(Q[:, :, :1], CACHE, CACHE, LENGTHS.float()),
+        TypeError,
+        "cache_seqlens must be int32/int64",
+    ),
+    "decode lengths past cache": (
+        lambda: decode_attention(Q[:, :, :1], CACHE, CACHE, torch.tensor([9])),
+        ValueError,
+        "cache_seqlens must be in [T, L_max]",
+    ),
+    "decode scale nan": (
+        lambda: decode_attention(Q[:, :, :1], CACHE, CACHE, LENGTHS, scale=math.nan),
+        ValueError,
+        "scale must be finite",
+    ),
     "decode q requires grad": (
-        lambda: decode_attention(Q[:, :, :1].clone().requires_grad_(), CACHE, CACHE, LENGTHS), RuntimeError,
-        "decode_attention: has no backward, got q with requires_grad=True"),
+        lambda: decode_attention(Q[:, :, :1].clone().requires_grad_(), CACHE, CACHE, LENGTHS),
+        RuntimeError,
+        "decode_attention: has no backward, got q with requires_grad=True",
+    ),
     "decode cache requires grad": (
-        lambda: decode_attention(Q[:, :, :1], CACHE.clone().requires_grad_(), CACHE, LENGTHS), RuntimeError,
-        "got k_cache with requires_grad=True"),
+        lambda: decode_attention(Q[:, :, :1], CACHE.clone().requires_grad_(), CACHE, LENGTHS),
+        RuntimeError,
+        "got k_cache with requires_grad=True",
+    ),
     # topk_dedup (its own semantics are tested in test_topk_dedup.py)
     "topk memory 3-D": (lambda: topk_dedup(randn(2, 8), randn(3, 4, 8), 2), ValueError, "memory must be 2-D"),
-    "topk memory width": (lambda: topk_dedup(randn(2, 8), randn(5, 4), 2), ValueError, "memory must have last dim"),
-    "topk queries int": (lambda: topk_dedup(randn(2, 8).int(), randn(5, 8), 2), TypeError, "queries must be float"),
+    "topk memory width": (
+        lambda: topk_dedup(randn(2, 8), randn(5, 4), 2),
+        ValueError,
+        "memory must have last dim",
+    ),
+    "topk queries int": (
+        lambda: topk_dedup(randn(2, 8).int(), randn(5, 8), 2),
+        TypeError,
+        "queries must be float",
+    ),
     "topk k 0": (lambda: topk_dedup(randn(2, 8), randn(5, 8), 0), ValueError, "k must be positive"),
     # MoMEFFN / mome_ffn
-    "MoMEFFN int64 hidden states": (lambda: small_mome_layer()(torch.ones(2, 8, dtype=torch.int64)), TypeError,
-                                    "MoMEFFN: hidden_states must be float32/float16/bfloat16, got torch.int64"),
+    "MoMEFFN int64 hidden states": (
+        lambda: small_mome_layer()(torch.ones(2, 8, dtype=torch.int64)),
+        TypeError,
+        "MoMEFFN: hidden_states must be float32/float16/bfloat16, got torch.int64",
+    ),
     "MoMEFFN int hidden states under autocast": (
-        lambda: _under_autocast(lambda: small_mome_layer()(torch.ones(2, 8, dtype=torch.int32))), TypeError,
-        "hidden_states must be float32/float16/bfloat16, got torch.int32"),
-    "attention int q under autocast": (lambda: _under_autocast(lambda: attention(Q.int(), K, V)), TypeError,
-                                       "q must be float32/float16/bfloat16, got torch.int32"),
-    "MoMEFFN alpha nan": (lambda: MoMEFFN(small_mome_layer().mlp, VisualMemory(8), RMSNorm(8), alpha=math.nan),
-                          ValueError, "MoMEFFN: alpha must be finite, got nan"),
-    "mome_ffn lora_scale inf": (lambda: mkfast.ops.mome_ffn(randn(2, 8), _mome_weights(lora_scale=math.inf)),
-                                ValueError, "mome_ffn: lora_scale must be finite, got inf"),
-    "mome_ffn eps nan": (lambda: mkfast.ops.mome_ffn(randn(2, 8), _mome_weights(text_norm_eps=math.nan)),
-                         ValueError, "mome_ffn: text_norm_eps must be finite"),
-    "mome_ffn eps negative": (lambda: mkfast.ops.mome_ffn(randn(2, 8), _mome_weights(visual_norm_eps=-1.0)),
-                              ValueError, "mome_ffn: visual_norm_eps must be >= 0, got -1.0"),
-    "MoMEFFN rank 0": (lambda: MoMEFFN(small_mome_layer().mlp, VisualMemory(8), RMSNorm(8), rank=0), ValueError,
-                       "rank must be a positive int"),
-    "MoMEFFN adapter missing key": (lambda: small_mome_layer().load_adapter_state_dict({}), KeyError,
-                                    "adapter keys differ"),
-    "MoMEFFN adapter wrong shape": (_wrong_adapter_shape, ValueError,
-                                    "adapter 'fc1_lora_A' must have shape (2, 8), got (3, 3)"),
+        lambda: _under_autocast(lambda: small_mome_layer()(torch.ones(2, 8, dtype=torch.int32))),
+        TypeError,
+        "hidden_states must be float32/float16/bfloat16, got torch.int32",
+    ),
+    "attention int q under autocast": (
+        lambda: _under_autocast(lambda: attention(Q.int(), K, V)),
+        TypeError,
+        "q must be float32/float16/bfloat16, got torch.int32",
+    ),
+    "MoMEFFN alpha nan": (
+        lambda: MoMEFFN(small_mome_layer().mlp, VisualMemory(8), RMSNorm(8), alpha=math.nan),
+        ValueError,
+        "MoMEFFN: alpha must be finite, got nan",
+    ),
+    "mome_ffn lora_scale inf": (
+        lambda: mkfast.ops.mome_ffn(randn(2, 8), _mome_weights(lora_scale=math.inf)),
+        ValueError,
+        "mome_ffn: lora_scale must be finite, got inf",
+    ),
+    "mome_ffn eps nan": (
+        lambda: mkfast.ops.mome_ffn(randn(2, 8), _mome_weights(text_norm_eps=math.nan)),
+        ValueError,
+        "mome_ffn: text_norm_eps must be finite",
+    ),
+    "mome_ffn eps negative": (
+        lambda: mkfast.ops.mome_ffn(randn(2, 8), _mome_weights(visual_norm_eps=-1.0)),
+        ValueError,
+        "mome_ffn: visual_norm_eps must be >= 0, got -1.0",
+    ),
+    "MoMEFFN rank 0": (
+        lambda: MoMEFFN(small_mome_layer().mlp, VisualMemory(8), RMSNorm(8), rank=0),
+        ValueError,
+        "rank must be a positive int",
+    ),
+    "MoMEFFN adapter missing key": (
+        lambda: small_mome_layer().load_adapter_state_dict({}),
+        KeyError,
+        "adapter keys differ",
+    ),
+    "MoMEFFN adapter wrong shape": (
+        _wrong_adapter_shape,
+        ValueError,
+        "adapter 'fc1_lora_A' must have shape (2, 8), got (3, 3)",
+    ),
     # VisualMemory / RMSNorm
-    "VisualMemory ratio nan": (lambda: VisualMemory(16, ratio=math.nan), ValueError,
-                               "ratio must be a positive finite number, got nan"),
-    "VisualMemory ratio inf": (lambda: VisualMemory(16, ratio=math.inf), ValueError, "ratio must be a positive"),
+    "VisualMemory ratio nan": (
+        lambda: VisualMemory(16, ratio=math.nan),
+        ValueError,
+        "ratio must be a positive finite number, got nan",
+    ),
+    "VisualMemory ratio inf": (
+        lambda: VisualMemory(16, ratio=math.inf),
+        ValueError,
+        "ratio must be a positive",
+    ),
     "VisualMemory ratio 0": (lambda: VisualMemory(16, ratio=0), ValueError, "ratio must be a positive"),
     "VisualMemory hidden size 0": (lambda: VisualMemory(0), ValueError, "hidden_size must be a positive int"),
-    "RMSNorm hidden size float": (lambda: RMSNorm(16.0), ValueError, "hidden_size must be a positive int, got 16.0"),
-    "RMSNorm wrong input size": (lambda: RMSNorm(16)(randn(2, 8)), ValueError,
-                                 "RMSNorm: hidden_states must be (..., 16) like its weight, got shape (2, 8)"),
-    "RMSNorm int input": (lambda: RMSNorm(4)(torch.ones(2, 4, dtype=torch.int64)), TypeError,
-                          "RMSNorm: hidden_states must be floating point, got torch.int64"),
-    "VisualMemory wrong input size": (lambda: VisualMemory(16)(randn(2, 8)), ValueError,
-                                      "hidden_states must be (..., 16)"),
-    "document ids from 1-D positions": (lambda: document_ids_from_position_ids(torch.arange(5)), ValueError,
-                                        "position_ids must be 2-D (B, S), got (5,)"),
+    "RMSNorm hidden size float": (
+        lambda: RMSNorm(16.0),
+        ValueError,
+        "hidden_size must be a positive int, got 16.0",
+    ),
+    "RMSNorm wrong input size": (
+        lambda: RMSNorm(16)(randn(2, 8)),
+        ValueError,
+        "RMSNorm: hidden_states must be (..., 16) like its weight, got shape (2, 8)",
+    ),
+    "RMSNorm int input": (
+        lambda: RMSNorm(4)(torch.ones(2, 4, dtype=torch.int64)),
+        TypeError,
+        "RMSNorm: hidden_states must be floating point, got torch.int64",
+    ),
+    "VisualMemory wrong input size": (
+        lambda: VisualMemory(16)(randn(2, 8)),
+        ValueError,
+        "hidden_states must be (..., 16)",
+    ),
+    "document ids from 1-D positions": (
+        lambda: document_ids_from_position_ids(torch.arange(5)),
+        ValueError,
+        "position_ids must be 2-D (B, S), got (5,)",
+    ),
 }
 
 
@@ -163,7 +262,9 @@ def test_attention_with_zero_query_heads_returns_empty_instead_of_crashing():
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("where", ["q", "k", "v"])
-@pytest.mark.parametrize("documents, key_length", [(False, 6), (False, 9), (True, 6)])  # documents: S_q == S_kv
+@pytest.mark.parametrize(
+    "documents, key_length", [(False, 6), (False, 9), (True, 6)]
+)  # documents: S_q == S_kv
 def test_nan_propagates_on_the_cpu_backend_as_in_the_reference(causal, documents, where, key_length):
     tensors = {"q": randn(1, 2, 6, 8), "k": randn(1, 2, key_length, 8), "v": randn(1, 2, key_length, 8)}
     tensors[where][0, 0, 2, 3] = math.nan
@@ -179,7 +280,8 @@ def test_nan_propagates_on_the_cpu_backend_as_in_the_reference(causal, documents
 
 
 BACKEND_DEVICES = [pytest.param("reference", "cpu"), pytest.param("cpu", "cpu")] + [
-    pytest.param("triton", device.values[0], marks=device.marks) for device in devices_to_test()]
+    pytest.param("triton", device.values[0], marks=device.marks) for device in devices_to_test()
+]
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
@@ -194,8 +296,11 @@ def test_nan_is_never_hidden_on_any_backend(backend, device, causal, where, docu
     tensors[where][0, 0, 2, 3] = math.nan
     document_ids = torch.tensor([[0, 0, 0, 1, 1, 1]], device=device) if documents else None
     with mkfast.use_backend(backend):
-        out = attention(**{name: tensor.to(device) for name, tensor in tensors.items()}, causal=causal,
-                        document_ids=document_ids)
+        out = attention(
+            **{name: tensor.to(device) for name, tensor in tensors.items()},
+            causal=causal,
+            document_ids=document_ids,
+        )
     nan_rows = out[0, 0].isnan().any(-1).cpu()
     if where == "q":
         assert nan_rows.tolist() == [row == 2 for row in range(6)]
@@ -216,12 +321,15 @@ def test_a_zero_or_negative_scale_matches_the_reference(backend, device, scale, 
         with mkfast.use_backend(name):
             out = attention(*inputs, causal=causal, scale=scale)
             results[name] = (out, *torch.autograd.grad(out.square().sum(), inputs))
-    for got, expected in zip(results[backend], results["reference"]):
+    for got, expected in zip(results[backend], results["reference"], strict=True):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend, device", [pytest.param("reference", "cpu")] + [
-    pytest.param("triton", device.values[0], marks=device.marks) for device in devices_to_test()])
+@pytest.mark.parametrize(
+    "backend, device",
+    [pytest.param("reference", "cpu")]
+    + [pytest.param("triton", device.values[0], marks=device.marks) for device in devices_to_test()],
+)
 def test_decode_attention_ignores_nan_past_the_cache_lengths(backend, device):
     k_cache, v_cache = randn(2, 2, 8, 16, device=device), randn(2, 2, 8, 16, device=device)
     lengths = torch.tensor([5, 3], device=device)
@@ -239,7 +347,10 @@ def test_decode_attention_ignores_nan_past_the_cache_lengths(backend, device):
 def test_attention_ops_on_meta_tensors_use_the_fake_implementations():
     q, k = torch.empty(2, 4, 8, 16, device="meta"), torch.empty(2, 2, 8, 16, device="meta")
     assert attention(q, k, k).shape == (2, 4, 8, 16)
-    assert attention(q, k, k, document_ids=torch.empty(2, 8, dtype=torch.int64, device="meta")).device.type == "meta"
+    assert (
+        attention(q, k, k, document_ids=torch.empty(2, 8, dtype=torch.int64, device="meta")).device.type
+        == "meta"
+    )
     lengths = torch.empty(2, dtype=torch.int32, device="meta")
     out = decode_attention(q[:, :, :1], k, k, lengths)
     assert out.shape == (2, 4, 1, 16) and out.device.type == "meta"
@@ -292,22 +403,49 @@ def _elsewhere(directory):
 
 
 DAMAGED_MEMORIES = {
-    "no memory.json": (lambda d: (d / "memory.json").unlink(), FileNotFoundError, "memory.json does not exist"),
-    "truncated memory.json": (lambda d: _truncate(d / "memory.json"), ValueError, "memory.json is not valid JSON"),
-    "memory.json a list": (lambda d: (d / "memory.json").write_text("[1, 2]"), ValueError,
-                           "memory.json must hold a JSON object, got list"),
+    "no memory.json": (
+        lambda d: (d / "memory.json").unlink(),
+        FileNotFoundError,
+        "memory.json does not exist",
+    ),
+    "truncated memory.json": (
+        lambda d: _truncate(d / "memory.json"),
+        ValueError,
+        "memory.json is not valid JSON",
+    ),
+    "memory.json a list": (
+        lambda d: (d / "memory.json").write_text("[1, 2]"),
+        ValueError,
+        "memory.json must hold a JSON object, got list",
+    ),
     "memory.json without tensors_file": (
-        lambda d: (d / "memory.json").write_text(json.dumps({k: v for k, v in _json(d).items() if k != "tensors_file"})),
-        ValueError, "memory.json lacks ['tensors_file']"),
+        lambda d: (d / "memory.json").write_text(
+            json.dumps({k: v for k, v in _json(d).items() if k != "tensors_file"})
+        ),
+        ValueError,
+        "memory.json lacks ['tensors_file']",
+    ),
     "newer format": (lambda d: _rewrite_json(d, format_version=2), ValueError, "has format_version 2"),
     "absolute tensors_file": (
-        lambda d: _rewrite_json(d, tensors_file=str(_tensors_path(_elsewhere(d)))), ValueError,
-        "must be a file name inside"),
+        lambda d: _rewrite_json(d, tensors_file=str(_tensors_path(_elsewhere(d)))),
+        ValueError,
+        "must be a file name inside",
+    ),
     "tensors_file outside the directory": (
-        lambda d: _rewrite_json(d, tensors_file="../other/" + _json(_elsewhere(d))["tensors_file"]), ValueError,
-        "must be a file name inside"),
-    "truncated tensors": (lambda d: _truncate(_tensors_path(d)), ValueError, "is not a readable safetensors file"),
-    "missing tensors": (lambda d: _tensors_path(d).unlink(), FileNotFoundError, "named by memory.json, does not exist"),
+        lambda d: _rewrite_json(d, tensors_file="../other/" + _json(_elsewhere(d))["tensors_file"]),
+        ValueError,
+        "must be a file name inside",
+    ),
+    "truncated tensors": (
+        lambda d: _truncate(_tensors_path(d)),
+        ValueError,
+        "is not a readable safetensors file",
+    ),
+    "missing tensors": (
+        lambda d: _tensors_path(d).unlink(),
+        FileNotFoundError,
+        "named by memory.json, does not exist",
+    ),
     "sizes disagree": (lambda d: _rewrite_json(d, num_documents=5), ValueError, "memory.json says (5, 8)"),
 }
 
@@ -329,6 +467,7 @@ def _save_killed_at(memory, directory, stage):
             os._exit(KILLED)
 
     if stage == "inside safetensors":
+
         def write_partly_then_die(tensors, path):
             # What a kill inside safetensors' save_file leaves: its hidden temporary file, half written.
             with open(os.path.join(os.path.dirname(path), ".tmpKILLED"), "wb") as handle:
@@ -336,14 +475,17 @@ def _save_killed_at(memory, directory, stage):
             os._exit(KILLED)
 
         import safetensors.torch
+
         safetensors.torch.save_file = write_partly_then_die
     else:
         memory_files.fault_point = kill
     memory.save(directory)
 
 
-@pytest.mark.parametrize("stage", ["locked", "inside safetensors", "tensors_written", "tensors_moved",
-                                   "index_written", "index_replaced"])
+@pytest.mark.parametrize(
+    "stage",
+    ["locked", "inside safetensors", "tensors_written", "tensors_moved", "index_written", "index_replaced"],
+)
 def test_a_killed_save_leaves_a_loadable_memory_and_the_next_save_cleans_up(stage, tmp_path):
     directory = tmp_path / "memory"
     before, new, after = _memory(4), _memory(6, seed=1), _memory(5, seed=2)
@@ -375,10 +517,16 @@ def _run_cli(argv, capsys):
 BAD_COMMANDS = {
     "unknown command": (["nosuch"], 2, "mkfast: error: argument command: invalid choice: 'nosuch'"),
     "unknown flag": (["env", "--nosuch"], 2, "mkfast: error: unrecognized arguments: --nosuch"),
-    "a word where a number belongs": (["train", "racm3", "--steps", "x"], 2,
-                                      "mkfast: error: train racm3: argument --steps: invalid int value: 'x'"),
-    "compare missing folders": (["bench", "--compare", "missing1", "missing2"], 2,
-                                "mkfast: error: bench --compare: missing1 does not exist"),
+    "a word where a number belongs": (
+        ["train", "racm3", "--steps", "x"],
+        2,
+        "mkfast: error: train racm3: argument --steps: invalid int value: 'x'",
+    ),
+    "compare missing folders": (
+        ["bench", "--compare", "missing1", "missing2"],
+        2,
+        "mkfast: error: bench --compare: missing1 does not exist",
+    ),
     "unknown suite": (["bench", "nosuch"], 2, "mkfast: error: bench: unknown suite 'nosuch'"),
 }
 
@@ -397,13 +545,26 @@ def test_compare_of_a_folder_without_results_is_an_error(tmp_path, capsys):
 
 
 RAISED_WHILE_RUNNING = {
-    "a clear ValueError": (ValueError("Memory.load: /x/memory.json is not valid JSON"), 1,
-                           "mkfast: error: Memory.load: /x/memory.json is not valid JSON\n"),
-    "a usage error": (UsageError("steps must be > 0, got -3"), 2, "mkfast: error: steps must be > 0, got -3\n"),
-    "a multi-line message": (FileNotFoundError("no such file\n  check the path"), 1,
-                             "mkfast: error: no such file check the path\n"),
-    "an unexpected error": (ZeroDivisionError("division by zero"), 1,
-                            "mkfast: error: ZeroDivisionError: division by zero (unexpected: rerun with --debug"),
+    "a clear ValueError": (
+        ValueError("Memory.load: /x/memory.json is not valid JSON"),
+        1,
+        "mkfast: error: Memory.load: /x/memory.json is not valid JSON\n",
+    ),
+    "a usage error": (
+        UsageError("steps must be > 0, got -3"),
+        2,
+        "mkfast: error: steps must be > 0, got -3\n",
+    ),
+    "a multi-line message": (
+        FileNotFoundError("no such file\n  check the path"),
+        1,
+        "mkfast: error: no such file check the path\n",
+    ),
+    "an unexpected error": (
+        ZeroDivisionError("division by zero"),
+        1,
+        "mkfast: error: ZeroDivisionError: division by zero (unexpected: rerun with --debug",
+    ),
     "a KeyError": (KeyError("loss"), 1, "mkfast: error: KeyError: 'loss'"),
     "Ctrl-C": (KeyboardInterrupt(), 130, "mkfast: interrupted\n"),
 }

@@ -161,7 +161,8 @@ class MoMEFFN(nn.Module):
         for name, value in state.items():
             if not isinstance(value, torch.Tensor) or value.shape != targets[name].shape:
                 got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise ValueError(f"MoMEFFN: adapter {name!r} must have shape {tuple(targets[name].shape)}, got {got}")
+                raise ValueError(f"MoMEFFN: adapter {name!r} must have shape {tuple(targets[name].shape)}, "
+                                 f"got {got}")
         with torch.no_grad():
             for name, value in state.items():
                 targets[name].copy_(value)

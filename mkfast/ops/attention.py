@@ -350,7 +350,8 @@ def decode_attention_reference(
     mask = decode_allowed_mask(cache_seqlens, q.shape[2], k_cache.shape[2])
     # Positions at or past a row's length are unwritten (a cache from torch.empty may hold NaN there,
     # and SDPA multiplies masked-out values by 0): read them as zeros, as the kernels never load them.
-    filled = (torch.arange(k_cache.shape[2], device=q.device) < cache_seqlens.long()[:, None])[:, None, :, None]
+    positions = torch.arange(k_cache.shape[2], device=q.device)
+    filled = (positions < cache_seqlens.long()[:, None])[:, None, :, None]
     k_cache, v_cache = k_cache.float().where(filled, 0.0), v_cache.float().where(filled, 0.0)
     out = F.scaled_dot_product_attention(
         q.float(), k_cache.repeat_interleave(group, dim=1), v_cache.repeat_interleave(group, dim=1),

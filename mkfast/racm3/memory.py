@@ -24,7 +24,8 @@ from typing import Callable, Sequence
 import torch
 
 from mkfast.ops import topk_dedup
-from mkfast.racm3.memory_files import METADATA_FILE, MemoryLockedError, read_memory, write_memory  # noqa: F401
+from mkfast.racm3.memory_files import (  # noqa: F401  (MemoryLockedError: raised by Memory.save)
+    METADATA_FILE, MemoryLockedError, read_memory, write_memory)
 
 # RA-CM3's redundancy threshold (SPEC.md, "Retriever", diversity).
 DEFAULT_THRESHOLD = 0.9
@@ -134,15 +135,16 @@ class Memory:
         """
         metadata = {"num_documents": len(self), "dim": self.dim,
                     "dtype": str(self.embeddings.dtype).removeprefix("torch.")}
-        write_memory(directory, {"embeddings": self.embeddings.cpu(), "document_ids": self.document_ids.cpu()},
-                     metadata, wait=wait)
+        tensors = {"embeddings": self.embeddings.cpu(), "document_ids": self.document_ids.cpu()}
+        write_memory(directory, tensors, metadata, wait=wait)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: torch.device | str = "cpu") -> "Memory":
         """The memory :meth:`save` wrote last. Errors name the file that is missing or damaged."""
         tensors, metadata, path = read_memory(directory, str(device))
         if set(tensors) != {"embeddings", "document_ids"}:
-            raise ValueError(f"Memory.load: {path} must hold 'embeddings' and 'document_ids', got {sorted(tensors)}")
+            raise ValueError(f"Memory.load: {path} must hold 'embeddings' and 'document_ids', "
+                             f"got {sorted(tensors)}")
         memory = cls(tensors["embeddings"], tensors["document_ids"])
         if len(memory) != metadata["num_documents"] or memory.dim != metadata["dim"]:
             raise ValueError(f"Memory.load: {path} holds ({len(memory)}, {memory.dim}), {METADATA_FILE} says "

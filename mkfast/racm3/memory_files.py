@@ -55,7 +55,9 @@ def save_lock(directory, wait: bool):
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            raise MemoryLockedError(f"Memory.save: another save to {directory} is in progress ({path} is locked)")
+            raise MemoryLockedError(
+                f"Memory.save: another save to {directory} is in progress ({path} is locked)"
+            ) from None
         yield
     finally:
         os.close(descriptor)  # closing releases the lock
@@ -80,7 +82,9 @@ def write_memory(directory, tensors: dict[str, torch.Tensor], metadata: dict, *,
         fault_point("tensors_moved")
         staged_metadata = os.path.join(staging, METADATA_FILE)
         with open(staged_metadata, "w") as handle:
-            json.dump({"format_version": FORMAT_VERSION, "tensors_file": tensors_name, **metadata}, handle, indent=2)
+            json.dump(
+                {"format_version": FORMAT_VERSION, "tensors_file": tensors_name, **metadata}, handle, indent=2
+            )
             handle.flush()
             os.fsync(handle.fileno())
         fault_point("index_written")
@@ -114,16 +118,20 @@ def read_memory(directory, device: str) -> tuple[dict[str, torch.Tensor], dict, 
             if read_index(directory)["tensors_file"] != metadata["tensors_file"]:
                 continue
             if not os.path.exists(path):
-                raise FileNotFoundError(f"Memory.load: {path}, named by {METADATA_FILE}, does not exist") from None
+                raise FileNotFoundError(
+                    f"Memory.load: {path}, named by {METADATA_FILE}, does not exist"
+                ) from None
             if isinstance(error, SafetensorError):
-                raise ValueError(f"Memory.load: {path} is not a readable safetensors file "
-                                 f"(truncated or damaged?): {error}") from error
+                raise ValueError(
+                    f"Memory.load: {path} is not a readable safetensors file (truncated or damaged?): {error}"
+                ) from error
             raise
     raise RuntimeError(f"Memory.load: {directory} was replaced {LOAD_ATTEMPTS} times while being read")
 
 
 def read_index(directory) -> dict:
-    """memory.json, checked: a JSON object with the required keys, this format, a tensors file inside ``directory``."""
+    """memory.json, checked: a JSON object with the required keys, this format, and a tensors file
+    inside ``directory``."""
     path = os.path.join(directory, METADATA_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"Memory.load: {path} does not exist (not a saved memory?)")
@@ -139,13 +147,21 @@ def read_index(directory) -> dict:
     if missing:
         raise ValueError(f"Memory.load: {path} lacks {missing}")
     if metadata["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"Memory.load: {path} has format_version {metadata['format_version']!r}, "
-                         f"this version reads {FORMAT_VERSION}")
+        raise ValueError(
+            f"Memory.load: {path} has format_version {metadata['format_version']!r}, "
+            f"this version reads {FORMAT_VERSION}"
+        )
     name = metadata["tensors_file"]
     # A bare file name of this directory: an absolute path or "../x" would load another memory.
-    if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", "..") \
-            or (os.altsep is not None and os.altsep in name):
-        raise ValueError(f"Memory.load: tensors_file in {path} must be a file name inside {directory}, got {name!r}")
+    if (
+        not isinstance(name, str)
+        or os.path.basename(name) != name
+        or name in ("", ".", "..")
+        or (os.altsep is not None and os.altsep in name)
+    ):
+        raise ValueError(
+            f"Memory.load: tensors_file in {path} must be a file name inside {directory}, got {name!r}"
+        )
     return metadata
 
 
