@@ -97,7 +97,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
-def _tile_coordinates(num_rows, num_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+def _tile_coordinates(num_rows, num_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      GROUP_M: tl.constexpr):
     """(row block, column block) of this program in a 1-D grid, GROUP_M row blocks at a time.
 
     Consecutive programs sweep GROUP_M token blocks for each weight tile, so a wave of programs
@@ -134,7 +135,8 @@ def _mome_norm_in_kernel(
     sum_squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for start in range(0, hidden, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * hidden + ks[None, :], mask=row_mask[:, None] & (ks < hidden)[None, :],
+        x = tl.load(x_ptr + rows[:, None] * hidden + ks[None, :],
+                    mask=row_mask[:, None] & (ks < hidden)[None, :],
                     other=0.0).to(tl.float32)
         sum_squares += tl.sum(x * x, axis=1)
     text_rstd = 1.0 / tl.sqrt(sum_squares / hidden + text_eps)
@@ -208,11 +210,13 @@ def _mome_expert_in_kernel(
     for start in range(0, hidden, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         k_mask = ks < hidden
-        z = tl.load(input_ptr + rows[:, None] * hidden + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
+        z = tl.load(input_ptr + rows[:, None] * hidden + ks[None, :],
+                    mask=row_mask[:, None] & k_mask[None, :],
                     other=0.0)
         weight_offsets = cols[None, :] * hidden + ks[:, None]  # W^T tile (BLOCK_K, BLOCK_N)
         weight_mask = col_mask[None, :] & k_mask[:, None]
-        first_acc = tl.dot(z, tl.load(first_weight_ptr + weight_offsets, mask=weight_mask, other=0.0), first_acc,
+        first_acc = tl.dot(z, tl.load(first_weight_ptr + weight_offsets, mask=weight_mask,
+                                      other=0.0), first_acc,
                            input_precision=PRECISION)
         if GATED:
             second_acc = tl.dot(z, tl.load(second_weight_ptr + weight_offsets, mask=weight_mask, other=0.0),
@@ -236,7 +240,8 @@ def _mome_expert_in_kernel(
     activation = first / (1.0 + tl.exp(-first))
     if GATED:
         second_lowrank = tl.load(lowrank_ptr + lowrank_offsets + rank, mask=lowrank_mask, other=0.0)
-        second_lora = tl.dot(second_lowrank, tl.load(second_lora_B_ptr + lora_B_offsets, mask=lora_B_mask, other=0.0),
+        second_lora = tl.dot(second_lowrank, tl.load(second_lora_B_ptr + lora_B_offsets,
+                                                     mask=lora_B_mask, other=0.0),
                              input_precision=PRECISION)
         second = (second_acc + lora_scale * second_lora).to(dtype)
         tl.store(second_out_ptr + out_offsets, second, mask=out_mask)
@@ -258,10 +263,13 @@ def _mome_act_lowrank_kernel(
     for start in range(0, width, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         k_mask = ks < width
-        activation = tl.load(activation_ptr + rows[:, None] * width + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        lora_A = tl.load(lora_A_ptr + ranks[None, :] * width + ks[:, None], mask=(ranks[None, :] < rank) & k_mask[:, None], other=0.0)
+        activation = tl.load(activation_ptr + rows[:, None] * width + ks[None, :],
+                             mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        lora_A = tl.load(lora_A_ptr + ranks[None, :] * width + ks[:, None],
+                         mask=(ranks[None, :] < rank) & k_mask[:, None], other=0.0)
         acc += tl.dot(activation, lora_A, input_precision=PRECISION)
-    tl.store(out_ptr + rows[:, None] * rank + ranks[None, :], acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & (ranks[None, :] < rank))
+    tl.store(out_ptr + rows[:, None] * rank + ranks[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & (ranks[None, :] < rank))
 
 
 @triton.jit
@@ -286,7 +294,8 @@ def _accumulate_row_major(acc, act_ptr, weight_ptr, rows, cols, row_mask, col_ma
     return acc
 
 
-@triton.autotune(configs=_configs(EXPERT_OUT_TILES), key=["hidden", "intermediate", "visual_size", "tokens_bucket"])
+@triton.autotune(configs=_configs(EXPERT_OUT_TILES),
+                 key=["hidden", "intermediate", "visual_size", "tokens_bucket"])
 @triton.jit
 def _mome_expert_out_kernel(
     text_act_ptr, visual_act_ptr, down_weight_ptr, fc2_weight_ptr, down_lowrank_ptr, fc2_lowrank_ptr,
@@ -305,9 +314,11 @@ def _mome_expert_out_kernel(
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < tokens, cols < hidden
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _accumulate_row_major(acc, text_act_ptr, down_weight_ptr, rows, cols, row_mask, col_mask, intermediate,
+    acc = _accumulate_row_major(acc, text_act_ptr, down_weight_ptr, rows, cols, row_mask, col_mask,
+                                intermediate,
                                 intermediate, BLOCK_K, PRECISION, WEIGHT_K_MAJOR=False)
-    acc = _accumulate_row_major(acc, visual_act_ptr, fc2_weight_ptr, rows, cols, row_mask, col_mask, visual_size,
+    acc = _accumulate_row_major(acc, visual_act_ptr, fc2_weight_ptr, rows, cols, row_mask,
+                                col_mask, visual_size,
                                 visual_size, BLOCK_K, PRECISION, WEIGHT_K_MAJOR=False)
     ranks = tl.arange(0, RANK_PAD)
     rank_mask = ranks < rank
@@ -327,7 +338,8 @@ def _mome_expert_out_kernel(
 
 
 @triton.jit
-def _rank_update(grad_tile, lora_B_ptr, lowrank_ptr, lowrank_stride, lowrank_grad_partial_ptr, lora_B_grad_ptr,
+def _rank_update(grad_tile, lora_B_ptr, lowrank_ptr, lowrank_stride, lowrank_grad_partial_ptr,
+                 lora_B_grad_ptr,
                  rows, cols, ranks, row_mask, col_mask, rank, width, partial_stride, col_block, lora_scale,
                  PRECISION: tl.constexpr):
     """The rank-r products of one first-layer gradient tile d(pre) (BLOCK_M, BLOCK_N), as stored.
@@ -337,7 +349,8 @@ def _rank_update(grad_tile, lora_B_ptr, lowrank_ptr, lowrank_stride, lowrank_gra
     d(pre) is not read back from memory for either.
     """
     rank_mask = ranks < rank
-    lora_B = tl.load(lora_B_ptr + cols[:, None] * rank + ranks[None, :], mask=col_mask[:, None] & rank_mask[None, :],
+    lora_B = tl.load(lora_B_ptr + cols[:, None] * rank + ranks[None, :],
+                     mask=col_mask[:, None] & rank_mask[None, :],
                      other=0.0)
     lowrank_grad = tl.dot(grad_tile, lora_B, input_precision=PRECISION)
     tl.store(lowrank_grad_partial_ptr + rows[:, None] * partial_stride + col_block * rank + ranks[None, :],
@@ -375,7 +388,8 @@ def _mome_expert_grad_hidden_kernel(
     for start in range(0, hidden, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         k_mask = ks < hidden
-        grad = tl.load(grad_ptr + rows[:, None] * hidden + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
+        grad = tl.load(grad_ptr + rows[:, None] * hidden + ks[None, :],
+                       mask=row_mask[:, None] & k_mask[None, :],
                        other=0.0)
         weight = tl.load(out_weight_ptr + ks[:, None] * width + cols[None, :],
                          mask=k_mask[:, None] & col_mask[None, :], other=0.0)
@@ -386,7 +400,8 @@ def _mome_expert_grad_hidden_kernel(
                            mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
     lora_A_offsets = ranks[:, None] * width + cols[None, :]
     lora_A_mask = rank_mask[:, None] & col_mask[None, :]
-    acc += lora_scale * tl.dot(grad_lowrank, tl.load(lora_A_ptr + lora_A_offsets, mask=lora_A_mask, other=0.0),
+    acc += lora_scale * tl.dot(grad_lowrank, tl.load(lora_A_ptr + lora_A_offsets,
+                                                     mask=lora_A_mask, other=0.0),
                                input_precision=PRECISION)
     # Recompute the activation from the stored pre-activations instead of storing it.
     offsets = rows[:, None] * width + cols[None, :]
@@ -399,7 +414,8 @@ def _mome_expert_grad_hidden_kernel(
         activation = (silu * second).to(dtype)
     else:
         activation = silu.to(dtype)
-    tl.store(score_partial_ptr + rows * num_col_blocks + col_block, tl.sum(acc * activation.to(tl.float32), axis=1),
+    tl.store(score_partial_ptr + rows * num_col_blocks + col_block,
+             tl.sum(acc * activation.to(tl.float32), axis=1),
              mask=row_mask)
     prob = tl.load(probs_ptr + rows * 2 + prob_column, mask=row_mask, other=0.0)
     # dA_out first, so the activation tile dies before the gradient tiles are made.
@@ -411,8 +427,10 @@ def _mome_expert_grad_hidden_kernel(
     if GATED:
         second_grad = (acc * silu).to(dtype)
         tl.store(second_grad_ptr + offsets, second_grad, mask=mask)
-        _rank_update(second_grad, second_lora_B_ptr, second_lowrank_ptr, lowrank_stride, second_lowrank_grad_ptr,
-                     second_lora_B_grad_ptr, rows, cols, ranks, row_mask, col_mask, rank, width, partial_stride,
+        _rank_update(second_grad, second_lora_B_ptr, second_lowrank_ptr, lowrank_stride,
+                     second_lowrank_grad_ptr,
+                     second_lora_B_grad_ptr, rows, cols, ranks, row_mask, col_mask, rank, width,
+                     partial_stride,
                      col_block, lora_scale, PRECISION)
         acc = acc * second
     first_grad = (acc * (sigmoid + silu * (1.0 - sigmoid))).to(dtype)  # silu' = s + silu (1 - s)
@@ -423,7 +441,8 @@ def _mome_expert_grad_hidden_kernel(
 
 
 # partial is zeroed before each tuning trial: a trial with narrower tiles writes more column blocks.
-@triton.autotune(configs=_configs(GRAD_INPUT_TILES), key=["hidden", "intermediate", "visual_size", "tokens_bucket"],
+@triton.autotune(configs=_configs(GRAD_INPUT_TILES),
+                 key=["hidden", "intermediate", "visual_size", "tokens_bucket"],
                  reset_to_zero=["partial_ptr"])
 @triton.jit
 def _mome_grad_input_kernel(
@@ -463,7 +482,8 @@ def _mome_grad_input_kernel(
                           tl.load(up_weight_ptr + weight_offsets, mask=weight_mask, other=0.0), text_acc,
                           input_precision=PRECISION)
     visual_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    visual_acc = _accumulate_row_major(visual_acc, visual_grad_ptr, fc1_weight_ptr, rows, cols, row_mask, col_mask,
+    visual_acc = _accumulate_row_major(visual_acc, visual_grad_ptr, fc1_weight_ptr, rows, cols,
+                                       row_mask, col_mask,
                                        visual_size, hidden, BLOCK_K, PRECISION, WEIGHT_K_MAJOR=True)
     text_ranks = tl.arange(0, TEXT_RANK_PAD)
     text_rank_mask = text_ranks < 2 * rank
@@ -484,9 +504,11 @@ def _mome_grad_input_kernel(
     logit_grad_text = tl.load(logits_grad_ptr + rows * 2 + 1, mask=row_mask, other=0.0)
     router_visual = tl.load(router_weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     router_text = tl.load(router_weight_ptr + hidden + cols, mask=col_mask, other=0.0).to(tl.float32)
-    text_acc += logit_grad_visual[:, None] * router_visual[None, :] + logit_grad_text[:, None] * router_text[None, :]
+    text_acc += logit_grad_visual[:, None] * router_visual[None, :]
+    text_acc += logit_grad_text[:, None] * router_text[None, :]
     text_grad = text_acc * tl.load(text_norm_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    visual_grad = visual_acc * tl.load(visual_norm_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    visual_grad = visual_acc * tl.load(visual_norm_ptr + cols, mask=col_mask,
+                                       other=0.0).to(tl.float32)[None, :]
     offsets = rows[:, None] * hidden + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -504,7 +526,7 @@ def _mome_norm_backward_kernel(
     x_ptr, scaled_grad_ptr, row_sums_ptr, rstd_ptr, x_grad_ptr, tokens, hidden,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """RMSNorm backward, the row-wide half: dx = scaled_grad - x sum_n(rstd_n^3 row_sums_n) / d, in x's dtype."""
+    """RMSNorm backward, the row-wide half, in x's dtype: dx = scaled_grad - x sum_n(rstd_n^3 sums_n) / d."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_mask = rows < tokens
     text_rstd = tl.load(rstd_ptr + rows * 2, mask=row_mask, other=0.0)
@@ -519,7 +541,8 @@ def _mome_norm_backward_kernel(
         mask = row_mask[:, None] & (ks < hidden)[None, :]
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         scaled = tl.load(scaled_grad_ptr + offsets, mask=mask, other=0.0)
-        tl.store(x_grad_ptr + offsets, (scaled - x * coefficient[:, None]).to(x_grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(x_grad_ptr + offsets,
+                 (scaled - x * coefficient[:, None]).to(x_grad_ptr.dtype.element_ty), mask=mask)
 
 
 def _tile_grid(tokens: int, width: int):
@@ -551,7 +574,8 @@ def mome_forward(x, weights):
                                                  for _ in range(3))
     probs = torch.empty((tokens, 2), dtype=torch.float32, device=device)
     rstd = torch.empty((tokens, 2), dtype=torch.float32, device=device)
-    residuals = (gate_pre, up_pre, visual_pre, text_lowrank, visual_lowrank, down_lowrank, fc2_lowrank, probs, rstd)
+    residuals = (gate_pre, up_pre, visual_pre, text_lowrank, visual_lowrank, down_lowrank,
+                 fc2_lowrank, probs, rstd)
     if tokens == 0:
         return output, residuals
     precision, rank_pad = _dot_precision(dtype), _padded(rank)
@@ -572,10 +596,12 @@ def mome_forward(x, weights):
     text_act = torch.empty_like(gate_pre)
     visual_act = torch.empty_like(visual_pre)
     _mome_expert_in_kernel[_tile_grid(tokens, intermediate)](
-        text_input, w.gate_weight, w.up_weight, text_lowrank, w.gate_lora_B, w.up_lora_B, probs, gate_pre, up_pre,
-        text_act, tokens, tokens_bucket, hidden, intermediate, rank, 2 * rank, PROB_TEXT, scale, GATED=True, **tuned)
+        text_input, w.gate_weight, w.up_weight, text_lowrank, w.gate_lora_B, w.up_lora_B, probs, gate_pre,
+        up_pre, text_act, tokens, tokens_bucket, hidden, intermediate, rank, 2 * rank, PROB_TEXT, scale,
+        GATED=True, **tuned)
     _mome_expert_in_kernel[_tile_grid(tokens, visual_size)](
-        visual_input, w.fc1_weight, w.fc1_weight, visual_lowrank, w.fc1_lora_B, w.fc1_lora_B, probs, visual_pre,
+        visual_input, w.fc1_weight, w.fc1_weight, visual_lowrank, w.fc1_lora_B, w.fc1_lora_B, probs,
+        visual_pre,
         visual_pre, visual_act, tokens, tokens_bucket, hidden, visual_size, rank, rank, PROB_VISUAL, scale,
         GATED=False, **tuned)
     for activation, lora_A, lowrank in ((text_act, w.down_lora_A, down_lowrank),
@@ -583,7 +609,8 @@ def mome_forward(x, weights):
         _mome_act_lowrank_kernel[row_grid](activation, lora_A, lowrank, tokens, activation.shape[1], rank,
                                            RANK_PAD=rank_pad, PRECISION=precision, **row_options)
     _mome_expert_out_kernel[_tile_grid(tokens, hidden)](
-        text_act, visual_act, w.down_weight, w.fc2_weight, down_lowrank, fc2_lowrank, w.down_lora_B, w.fc2_lora_B,
+        text_act, visual_act, w.down_weight, w.fc2_weight, down_lowrank, fc2_lowrank, w.down_lora_B,
+        w.fc2_lora_B,
         output, tokens, tokens_bucket, hidden, intermediate, visual_size, rank, scale, **tuned)
     return output, residuals
 
@@ -620,18 +647,22 @@ def expert_grad_hidden(grad_output, out_weight, lora_A, grad_lowrank, first, sec
                      for _ in range(2 if gated else 1)]
     lora_B_grads = [fp32_zeros(width, rank) for _ in range(2 if gated else 1)]
     _mome_expert_grad_hidden_kernel[(triton.cdiv(tokens, block_m) * col_blocks,)](
-        grad_output, out_weight, grad_lowrank, lora_A, probs, first_pre, first_lowrank, first_lora_B, second_pre,
+        grad_output, out_weight, grad_lowrank, lora_A, probs, first_pre, first_lowrank, first_lora_B,
+        second_pre,
         second_lowrank, second_lora_B, score_partial, first_grad, second_grad, lora_A_grad, lowrank_grads[0],
-        lowrank_grads[-1], lora_B_grads[0], lora_B_grads[-1], tokens, hidden, width, rank, first_lowrank.stride(0),
+        lowrank_grads[-1], lora_B_grads[0], lora_B_grads[-1], tokens, hidden, width, rank,
+        first_lowrank.stride(0),
         prob_column, col_blocks, lora_scale, GATED=gated, RANK_PAD=_padded(rank), BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_dot_precision(first_pre.dtype), GROUP_M=GROUP_M,
         num_warps=warps, num_stages=stages)
     lowrank_grads = [partial.sum(dim=1) for partial in lowrank_grads]
-    return (score_partial.sum(dim=1), first_grad, second_grad if gated else None, lora_A_grad, lowrank_grads[0],
+    return (score_partial.sum(dim=1), first_grad, second_grad if gated else None, lora_A_grad,
+            lowrank_grads[0],
             lowrank_grads[1] if gated else None, lora_B_grads[0], lora_B_grads[1] if gated else None)
 
 
-def grad_input(x, gate_grad, up_grad, visual_grad, text_lowrank_grad, fc1_lowrank_grad, logits_grad, weights, rstd):
+def grad_input(x, gate_grad, up_grad, visual_grad, text_lowrank_grad, fc1_lowrank_grad, logits_grad,
+               weights, rstd):
     """Launch d(x): both normalised inputs' gradients, then both RMSNorms' backward, in x's dtype.
 
     text_lowrank_grad: (M, 2r) = [dgate B_gate, dup B_up]; fc1_lowrank_grad: (M, r); logits_grad:
@@ -647,9 +678,11 @@ def grad_input(x, gate_grad, up_grad, visual_grad, text_lowrank_grad, fc1_lowran
     _mome_grad_input_kernel[_tile_grid(tokens, hidden)](
         x, gate_grad, up_grad, visual_grad, w.gate_weight, w.up_weight, w.fc1_weight,
         text_lowrank_grad.to(x.dtype).contiguous(), fc1_lowrank_grad.to(x.dtype).contiguous(), text_lora_A,
-        w.fc1_lora_A, logits_grad, w.router_weight, w.text_norm_weight, w.visual_norm_weight, rstd, scaled_grad,
+        w.fc1_lora_A, logits_grad, w.router_weight, w.text_norm_weight, w.visual_norm_weight, rstd,
+        scaled_grad,
         partial, tokens, triton.next_power_of_2(tokens), hidden, intermediate, visual_size, rank, col_blocks,
-        w.lora_scale, RANK_PAD=_padded(rank), TEXT_RANK_PAD=_padded(2 * rank), PRECISION=_dot_precision(x.dtype),
+        w.lora_scale, RANK_PAD=_padded(rank), TEXT_RANK_PAD=_padded(2 * rank),
+        PRECISION=_dot_precision(x.dtype),
         GROUP_M=GROUP_M)
     x_grad = torch.empty_like(x)
     row_options = _row_options(x.dtype)

@@ -75,7 +75,8 @@ class ExpertGrads(NamedTuple):
     second_lora_B_grad: torch.Tensor | None
 
 
-def _cpu_expert_grad_hidden(grad_output, out_weight, lora_A, grad_lowrank, first, second, probs, column, scale):
+def _cpu_expert_grad_hidden(grad_output, out_weight, lora_A, grad_lowrank, first, second, probs,
+                            column, scale):
     """ExpertGrads with torch ops; first/second: (pre-activation, LoRA-A output, LoRA B) of a first layer."""
     first_pre, first_lowrank, first_lora_B = first
     grad_act = (grad_output @ out_weight).addmm_(grad_lowrank, lora_A, alpha=scale)
@@ -146,7 +147,8 @@ def fused_backward(backend: str, grad_output: torch.Tensor, x: torch.Tensor, wei
     text_lowrank = res.text_lowrank
     text = ExpertGrads(*parts.expert_grad_hidden(
         grad_output, w.down_weight, w.down_lora_A, out_grad_lowrank[:, :rank].contiguous(),
-        (res.gate_pre, text_lowrank[:, :rank], w.gate_lora_B), (res.up_pre, text_lowrank[:, rank:], w.up_lora_B),
+        (res.gate_pre, text_lowrank[:, :rank], w.gate_lora_B), (res.up_pre, text_lowrank[:, rank:],
+                                                                w.up_lora_B),
         probs, TEXT, scale))
     visual = ExpertGrads(*parts.expert_grad_hidden(
         grad_output, w.fc2_weight, w.fc2_lora_A, out_grad_lowrank[:, rank:].contiguous(),
