@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(argv: list[str]) -> None:
     parser = _Parser(prog="mkfast", description=__doc__)
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (accepted anywhere)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (accepted anywhere on the line)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("env", help="versions, extension build, backend choices")
     demo = commands.add_parser("demo", help="the whole project on the embedded digits set")
