@@ -528,6 +528,18 @@ BAD_COMMANDS = {
         "mkfast: error: bench --compare: missing1 does not exist",
     ),
     "unknown suite": (["bench", "nosuch"], 2, "mkfast: error: bench: unknown suite 'nosuch'"),
+    # Config values are checked before anything is built (the trainers' typed configs raise UsageError).
+    "dtype float128": (
+        ["train", "mks2-stage1", "--dtype", "float128"],
+        2,
+        "dtype (--dtype) must be one of ['float32', 'float16', 'bfloat16', 'float64'], got 'float128'",
+    ),
+    "missing language model path": (
+        ["train", "mks2-stage1", "--language-model", "/nonexistent/llama"],
+        2,
+        "'/nonexistent/llama' does not exist (a Hugging Face hub id is written 'hf:<org>/<name>')",
+    ),
+    "negative steps": (["train", "racm3", "--steps", "-3"], 2, "steps (--steps) must be > 0, got -3"),
 }
 
 
