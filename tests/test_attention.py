@@ -325,7 +325,7 @@ from triton.compiler import ASTSource
 from mkfast.kernels import attention, decode_attention
 
 INTEGERS = ("DocumentIds", "KeyBlockFirst", "KeyBlockLast", "QueryBlockFirst", "QueryBlockLast",
-            "CacheSeqlens", "Workspace")
+            "CacheSeqlens", "Counters")
 FP32 = ("Lse", "Delta", "PartialOut", "PartialLse")
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
@@ -387,7 +387,7 @@ results["forward-pointers-128"] = compile_for_sm90(
     attention._attn_fwd_kernel, dict(BLOCK_D=128, HEAD_DIM=128, IS_FP32=False, CAUSAL=True,
                                      HAS_DOCUMENTS=False,
                                      USE_TMA=False, BLOCK_M=block_m, BLOCK_N=block_n), num_warps, num_stages)
-results["decode"] = compile_for_sm90(decode_attention._decode_split_kernel,
+results["decode"] = compile_for_sm90(decode_attention._decode_kernel,
                                      dict(BLOCK_D=128, HEAD_DIM=128, IS_FP32=False, BLOCK_M=16,
                                           BLOCK_N=decode_attention.BLOCK_N_GPU),
                                      decode_attention.NUM_WARPS_GPU, decode_attention.NUM_STAGES_GPU)

@@ -7,7 +7,12 @@ import torch
 from helpers import assert_close, devices_to_test, interpreter_dtypes, run_opcheck
 
 import mkfast
-from mkfast.ops.attention import attention_reference, decode_attention, decode_attention_reference
+from mkfast.ops.attention import (
+    attention_reference,
+    decode_attention,
+    decode_attention_reference,
+    decode_attention_workspace,
+)
 
 # (batch, query heads, kv heads, new tokens T, cache length L_max, D)
 SHAPES = [
@@ -15,6 +20,7 @@ SHAPES = [
     (2, 8, 2, 3, 100, 128),  # T=3 new tokens attended causally, group of 4
     (4, 2, 2, 2, 33, 24),   # head dim not a power of two
     (1, 4, 1, 1, 5, 32),    # MQA, cache shorter than one block
+    (1, 4, 1, 3, 90, 64),   # one row: several splits merged by the last program to finish
 ]
 
 
@@ -68,6 +74,60 @@ def test_split_plan_uses_several_splits_and_ignores_cache_past_each_length():
 
 
 @pytest.mark.interpreter
+def test_workspace_and_out_give_the_same_result_and_stay_reusable():
+    q, k_cache, v_cache, lengths = make_cache(1, 4, 2, 2, 100, 32, torch.float32, "cpu")
+    workspace = decode_attention_workspace(q, k_cache)
+    out = torch.empty_like(q)
+    with mkfast.use_backend("triton"):
+        for step in range(2):  # the last program of each call resets the counters for the next
+            q_step = q + step
+            result = decode_attention(q_step, k_cache, v_cache, lengths, workspace=workspace, out=out)
+            assert result is out
+            assert_close(out, decode_attention_reference(q_step, k_cache, v_cache, lengths))
+    counters = workspace[-k_cache.shape[0] * k_cache.shape[1]:].view(torch.int32)
+    assert torch.equal(counters, torch.zeros_like(counters))
+
+
+def _refuse(name):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"decode_attention called Tensor.{name}: a host sync on a GPU")
+    return refuse
+
+
+def test_a_step_with_workspace_makes_no_host_sync_and_allocates_nothing(monkeypatch):
+    q, k_cache, v_cache, lengths = make_cache(1, 4, 1, 1, 64, 32, torch.float32, "cpu")
+    workspace = decode_attention_workspace(q, k_cache)
+    out = torch.empty_like(q)
+    step = dict(check_lengths=False, workspace=workspace, out=out)
+    with mkfast.use_backend("triton"):
+        decode_attention(q, k_cache, v_cache, lengths, **step)  # first call: Triton's caches fill
+        with monkeypatch.context() as patch:
+            for name in ("item", "cpu", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+                patch.setattr(torch.Tensor, name, _refuse(name))
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                        profile_memory=True) as profile:
+                decode_attention(q, k_cache, v_cache, lengths, **step)
+    allocations = [(event.name, event.cpu_memory_usage) for event in profile.events()
+                   if event.cpu_memory_usage > 0]
+    assert not allocations, allocations
+    assert_close(out, decode_attention_reference(q, k_cache, v_cache, lengths))
+
+
+def test_bad_workspace_and_out_are_refused_clearly():
+    q, k_cache, v_cache, lengths = make_cache(1, 2, 1, 1, 40, 16, torch.float32, "cpu")
+    workspace = decode_attention_workspace(q, k_cache)
+    with mkfast.use_backend("triton"):
+        with pytest.raises(ValueError, match="workspace must hold at least"):
+            decode_attention(q, k_cache, v_cache, lengths, workspace=workspace[:3])
+        with pytest.raises(TypeError, match="workspace must be float32"):
+            decode_attention(q, k_cache, v_cache, lengths, workspace=workspace.double())
+        with pytest.raises(ValueError, match="out must be contiguous"):
+            strided = torch.empty(1, 2, 1, 32)[..., ::2]
+            decode_attention(q, k_cache, v_cache, lengths, workspace=workspace, out=strided)
+        with pytest.raises(ValueError, match="only with a workspace"):
+            decode_attention(q, k_cache, v_cache, lengths, out=torch.empty_like(q))
+
+
 def test_triton_refuses_more_batch_heads_than_one_grid_axis_holds():
     q = torch.zeros(65_536, 1, 1, 16)
     cache = torch.zeros(65_536, 1, 2, 16)
@@ -80,6 +140,8 @@ def test_opcheck(backend):
     q, k_cache, v_cache, lengths = make_cache(2, 2, 1, 2, 20, 16, torch.float32, "cpu")
     with mkfast.use_backend(backend):
         run_opcheck(torch.ops.mkfast.decode_attention.default, (q, k_cache, v_cache, lengths, 0.25))
+        run_opcheck(torch.ops.mkfast.decode_attention_into.default,
+                    (q, k_cache, v_cache, lengths, 0.25, decode_attention_workspace(q, k_cache), torch.empty_like(q)))
 
 
 BAD_INPUTS = [
@@ -102,6 +164,25 @@ def test_bad_inputs_are_refused_clearly(make_bad, error, message):
 
 
 # --------------------------------------------------------------------------- GPU only
+@pytest.mark.cuda
+def test_cuda_decode_step_is_captured_and_replayed_in_a_cuda_graph():
+    q, k_cache, v_cache, lengths = make_cache(2, 16, 4, 1, 4096, 128, torch.bfloat16, "cuda")
+    workspace = decode_attention_workspace(q, k_cache)
+    out = torch.empty_like(q)
+    step = dict(check_lengths=False, workspace=workspace, out=out)
+    decode_attention(q, k_cache, v_cache, lengths, **step)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode_attention(q, k_cache, v_cache, lengths, **step)
+    for _ in range(2):  # new queries and lengths in place, as a sampling loop would write them
+        q.copy_(torch.randn_like(q))
+        lengths.copy_(torch.randint(1, 4097, lengths.shape, device="cuda", dtype=lengths.dtype))
+        graph.replay()
+        expected = decode_attention_reference(q.float(), k_cache.float(), v_cache.float(), lengths)
+        assert_close(out, expected, dtype=torch.bfloat16)
+
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("batch", [1, 8, 64])
 def test_cuda_bf16_at_cm3_cache_length_matches_reference(batch):

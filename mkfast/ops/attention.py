@@ -381,6 +381,38 @@ def _(q, k_cache, v_cache, cache_seqlens, scale):
     return q.new_empty(q.shape)
 
 
+@torch.library.custom_op("mkfast::decode_attention_into", mutates_args=("workspace", "out"))
+def _decode_attention_into_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, scale: float,
+    workspace: torch.Tensor, out: torch.Tensor,
+) -> None:
+    """decode_attention into ``out`` through a caller's ``workspace``: on the triton backend one
+    launch that allocates nothing and reads nothing back (a CUDA graph can capture it)."""
+    backend = decode_attention_backends.select(q.device)
+    if backend.name != "triton":  # the reference has no workspace to use
+        out.copy_(backend.implementation(q, k_cache, v_cache, cache_seqlens, scale))
+        return
+    from mkfast.kernels.decode_attention import decode_attention_forward, decode_workspace_elements
+
+    _check_triton_grid(DECODE_OP, k_cache.shape[0], k_cache.shape[1])
+    needed = decode_workspace_elements(q.shape[0], q.shape[1], k_cache.shape[1], q.shape[2], k_cache.shape[2],
+                                       q.shape[3], q.device)
+    if workspace.numel() < needed:
+        raise ValueError(f"{DECODE_OP}: workspace must hold at least {needed} fp32 elements for these shapes "
+                         f"(decode_attention_workspace makes one), got {workspace.numel()}")
+    decode_attention_forward(q, k_cache, v_cache, cache_seqlens, scale, workspace=workspace, out=out)
+
+
+def decode_attention_workspace(q: torch.Tensor, k_cache: torch.Tensor) -> torch.Tensor:
+    """The zeroed fp32 workspace decode_attention(..., workspace=) needs for q's and k_cache's
+    shapes: allocate it once and pass it to every step (each call leaves it reusable)."""
+    if triton_unavailable_reason(q.device) is not None:
+        return torch.zeros(0, dtype=torch.float32, device=q.device)  # the reference needs none
+    from mkfast.kernels.decode_attention import decode_workspace
+
+    return decode_workspace(q, k_cache)
+
+
 def _validate_decode(q, k_cache, v_cache, cache_seqlens, check_lengths: bool) -> None:
     layout = "(B, H, L, D)"
     check_tensor(DECODE_OP, "q", q, ndim=4, layout="(B, Hq, T, D)", dtypes=FLOAT_DTYPES)
@@ -416,6 +448,8 @@ def decode_attention(
     *,
     scale: float | None = None,
     check_lengths: bool = True,
+    workspace: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of T new tokens per row over a ragged KV cache (inference only: no backward, so
     inputs that require grad are refused while grad mode is on).
@@ -430,6 +464,10 @@ def decode_attention(
         scale: softmax scale (finite), default 1/sqrt(D).
         check_lengths: check cache_seqlens' values (a device sync on GPU); pass
             False only when they are valid by construction (a full cache).
+        workspace: from decode_attention_workspace(q, k_cache), reused across steps; with
+            it (and check_lengths=False) the triton backend makes one launch, no host sync
+            and, given ``out`` too, no allocation: the step can be captured in a CUDA graph.
+        out: (B, Hq, T, D) contiguous, q's dtype, written in place (with a workspace only).
 
     Returns:
         (B, Hq, T, D) in q's dtype; new token t attends to positions <= len - T + t.
@@ -440,4 +478,18 @@ def decode_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_finite_float(DECODE_OP, "scale", scale)
     if q.shape[0] == 0 or q.shape[1] == 0 or q.shape[2] == 0:
         return q.new_zeros(q.shape)
-    return _decode_attention_op(q, k_cache, v_cache, cache_seqlens, scale)
+    if workspace is None:
+        if out is not None:
+            raise ValueError(f"{DECODE_OP}: out is written only with a workspace "
+                             "(decode_attention_workspace)")
+        return _decode_attention_op(q, k_cache, v_cache, cache_seqlens, scale)
+    check_tensor(DECODE_OP, "workspace", workspace, ndim=1, layout="(N,)", dtypes=(torch.float32,),
+                 device=q.device)
+    if out is None:
+        out = q.new_empty(q.shape)
+    check_tensor(DECODE_OP, "out", out, ndim=4, layout="(B, Hq, T, D)", dtypes=(q.dtype,), device=q.device)
+    if out.shape != q.shape or not out.is_contiguous():
+        raise ValueError(f"{DECODE_OP}: out must be contiguous with q's shape {tuple(q.shape)}, got "
+                         f"{tuple(out.shape)}{'' if out.is_contiguous() else ' (not contiguous)'}")
+    _decode_attention_into_op(q, k_cache, v_cache, cache_seqlens, scale, workspace, out)
+    return out
