@@ -21,7 +21,6 @@ for retrieval, the MoME FFN op in MKS2) and the full run uses larger settings
 from __future__ import annotations
 
 import glob
-import html
 import json
 import math
 import os
@@ -31,6 +30,9 @@ from typing import Callable
 
 import torch
 
+from mkfast.progress import is_quiet, say
+from mkfast.progress import quiet as quiet_progress
+from mkfast.report import write_report
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -59,7 +61,7 @@ def _environment_stage(output_dir: str, quick: bool, device: torch.device) -> di
 def _racm3_stage(output_dir: str, quick: bool, device: torch.device) -> dict:
     from mkfast.racm3.demo import run_demo
 
-    return run_demo(output_dir, quick=quick, device=device)
+    return run_demo(output_dir, quick=quick, device=device, progress=not is_quiet())
 
 
 def _racm3_inference_stage(output_dir: str, quick: bool, device: torch.device) -> dict:
@@ -150,50 +152,51 @@ def _lookup(value, keys: list[str], matched: list[str], rows: list[tuple[str, st
             _lookup(value[key], rest, matched + [str(key)] if head == "*" else matched, rows, label)
 
 
-def summary_table(results: dict) -> str:
-    """The HEADLINE rows found in ``results``, as an aligned two-column table."""
+def summary_rows(results: dict) -> list[tuple[str, str]]:
+    """The HEADLINE rows found in ``results``: (label, value) pairs."""
     rows: list[tuple[str, str]] = []
     for label, path in HEADLINE:
         _lookup(results, path.split("."), [], rows, label)
+    return rows
+
+
+def claims_table(claims: list[dict]) -> str:
+    """One aligned line per claim: paper, claim, arms, gain, interval, verdict."""
+    keys = ("paper", "claim", "arms", "measured", "interval", "verdict")
+    widths = [max(len(str(claim.get(key, ""))) for claim in claims) for key in keys]
+    return "\n".join("  ".join(f"{str(claim.get(key, '')):<{width}}" for key, width in zip(keys, widths, strict=True))
+                     for claim in claims)
+
+
+def summary_table(results: dict) -> str:
+    """The HEADLINE rows found in ``results``, as an aligned two-column table."""
+    rows = summary_rows(results)
     width = max((len(key) for key, _ in rows), default=10)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
 
 
-def _write_index(output_dir: str, results: dict) -> str:
-    images = []
-    for root, _, files in os.walk(output_dir):
-        for name in sorted(files):
-            if name.endswith(".png"):
-                images.append(os.path.relpath(os.path.join(root, name), output_dir))
-    figures = "\n".join(
-        f'<figure><img src="{html.escape(path)}" style="max-width:640px"><figcaption>{html.escape(path)}'
-        "</figcaption></figure>"
-        for path in sorted(images)
-    )
-    page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>mkfast demo</title></head><body>"
-        "<h1>mkfast demo</h1><h2>Results</h2>"
-        f"<pre>{html.escape(json.dumps(results, indent=1, default=str))}</pre>"
-        f"<h2>Plots and images</h2>{figures}</body></html>"
-    )
-    path = os.path.join(output_dir, "index.html")
-    with open(path, "w") as handle:
-        handle.write(page)
-    return path
-
-
 def run_demo(output_dir: str = "demo_out", quick: bool = False, stages: list[str] | None = None,
-             device: str = "auto") -> dict:
-    """Run the demo stages; returns {"results": ..., "failed": [...], "seconds": ...}."""
+             device: str = "auto", quiet: bool = False) -> dict:
+    """Run the demo stages; returns {"results": ..., "failed": [...], "seconds": ...}.
+
+    Each stage prints a line when it starts and when it ends (with its time) and shows progress
+    of its long loops; ``quiet`` silences both, leaving the summary.
+    """
+    with quiet_progress(quiet):
+        return _run_stages(output_dir, quick, stages, device)
+
+
+def _run_stages(output_dir: str, quick: bool, stages: list[str] | None, device: str) -> dict:
     resolved = demo_device(device)
     os.makedirs(output_dir, exist_ok=True)
     results: dict = {"quick": quick, "device": str(resolved)}
     failed: list[str] = []
     started = time.perf_counter()
-    for name in stages or list(STAGES):
+    names = stages or list(STAGES)
+    for number, name in enumerate(names, start=1):
         stage_dir = output_dir if name in ("environment", "kernels") else os.path.join(output_dir, name)
         os.makedirs(stage_dir, exist_ok=True)
-        print(f"\n== demo stage: {name}", flush=True)
+        say(f"\n== demo stage {number}/{len(names)}: {name}")
         stage_started = time.perf_counter()
         try:
             results[name] = STAGES[name](stage_dir, quick, resolved)
@@ -204,10 +207,19 @@ def run_demo(output_dir: str = "demo_out", quick: bool = False, stages: list[str
         results.setdefault(name, {})
         if isinstance(results[name], dict):
             results[name]["seconds"] = round(time.perf_counter() - stage_started, 1)
+        outcome = "FAILED" if name in failed else "done"
+        say(f"== demo stage {number}/{len(names)}: {name} {outcome} in {time.perf_counter() - stage_started:.0f} s")
     results["seconds"] = round(time.perf_counter() - started, 1)
+    # Each stage reports its papers' claims (mkfast.claims rows); the headline shows them first.
+    claims = [claim for name in names if isinstance(results.get(name), dict)
+              for claim in results[name].get("claims", [])]
+    if claims:
+        results["claims"] = claims
     with open(os.path.join(output_dir, "results.json"), "w") as handle:
         json.dump(results, handle, indent=1, default=str)
-    index = _write_index(output_dir, results)
+    index = write_report(output_dir, results, summary_rows(results))
+    if claims:
+        print("\n== the papers' claims\n" + claims_table(claims), flush=True)
     print("\n== summary\n" + summary_table(results), flush=True)
     print(f"\nwrote {os.path.join(output_dir, 'results.json')} and {index}", flush=True)
     if failed:

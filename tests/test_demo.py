@@ -17,10 +17,9 @@ from mkfast.racm3.demo import GPU_FULL as RACM3_GPU_FULL
 from mkfast.racm3.demo import QUICK as RACM3_QUICK
 from mkfast.racm3.demo import demo_sizes
 
-# The budget for the quick demo on 2 CPU cores; CI gets a margin for a loaded machine.
-QUICK_BUDGET_SECONDS = 180
-
-
+@pytest.mark.slow
+# Deprecations reached through our own calls into transformers, torch or open_clip are errors here.
+@pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
 def test_quick_demo_runs_every_stage_and_writes_its_outputs(tmp_path, capsys):
     output_dir = tmp_path / "demo_out"
     mkfast_main(["demo", "--quick", "--output-dir", str(output_dir)])
@@ -40,11 +39,13 @@ def test_quick_demo_runs_every_stage_and_writes_its_outputs(tmp_path, capsys):
         assert os.path.exists(output_dir / name), name
     index = (output_dir / "index.html").read_text()
     assert "racm3_inference/text_to_image_grid.png" in index
+    assert index.index("id='headline'") < index.index("RA-CM3 held-out image-token loss, no retrieval")
+    for number, stage in enumerate(("environment", "racm3", "racm3_inference", "mks2", "kernels"), start=1):
+        assert f"== demo stage {number}/5: {stage} done in" in printed, stage
     # The printed table carries the comparisons the demo exists for.
     for row in ("RA-CM3 held-out image-token loss, no retrieval", "MKS2 held-out text questions acc, baseline",
                 "benchmark speedup over the baseline (geomean), topk_dedup vs torch · mkfast"):
         assert row in printed, row
-    assert results["seconds"] < QUICK_BUDGET_SECONDS
 
 
 def _device_tag() -> str:

@@ -33,15 +33,23 @@ import time
 
 import torch
 
-from mkfast.data.digit_instructions import (HELD_OUT_DIGITS, demo_vocabulary, digits_instruction_set,
-                                            held_out_questions, ink_per_digit, more_ink_prompt,
-                                            word_level_tokenizer, INSTRUCTION_TEMPLATE)
+from mkfast.data.digit_instructions import (
+    HELD_OUT_DIGITS,
+    INSTRUCTION_TEMPLATE,
+    demo_vocabulary,
+    digits_instruction_set,
+    held_out_questions,
+    ink_per_digit,
+    more_ink_prompt,
+    word_level_tokenizer,
+)
 from mkfast.data.digits import DIGIT_NAMES, load_digits_pairs
 from mkfast.mks2.build import SmallLlamaConfig, build_mks2, small_llama
 from mkfast.mks2.evaluation import evaluate_multiple_choice, generate_text
 from mkfast.mks2.patching import trainable_parameter_count
 from mkfast.mks2.stages import CaptionData, InstructionData, prepare_stage2, stage1_loss_fn, stage2_loss_fn
 from mkfast.mks2.trainer import Trainer, TrainerConfig
+from mkfast.progress import is_quiet
 
 # Step counts: quick fits the 60 s budget of `make demo` on 2 cores (about 0.2-0.3 s per step
 # measured here for each stage at batch 16); full mode stays under 8 minutes.
@@ -109,7 +117,7 @@ def pretrain_language_model(language_model, tokenizer, texts: list[str], steps: 
 
     config = TrainerConfig(output_dir=os.path.join(output_dir, "base_pretraining"), steps=steps,
                            learning_rate=LEARNING_RATE, warmup_steps=steps // 10, checkpoint_every=steps, seed=seed,
-                           progress=False)
+                           progress=not is_quiet())
     return Trainer(language_model, loss_fn, config, "base pretraining").train(resume=False)
 
 
@@ -153,7 +161,7 @@ def pretrain_vision_encoder(vision, images: torch.Tensor, labels: torch.Tensor, 
 def _stage2(model, tokenizer, data, steps, output_dir, name):
     prepare_stage2(model, rank=LORA_RANK, alpha=LORA_ALPHA)
     config = TrainerConfig(output_dir=os.path.join(output_dir, name), steps=steps, learning_rate=LEARNING_RATE,
-                           warmup_steps=steps // 10, checkpoint_every=steps, progress=False)
+                           warmup_steps=steps // 10, checkpoint_every=steps, progress=not is_quiet())
     started = time.perf_counter()
     rows = Trainer(model, stage2_loss_fn(model, tokenizer, data, BATCH_SIZE), config, f"{name} stage2").train(False)
     return rows, time.perf_counter() - started
@@ -198,7 +206,7 @@ def _train_mks2_and_baseline(settings: dict, output_dir: str, seed: int, tokeniz
     stage1_trainable = trainable_parameter_count(mks2)
     stage1_config = TrainerConfig(output_dir=os.path.join(output_dir, "mks2_stage1"), steps=settings["stage1_steps"],
                                   learning_rate=LEARNING_RATE, warmup_steps=settings["stage1_steps"] // 10,
-                                  checkpoint_every=settings["stage1_steps"], seed=seed, progress=False)
+                                  checkpoint_every=settings["stage1_steps"], seed=seed, progress=not is_quiet())
     stage1_started = time.perf_counter()
     stage1_rows = Trainer(mks2, stage1_loss_fn(mks2, tokenizer, CaptionData(train_features, train_split.captions),
                                                BATCH_SIZE), stage1_config, "mks2 stage1").train(resume=False)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mkfast.progress import progress_bar
+
 # OpenAI CLIP's pixel statistics, what open_clip's models are trained with.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -219,14 +221,12 @@ def train_clip(encoder: MixedModalEncoder, images: torch.Tensor, texts: list[str
                progress: bool = False) -> list[float]:
     """CLIP contrastive training (open_clip's ClipLoss) on pairs; returns per-step losses."""
     from open_clip import ClipLoss
-    from tqdm import tqdm
-
     loss_function = ClipLoss()
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(encoder.clip.parameters(), lr=config.learning_rate, weight_decay=0.1)
     encoder.train()
     losses = []
-    for _ in tqdm(range(config.steps), desc="clip", disable=not progress):
+    for _ in progress_bar(range(config.steps), desc="clip", enabled=progress):
         indices = torch.randint(0, images.shape[0], (config.batch_size,), generator=generator)
         pixels = encoder.prepare_images(images[indices])
         token_ids = encoder.tokenize([texts[index] for index in indices.tolist()])

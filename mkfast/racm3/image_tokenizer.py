@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mkfast.progress import progress_bar
+
 # taming's Normalize: GroupNorm(32 groups, eps 1e-6); channel counts must be multiples of 32.
 NORM_GROUPS = 32
 # taming's VectorQuantizer weighs the commitment term with beta = 0.25.
@@ -302,14 +304,12 @@ def train_image_tokenizer(model: VQGAN, images: torch.Tensor, config: VQTraining
     Perceptual/GAN losses of taming are left out: at the demo's 32x32 they cost
     more than they give, and codes only need to be faithful, not sharp.
     """
-    from tqdm import tqdm
-
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, betas=(0.5, 0.9))
     device = next(model.parameters()).device
     model.train()
     losses = []
-    for _ in tqdm(range(config.steps), desc="vq tokenizer", disable=not progress):
+    for _ in progress_bar(range(config.steps), desc="vq tokenizer", enabled=progress):
         # Indices drawn on the CPU: the same batches whichever device trains.
         batch = images[torch.randint(0, images.shape[0], (config.batch_size,), generator=generator)].to(device)
         reconstruction, _, commitment_loss = model(batch)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mkfast.progress import progress_bar
 from mkfast.racm3.inference import NONSENSE_LABELS, RACM3Inference
 from mkfast.racm3.inference_commands import save_grid
 from mkfast.racm3.metrics import CLIPImageFeatures, accuracy, cider_d, clip_scores, fid, normalise_caption
@@ -167,7 +168,7 @@ def check_replay(run: dict, corpus, options) -> dict:
 def evaluate_text_to_image(pipeline: RACM3Inference, captions: list[str], k: int, sizes: InferenceSizes,
                            all_captions: list[str], seed: int) -> tuple[dict, list]:
     results = [pipeline.text_to_image(caption, k=k, num_samples=sizes.image_samples, seed=seed + index)
-               for index, caption in enumerate(captions)]
+               for index, caption in progress_bar(list(enumerate(captions)), desc=f"text to image, K={k}")]
     best = torch.stack([result.images[0] for result in results])
     # CLIP digit accuracy: the best image's closest caption among all digit captions is the prompt.
     scores = torch.stack([clip_scores(pipeline.encoder, best, [candidate] * len(results))
@@ -181,7 +182,8 @@ def evaluate_text_to_image(pipeline: RACM3Inference, captions: list[str], k: int
 def evaluate_image_to_text(pipeline: RACM3Inference, images: torch.Tensor, captions: list[str], k: int,
                            sizes: InferenceSizes, seed: int) -> dict:
     generated = [pipeline.image_to_text(image, k=k, num_captions=sizes.caption_samples, seed=seed + index,
-                                        max_caption_tokens=DEMO_MAX_CAPTION_TOKENS).caption for index, image in enumerate(images)]
+                                        max_caption_tokens=DEMO_MAX_CAPTION_TOKENS).caption
+                 for index, image in progress_bar(list(enumerate(images)), desc=f"image to text, K={k}")]
     cider, _ = cider_d(generated, [[caption] for caption in captions])
     def last_word(text: str) -> str:
         words = normalise_caption(text).split()
@@ -204,7 +206,7 @@ def evaluate_k_shot(pipeline: RACM3Inference, run: dict, query_count: int, seed:
     by_label = {label: (train.labels == label).nonzero().flatten() for label in range(10)}
     ensemble_correct = {k: [] for k in shots}
     single_correct = {k: [] for k in shots}
-    for query in range(query_count):
+    for query in progress_bar(range(query_count), desc="k-shot queries"):
         true_label = int(held_out.labels[query])
         other = (true_label + 1 + int(torch.randint(0, 9, (1,), generator=generator))) % 10
         classes = [true_label, other] if bool(torch.rand((), generator=generator) < 0.5) else [other, true_label]
