@@ -20,10 +20,12 @@ import torch
 import torch.nn.functional as F
 
 import mkfast
+from mkfast.ops.topk_dedup import REDUNDANCY_THRESHOLD
+
 from .common import Measurement, command_line, interleaved_timings, resolve_device, run_suite
 
 DIM = 768  # CLIP ViT-L/14 embeddings (SPEC.md, "Retriever")
-THRESHOLD = 0.9
+THRESHOLD = REDUNDANCY_THRESHOLD
 # Candidate pool of the baselines: 4k, what a user picks to leave room for skipped rows.
 POOL_PER_K = 4
 # (N, b, k) per device. CPU: the target cases (N=1e6, b in {1, 64}, k=8)

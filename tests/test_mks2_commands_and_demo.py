@@ -40,6 +40,17 @@ def test_shipped_set_has_a_few_hundred_valid_items():
     assert {len(item["choices"]) for item in items} == {2, 4}
 
 
+def test_shipped_set_is_what_multiple_choice_set_builds_from_the_digits():
+    """The shipped JSONL is generated data: its generator, over the training digits' ink, rebuilds it item
+    for item (a change to either shows here)."""
+    from mkfast.data.digit_instructions import ink_per_digit, multiple_choice_set
+    from mkfast.data.digits import load_digits_pairs
+    from mkfast.data.multiple_choice import load_multiple_choice_jsonl
+
+    train, _ = load_digits_pairs(image_size=32, seed=0)
+    assert multiple_choice_set(ink_per_digit(train)) == load_multiple_choice_jsonl(SHIPPED_SET)
+
+
 def test_blip2_parts_load_from_a_local_checkpoint_directory(tmp_path):
     """A BLIP-2-layout directory (config.json + model.safetensors with vision_model./qformer./query_tokens and
     a language model's tensors that must be skipped) gives the same soft tokens as the adapter it came from."""

@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mkfast.ops.mome import RMS_NORM_EPS
+
 # The paper names no activation; SiLU is the one of the Llama MLP the memory
 # sits next to, and lets the fused MoME kernel share one epilogue for both experts.
 ACTIVATION = "silu"
-# Llama-2's RMSNorm epsilon (rms_norm_eps in its Hugging Face config); pass the host model's own.
-DEFAULT_EPS = 1e-5
+# Pass the host model's own epsilon; the default is Llama-2's.
+DEFAULT_EPS = RMS_NORM_EPS
 
 
 def _check_size(module: str, name: str, value: object) -> None:

@@ -28,6 +28,7 @@ from torch import nn
 
 from mkfast.layers import MoMEFFN, VisualMemory
 from mkfast.layers.mome import NormGuard
+from mkfast.layers.visual_memory import DEFAULT_EPS
 
 VISUAL_MEMORY = "visual_memory"
 MOMES = "momes"
@@ -116,7 +117,7 @@ def add_visual_memory(model: nn.Module, ratio: float = 0.25, freeze_base: bool =
                            "call remove_visual_memory first")
     hidden_size = _hidden_size(model)
     # The memory's own RMSNorm uses the model's epsilon (Llama-2: 1e-5 or 1e-6 depending on the release).
-    eps = float(getattr(getattr(model, "config", None), "rms_norm_eps", 1e-6))
+    eps = float(getattr(getattr(model, "config", None), "rms_norm_eps", DEFAULT_EPS))
     if freeze_base:
         _freeze(model)
     for layer in decoder_layers(model):
@@ -229,7 +230,7 @@ def check_supported_model(model: nn.Module, caller: str) -> None:
     norm = layer.post_attention_layernorm
     weight = norm.weight.detach()
     probe = torch.linspace(-2, 2, weight.numel(), device=weight.device, dtype=torch.float32)[None]
-    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)) or 1e-6)
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", DEFAULT_EPS)) or DEFAULT_EPS)
     with torch.no_grad():
         expected = weight.float() * probe * torch.rsqrt(probe.pow(2).mean(-1, keepdim=True) + eps)
         actual = norm(probe.to(weight.dtype)).float()

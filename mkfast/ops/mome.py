@@ -42,6 +42,9 @@ from mkfast.backend import OpDispatcher, triton_unavailable_reason
 from mkfast.ops._checks import FLOAT_DTYPES, check_finite_float, check_same_size, check_tensor
 
 OP = "mome_ffn"
+# Llama-2's RMSNorm epsilon (rms_norm_eps in its Hugging Face config): the default wherever a host
+# model does not give its own (the MoME norms, the visual memory's norm, MKS2's patching).
+RMS_NORM_EPS = 1e-5
 NUM_EXPERTS = 2  # router column 0: visual expert (S_1), column 1: text expert (S_2), as in MKS2
 VISUAL, TEXT = 0, 1
 
@@ -80,8 +83,8 @@ class MoMEWeights:
     router_weight: torch.Tensor
     router_bias: torch.Tensor
     lora_scale: float
-    text_norm_eps: float = 1e-5
-    visual_norm_eps: float = 1e-5
+    text_norm_eps: float = RMS_NORM_EPS
+    visual_norm_eps: float = RMS_NORM_EPS
 
     def frozen(self) -> list[torch.Tensor]:
         return [getattr(self, name) for name in FROZEN_NAMES]

@@ -19,6 +19,10 @@ import torch
 from mkfast.backend import OpDispatcher, native_unavailable_reason, triton_unavailable_reason
 from mkfast.ops._checks import FLOAT_DTYPES, check_positive_int, check_same_size, check_tensor
 
+# RA-CM3's redundancy threshold (docs/methods.md, "Retriever", diversity): the default here and
+# wherever RA-CM3 retrieves (memory, training sequences, inference, the benchmark).
+REDUNDANCY_THRESHOLD = 0.9
+
 OP = "topk_dedup"
 
 topk_dedup_backends = OpDispatcher(OP)
@@ -29,7 +33,7 @@ def topk_dedup_reference(
     queries: torch.Tensor,
     memory: torch.Tensor,
     k: int,
-    threshold: float = 0.9,
+    threshold: float = REDUNDANCY_THRESHOLD,
     exclude: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The definition of the op, written to be read: a plain greedy walk.
@@ -131,7 +135,7 @@ def topk_dedup(
     memory: torch.Tensor,
     k: int,
     *,
-    threshold: float = 0.9,
+    threshold: float = REDUNDANCY_THRESHOLD,
     exclude: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` memory rows per query by inner product, skipping redundant ones.

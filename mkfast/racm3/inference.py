@@ -27,7 +27,7 @@ import torch
 
 from mkfast.racm3.documents import Document, format_document
 from mkfast.racm3.metrics import clip_scores, continuation_log_probabilities, perplexity
-from mkfast.racm3.retrieval import RetrievalCorpus, SequenceOptions
+from mkfast.racm3.retrieval import RETRIEVAL_THRESHOLD, RetrievalCorpus, SequenceOptions
 from mkfast.racm3.sampling import DecodingStream, ImageCodeConstraint, SamplingOptions, generate, sample_next
 from mkfast.racm3.vocabulary import IMAGE_CLOSE, IMAGE_OPEN, IMAGE_SOURCE, NUM_MASK_SENTINELS
 
@@ -77,7 +77,8 @@ class ClassificationResult:
 class RACM3Inference:
     """The trained pieces together: generator, corpus (vocabulary, encoder, memory, documents), VQ tokenizer."""
 
-    def __init__(self, model, corpus: RetrievalCorpus, image_tokenizer, threshold: float = 0.9):
+    def __init__(self, model, corpus: RetrievalCorpus, image_tokenizer,
+                 threshold: float = RETRIEVAL_THRESHOLD):
         self.model, self.corpus, self.image_tokenizer = model.eval(), corpus, image_tokenizer
         self.vocabulary, self.encoder = corpus.vocabulary, corpus.encoder
         self.threshold = threshold

@@ -24,11 +24,11 @@ from typing import Callable, Sequence
 import torch
 
 from mkfast.ops import topk_dedup
+from mkfast.ops.topk_dedup import REDUNDANCY_THRESHOLD
 from mkfast.racm3.memory_files import (  # noqa: F401  (MemoryLockedError: raised by Memory.save)
     METADATA_FILE, MemoryLockedError, read_memory, write_memory)
 
-# RA-CM3's redundancy threshold (SPEC.md, "Retriever", diversity).
-DEFAULT_THRESHOLD = 0.9
+DEFAULT_THRESHOLD = REDUNDANCY_THRESHOLD
 # First FAISS / shard candidate pool per query: 4k + 32 leaves room for the rows
 # the filter skips in typical memories; the pool doubles until the walk is exact.
 FIRST_POOL_PER_K = 4

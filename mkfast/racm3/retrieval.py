@@ -21,12 +21,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mkfast.racm3.documents import Document, causally_mask, format_document
+from mkfast.ops.topk_dedup import REDUNDANCY_THRESHOLD
+from mkfast.racm3.documents import DEFAULT_MASK_PROBABILITY, Document, causally_mask, format_document
 from mkfast.racm3.encoder import QUERY_DROPOUT, MixedModalEncoder
 from mkfast.racm3.memory import Memory
 from mkfast.racm3.vocabulary import PART_STRUCTURE, CM3Vocabulary
 
-RETRIEVAL_THRESHOLD = 0.9  # RA-CM3's diversity filter
+RETRIEVAL_THRESHOLD = REDUNDANCY_THRESHOLD  # RA-CM3's diversity filter
 LOSS_ALPHA = 0.1  # RA-CM3: weight of the retrieved documents' loss
 MAX_RETRIEVED = 2  # K ~ Uniform{0, 1, 2} in training
 ROLE_RETRIEVED = 0
@@ -51,7 +52,7 @@ class SequenceOptions:
     max_retrieved: int = MAX_RETRIEVED
     query_dropout: float = QUERY_DROPOUT
     threshold: float = RETRIEVAL_THRESHOLD
-    mask_probability: float = 0.5  # CM3: half plain, half causally masked
+    mask_probability: float = DEFAULT_MASK_PROBABILITY  # CM3: half plain, half causally masked
     mean_span_length: float = 8.0
     max_sequence_length: int = 4096
 

@@ -254,8 +254,3 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, options: Samp
         if unconditioned is not None:
             unconditioned.append(tokens)
     return outputs
-
-
-def image_prompt_budget(codes_per_image: int) -> int:
-    """New tokens for one image after `` src=``: its codes and the closing ``>``."""
-    return codes_per_image + 1
