@@ -2,7 +2,10 @@
 
 Order: the headline table (the papers' claims with their verdicts when the results carry
 them, then the summary rows `make demo` prints), one section per method with the figures
-that carry its result, the kernels, and the environment and timings last. The raw JSON
+that carry its result, the kernels, and the environment and timings last. A stage's
+results may name its figures (``"figures": [{"path", "caption"}]``, paths relative to the
+demo's output folder) and tables (``"tables": [{"title", "columns", "rows"}]``); other
+PNGs under the stage's folder are shown after those, captioned by their path. The raw JSON
 is linked, not inlined. Images are referenced beside the page (relative paths), so the
 page is self-contained with its folder and needs no network.
 """
@@ -99,8 +102,16 @@ def _figures(output_dir: str, folders: list[str]) -> list[str]:
     return found
 
 
-def _figure(path: str) -> str:
-    caption = CAPTIONS.get(os.path.basename(path), path)
+def data_table(table: dict) -> str:
+    """``{"title", "columns": [...], "rows": [[...], ...]}`` as a titled HTML table."""
+    header = "".join(f"<th>{html.escape(str(column))}</th>" for column in table["columns"])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(value))}</td>" for value in row) + "</tr>"
+                   for row in table["rows"])
+    return f"<h3>{html.escape(table['title'])}</h3><table><tr>{header}</tr>{body}</table>"
+
+
+def _figure(path: str, caption: str | None = None) -> str:
+    caption = caption or CAPTIONS.get(os.path.basename(path), path)
     source = html.escape(path)
     # A figure a stage did not write shows as "missing" instead of a broken-image icon.
     return (f"<figure><a href='{source}'><img src='{source}' alt='{html.escape(caption)}' "
@@ -136,10 +147,17 @@ def render(output_dir: str, results: dict, summary_rows: list[tuple[str, str]],
         parts.append("<p class='verdict-not'>Failed stages: " + html.escape(", ".join(failed)) + "</p>")
     for title, folders, description in SECTIONS:
         figures = _figures(output_dir, folders)
-        if not figures and not any(folder in results for folder in folders):
+        stages = [results[folder] for folder in folders if isinstance(results.get(folder), dict)]
+        if not figures and not stages:
             continue
         parts.append(f"<h2>{html.escape(title)}</h2><p class='note'>{html.escape(description)}</p>")
-        parts.extend(_figure(path) for path in figures)
+        # A stage names the figures and tables that carry its result (in its own order and words);
+        # any other figure it wrote follows, captioned by its path.
+        named = [figure for stage in stages for figure in stage.get("figures", [])]
+        parts.extend(_figure(figure["path"], figure.get("caption")) for figure in named)
+        parts.extend(data_table(table) for stage in stages for table in stage.get("tables", []))
+        shown = {figure["path"] for figure in named}
+        parts.extend(_figure(path) for path in figures if path not in shown)
     parts.append("<h2>Environment and timings</h2>")
     parts.append(summary_rows_table(_stage_timings(results)))
     if environment:

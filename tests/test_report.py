@@ -65,6 +65,16 @@ def test_report_puts_the_claims_first_then_every_figure_and_the_environment_last
     assert page.index("torch 2.14.1") > page.index("Environment and timings")
 
 
+def test_stages_name_their_figures_and_tables_in_their_own_order(demo_dir):
+    grid = {"path": "racm3_inference/text_to_image_grid.png", "caption": "prompts and samples"}
+    k_shot = {"title": "k-shot accuracy", "columns": ["k", "accuracy"], "rows": [[1, 0.61], [8, 0.83]]}
+    stage = {"seconds": 1.0, "figures": [grid], "tables": [k_shot]}
+    page = Path(write_report(str(demo_dir), {**RESULTS, "racm3_inference": stage}, SUMMARY)).read_text()
+    section = page[page.index("<h2>RA-CM3: inference"):page.index("<h2>MKS2")]
+    assert section.index("prompts and samples") < section.index("k-shot accuracy") < section.index("0.83")
+    assert section.count("text_to_image_grid.png'") == 2  # the link and the image, shown once
+
+
 def test_report_names_failed_stages(demo_dir):
     failed = {**RESULTS, "mks2": {"error": "ValueError: boom"}}
     page = Path(write_report(str(demo_dir), failed, SUMMARY)).read_text()
