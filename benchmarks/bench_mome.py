@@ -27,20 +27,29 @@ import torch
 from torch import nn
 
 import mkfast
-from .common import (Measurement, command_line, cpu_threads, interleaved_timings, peak_memory_mb,
-                               resolve_device, run_suite)
 from mkfast.layers.mome import MoMEFFN
 from mkfast.layers.visual_memory import RMSNorm, VisualMemory
 from mkfast.ops.mome import mome_ffn_reference
 
-# Llama-2-7B: hidden 4096, MLP 11008, MVM hidden/4, LoRA rank 8 (SPEC.md, Stage 2).
+from .common import (
+    Measurement,
+    command_line,
+    cpu_threads,
+    interleaved_timings,
+    peak_memory_mb,
+    resolve_device,
+    run_suite,
+)
+
+# Llama-2-7B: hidden 4096, MLP 11008, MVM hidden/4, LoRA rank 8 (docs/methods.md, MKS2 stage 2).
 GPU_SHAPE = dict(hidden=4096, intermediate=11008, visual=1024, rank=8)
 GPU_TOKENS, GPU_QUICK_TOKENS = (4096, 8192, 16384), (4096,)
 # A CPU-sized layer (same ratios, 1/8 width) so the whole CPU run stays under 2 minutes on 2 cores.
 CPU_SHAPE = dict(hidden=512, intermediate=1376, visual=128, rank=8)
 CPU_TOKENS, CPU_QUICK_TOKENS = (256, 1024), (256,)
 # main(cases=...): "target" is the GPU target's shape (Llama-2-7B sizes, 8192 tokens); "tiny" a dry run's.
-CASE_SETS = {"target": (GPU_SHAPE, (8192,)), "tiny": (dict(hidden=64, intermediate=172, visual=16, rank=8), (16,))}
+CASE_SETS = {"target": (GPU_SHAPE, (8192,)),
+             "tiny": (dict(hidden=64, intermediate=172, visual=16, rank=8), (16,))}
 # One CPU thread: on the shared 2-core machine, 2 OpenMP threads under other jobs' load made
 # the same forward 30x slower and erratic (0.78 s vs 0.02 s at 128 tokens, load average 8).
 CPU_THREADS = 1
@@ -147,10 +156,44 @@ def main(quick: bool = False, device: str | None = None, output_root: str | None
         _run(quick, device, output_root, cases)
 
 
+def _measure(tokens, shape, dtype, device, warmup_rounds, repetitions) -> tuple[list[Measurement], str]:
+    """Every provider at one token count, forward and forward+backward; and their saved memory (MiB)."""
+    layer, x, grad_output = setup(tokens, **shape, dtype=dtype, device=device)
+    trainable = [parameter for parameter in layer.parameters() if parameter.requires_grad]
+    providers = {
+        "mkfast": lambda: layer(x),
+        "eager reference": lambda: reference_call(layer, x),
+        "peft-style": lambda: layer.forward_composed(x),
+    }
+    gemm_flops = 2 * tokens * shape["hidden"] * (3 * shape["intermediate"] + 2 * shape["visual"])
+    saved = {name: saved_activation_mb(layer, x, forward) for name, forward in providers.items()}
+    memory_note = f"M={tokens}: " + ", ".join(f"{name} {value:.1f}" for name, value in saved.items())
+
+    def with_backward(forward):
+        return lambda: torch.autograd.grad(forward(), [x, *trainable], grad_output)
+
+    measurements = []
+    for mode, flops in (("forward", gemm_flops), ("forward+backward", 2 * gemm_flops)):
+        case = {"tokens": tokens, **shape, "dtype": str(dtype).removeprefix("torch."), "mode": mode}
+        backward = mode != "forward"
+        calls = {name: with_backward(forward) if backward else forward for name, forward in providers.items()}
+        calls["frozen GEMMs (matmul)"] = lambda backward=backward: frozen_gemms(layer, x.detach(),
+                                                                                grad_output, backward)
+        timings = interleaved_timings(calls, device, warmup_rounds=warmup_rounds, repetitions=repetitions)
+        for name, call in calls.items():
+            measurements.append(Measurement(case, name, timings[name], work={"tflops": flops},
+                                            peak_memory_mb=peak_memory_mb(call, device)))
+            print(f"{case} {name}: {measurements[-1].median_ms:.2f} ms", flush=True)
+    return measurements, memory_note
+
+
 def _run(quick: bool, device: torch.device, output_root: str | None, cases: str = "default") -> None:
     on_gpu = device.type == "cuda"
     shape = GPU_SHAPE if on_gpu else CPU_SHAPE
-    token_counts = (GPU_QUICK_TOKENS if quick else GPU_TOKENS) if on_gpu else (CPU_QUICK_TOKENS if quick else CPU_TOKENS)
+    if on_gpu:
+        token_counts = GPU_QUICK_TOKENS if quick else GPU_TOKENS
+    else:
+        token_counts = CPU_QUICK_TOKENS if quick else CPU_TOKENS
     if cases != "default":
         shape, token_counts = CASE_SETS[cases]
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -158,39 +201,19 @@ def _run(quick: bool, device: torch.device, output_root: str | None, cases: str 
     warmup_rounds = 3 if on_gpu else 1  # GPU: Triton compilation and cuBLAS heuristics settle
     measurements, memory_notes = [], []
     for tokens in token_counts:
-        layer, x, grad_output = setup(tokens, **shape, dtype=dtype, device=device)
-        trainable = [parameter for parameter in layer.parameters() if parameter.requires_grad]
-        providers = {
-            "mkfast": lambda: layer(x),
-            "eager reference": lambda: reference_call(layer, x),
-            "peft-style": lambda: layer.forward_composed(x),
-        }
-        gemm_flops = 2 * tokens * shape["hidden"] * (3 * shape["intermediate"] + 2 * shape["visual"])
-        saved = {name: saved_activation_mb(layer, x, forward) for name, forward in providers.items()}
-        memory_notes.append(f"M={tokens}: " + ", ".join(f"{name} {value:.1f}" for name, value in saved.items()))
-        for mode, flops in (("forward", gemm_flops), ("forward+backward", 2 * gemm_flops)):
-            case = {"tokens": tokens, **shape, "dtype": str(dtype).removeprefix("torch."), "mode": mode}
-            calls = {
-                name: (forward if mode == "forward" else
-                       (lambda forward=forward: torch.autograd.grad(forward(), [x, *trainable], grad_output)))
-                for name, forward in providers.items()
-            }
-            calls["frozen GEMMs (matmul)"] = (
-                lambda backward=(mode != "forward"): frozen_gemms(layer, x.detach(), grad_output, backward))
-            timings = interleaved_timings(calls, device, warmup_rounds=warmup_rounds, repetitions=repetitions)
-            for name, call in calls.items():
-                measurements.append(Measurement(case, name, timings[name], work={"tflops": flops},
-                                                peak_memory_mb=peak_memory_mb(call, device)))
-                print(f"{case} {name}: {measurements[-1].median_ms:.2f} ms", flush=True)
-        del layer, x, grad_output
+        token_measurements, memory_note = _measure(tokens, shape, dtype, device, warmup_rounds, repetitions)
+        measurements += token_measurements
+        memory_notes.append(memory_note)
     notes = (
-        f"{'bf16 on GPU' if on_gpu else 'fp32 on CPU (timings are CPU timings; the Triton kernels do not run here)'}. "
-        "TFLOP/s count only the frozen GEMMs (input gradients only in backward). "
+        ("bf16 on GPU. " if on_gpu else
+         "fp32 on CPU (timings are CPU timings; the Triton kernels do not run here). ")
+        + "TFLOP/s count only the frozen GEMMs (input gradients only in backward). "
         "Activation memory saved for backward, MiB, measured with saved_tensors_hooks: "
         + "; ".join(memory_notes) + "."
     )
     if not on_gpu and cases != "tiny":  # a dry run skips the interpreter's saved-memory child
-        notes += f" Shared 2-core machine, 1-minute load average {os.getloadavg()[0]:.1f} at the end of the run."
+        notes += (f" Shared 2-core machine, 1-minute load average {os.getloadavg()[0]:.1f} at the end of"
+                  " the run.")
         notes += (" On CPU, mkfast runs its cpu backend (torch matmuls; it saves the same tensors as the"
                   " Triton backend). " + _triton_saved_memory_on_cpu(shape))
     run_suite("mome", measurements, device, baseline="peft-style", notes=notes, output_root=output_root)
