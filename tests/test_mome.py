@@ -147,6 +147,27 @@ def test_triton_on_gpu_matches_reference(dtype, tokens, hidden, intermediate, vi
     check_backend("triton", tokens, hidden, intermediate, visual_size, rank, dtype, device="cuda")
 
 
+def test_auto_runs_the_cpu_backend_on_cpu_and_saves_only_the_residuals():
+    from mkfast.backend import dispatchers
+
+    assert dispatchers()["mome_ffn"].auto_choice(torch.device("cpu")) == "cpu"
+    inputs = make_inputs(6, 32, 48, 8, 4, torch.float32)
+    x = inputs["x"].requires_grad_(True)
+    weights = weights_of(inputs)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        mome_ffn(x, weights)
+    inputs_and_weights = {tensor.data_ptr() for tensor in [x, *weights.frozen(), *weights.trainable()]}
+    residual_elements = sum(tensor.numel() for tensor in saved if tensor.data_ptr() not in inputs_and_weights)
+    # gate_pre, up_pre (I), visual_pre (Iv), five rank-r outputs, router probs and rstd (2 each).
+    assert residual_elements == 6 * (2 * 48 + 8 + 5 * 4 + 2 + 2)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch_gives_empty_output(backend):
     inputs = make_inputs(0, 16, 24, 4, 2, torch.float32)
