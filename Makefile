@@ -55,10 +55,10 @@ bench: $(INSTALLED)
 env: $(INSTALLED)
 	$(VENV)/bin/mkfast env
 
-# Every kernel compiled for sm_90a and read from its machine code (no GPU): the committed table.
+# Every kernel compiled for sm_90a and read from its machine code (no GPU): the committed table,
+# benchmarks/results/sm90_static/triton-<version>/.
 audit: $(INSTALLED)
-	$(PYTHON) -m mkfast.audit --json benchmarks/results/sm90_static/audit.json \
-		--markdown benchmarks/results/sm90_static/audit.md
+	$(PYTHON) -m mkfast.audit --save
 
 clean:
 	rm -rf build *.egg-info mkfast/_C*.so demo_out

@@ -18,7 +18,7 @@ import textwrap
 import pytest
 
 from mkfast.audit import ptx, rules, sass
-from mkfast.audit.shortfalls import MEASURED_WITH, SHORTFALLS
+from mkfast.audit.shortfalls import applicable
 
 TOOLS = ("ptxas", "nvdisasm", "cuobjdump")
 MISSING = [name for name in TOOLS if sass.tool(name) is None]
@@ -64,7 +64,7 @@ def test_every_listed_shortfall_still_occurs_with_its_figure(audit):
         f"{audit['shortfalls']['stale']}"
     )
     audited = {(record["kernel"], record["config"]) for record in audit["records"]}
-    gone = [shortfall.key for shortfall in SHORTFALLS if shortfall.key[:2] not in audited]
+    gone = [row.key for row in applicable(audit["versions"]["triton"]) if row.key[:2] not in audited]
     assert not gone, f"shortfall rows for kernels/configs no longer launched at the targets: {gone}"
 
 
@@ -79,8 +79,6 @@ def test_every_kernel_group_was_audited_and_compiled(audit):
         if record.get("error")
     ]
     assert not errors, errors
-    if audit["versions"].get("triton") != MEASURED_WITH["triton"]:
-        pytest.skip(f"figures compared only with triton {MEASURED_WITH['triton']}")
 
 
 # --------------------------------------------------------------------------- the readings can fail
@@ -212,3 +210,29 @@ def test_value_ranges_follow_the_launch():
     findings = ptx.offset_findings(listing, {0: "Source"}, {2: 2**24}, (129, 1, 1), 128, {"Source"})
     assert [(finding["status"], finding["range"]) for finding in findings] == [("overflow", [0, 2**31])]
     assert ptx.offset_findings(listing, {0: "Source"}, {2: 2**24}, (128, 1, 1), 128, {"Source"}) == []
+
+
+def test_shortfall_table_is_compared_both_ways(monkeypatch):
+    from mkfast.audit import report, shortfalls
+
+    record = {
+        "kernel": "k",
+        "config": "c",
+        "autotune_configs": 1,
+        "spill_in_loop_bytes": 24,
+        "dots": [],
+        "shared_total": 0,
+        "offsets": {"large_tensors": [], "findings": []},
+    }
+    figure = rules.violations(record)[0][3]
+    row = shortfalls.Shortfall("k", "c", "spill-in-loop", figure, "why", triton="3.8")
+    monkeypatch.setattr(shortfalls, "SHORTFALLS", (row,))
+    assert report.compare_with_shortfalls([record], {"triton": "3.8.0"})["listed"] == [
+        ["k", "c", "spill-in-loop", figure, "why"]
+    ]
+    changed = report.compare_with_shortfalls([{**record, "spill_in_loop_bytes": 8}], {"triton": "3.8.1"})
+    assert changed["stale"] and not changed["listed"]
+    fixed = report.compare_with_shortfalls([{**record, "spill_in_loop_bytes": 0}], {"triton": "3.8.0"})
+    assert fixed["stale"] == [["k", "c", "spill-in-loop", figure, "no longer fails"]]
+    other_version = report.compare_with_shortfalls([record], {"triton": "3.6.0"})  # the row is 3.8's
+    assert other_version["unlisted"] == [["k", "c", "spill-in-loop", figure]] and not other_version["stale"]

@@ -21,10 +21,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", nargs="*", help="groups: attention decode mome topk cuda (default: all)")
     parser.add_argument("--json", help="write the JSON result here")
     parser.add_argument("--markdown", help="write the Markdown table here")
+    parser.add_argument(
+        "--save",
+        action="store_true",
+        help="write both to benchmarks/results/sm90_static/triton-<version>/ (the committed table)",
+    )
 
 
 def run_from_arguments(arguments: argparse.Namespace) -> dict:
-    return main(arguments.target, arguments.kernels, arguments.json, arguments.markdown)
+    return main(arguments.target, arguments.kernels, arguments.json, arguments.markdown, arguments.save)
 
 
 def main(
@@ -32,6 +37,7 @@ def main(
     kernels: list[str] | None = None,
     json_path: str | None = None,
     markdown_path: str | None = None,
+    save: bool = False,
 ) -> dict:
     """Run, print the Markdown table, write JSON/Markdown where asked. Returns the result."""
     from mkfast.audit import core, report, targets
@@ -42,11 +48,11 @@ def main(
         )
     unknown = sorted(set(kernels or ()) - set(targets.GROUPS))
     if unknown:
-        raise SystemExit(
-            f"audit: --kernels takes {', '.join(targets.GROUPS)}, got {', '.join(unknown)}"
-        )
+        raise SystemExit(f"audit: --kernels takes {', '.join(targets.GROUPS)}, got {', '.join(unknown)}")
     os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, never interpret
     result = core.run_audit(kernels or None, log=lambda message: print(message, flush=True))
+    if save:
+        json_path, markdown_path = report.saved_paths(result["versions"]["triton"])
     report.write(result, json_path, markdown_path)
     print(report.markdown(result))
     return result

@@ -7,7 +7,7 @@ import os
 
 from mkfast.audit import rules
 from mkfast.audit.ptx import FAILING
-from mkfast.audit.shortfalls import MEASURED_WITH, SHORTFALLS
+from mkfast.audit.shortfalls import applicable, minor_version
 
 RESULTS_DIRECTORY = os.path.join("benchmarks", "results", "sm90_static")
 
@@ -23,22 +23,20 @@ on tensors spanning >= 2^31 elements is 64-bit or provably in int32 range ("n/a"
 def compare_with_shortfalls(records: list[dict], versions: dict) -> dict:
     """{"unlisted": violations not in the table, "stale": rows no longer true, "listed": rows still true}.
 
-    Figures are compared only under the Triton version the table was measured with; on another
-    version a listed row counts as true when its rule still fails for that kernel and config.
+    Only the rows measured with the running Triton minor version apply (shortfalls.applicable).
     """
-    same_version = versions.get("triton") == MEASURED_WITH["triton"]
     measured = {}
     for record in records:
         for violation in rules.violations(record):
             measured[violation[:3]] = violation[3]
-    table = {shortfall.key: shortfall for shortfall in SHORTFALLS}
+    table = {shortfall.key: shortfall for shortfall in applicable(versions.get("triton", ""))}
     audited = {(record["kernel"], record["config"]) for record in records}
     unlisted = [list(key) + [figure] for key, figure in measured.items() if key not in table]
     stale, listed = [], []
     for key, shortfall in table.items():
         if key[:2] not in audited:
             continue  # a kernel not audited in this run (--kernels) or no longer launched: see the gate test
-        if key not in measured or (same_version and measured[key] != shortfall.figure):
+        if measured.get(key) != shortfall.figure:
             stale.append(list(key) + [shortfall.figure, measured.get(key, "no longer fails")])
         else:
             listed.append(list(key) + [measured[key], shortfall.reason])
@@ -142,6 +140,12 @@ def markdown(result: dict) -> str:
     if result["notes"]:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in result["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def saved_paths(triton_version: str) -> tuple[str, str]:
+    """Where --save writes: one folder per Triton minor version (the GPU machines run 3.6, this venv 3.8)."""
+    folder = os.path.join(RESULTS_DIRECTORY, f"triton-{minor_version(triton_version)}")
+    return os.path.join(folder, "audit.json"), os.path.join(folder, "audit.md")
 
 
 def write(result: dict, json_path: str | None = None, markdown_path: str | None = None) -> None:

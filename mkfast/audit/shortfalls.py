@@ -1,17 +1,17 @@
 """The one table of known shortfalls: kernels that do not meet a rule of the sm_90a audit yet.
 
-Each row: kernel, config (as the audit prints it), rule, the measured figure (as the
-audit prints it, ptxas sm_90a static, with MEASURED_WITH's Triton) and why. The gate
-(tests/test_audit.py) fails on a violation missing here and on a row whose violation no
-longer occurs or whose figure changed, so the table stays true: update it from
-``mkfast audit`` output when a kernel changes.
+Each row: kernel, config and rule as the audit prints them, the measured figure (ptxas
+sm_90a static), why, and the Triton minor version it was measured with: code generation
+differs between Triton releases (the GPU machines run 3.6, this repository's venv 3.8),
+so a row applies only under its version. The gate (tests/test_audit.py) fails on a
+violation missing here and on an applicable row whose violation no longer occurs or whose
+figure changed, so the table stays true: update it from ``mkfast audit`` output when a
+kernel changes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
-MEASURED_WITH = {"triton": "3.8.0"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,10 +21,30 @@ class Shortfall:
     rule: str
     figure: str
     reason: str
+    triton: str  # "3.8": the Triton minor version the figure was measured with
 
     @property
     def key(self) -> tuple[str, str, str]:
         return (self.kernel, self.config, self.rule)
 
 
-SHORTFALLS: tuple[Shortfall, ...] = ()
+def minor_version(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
+SHORTFALLS: tuple[Shortfall, ...] = (
+    Shortfall(
+        "_attn_bwd_dkdv_kernel",
+        "BLOCK_M=32 BLOCK_N=128 BLOCK_D=64 w8 s3",
+        "spill-in-loop",
+        "92 B/thread of spill ld/st in loops",
+        "D=64 dK/dV tile at 255 registers under Triton 3.6 (the GPU machines' version); Triton 3.8 compiles "
+        "the same tile without a spill. The attention rework owns the tile choice.",
+        triton="3.6",
+    ),
+)
+
+
+def applicable(triton_version: str) -> list[Shortfall]:
+    """The rows measured with this Triton minor version."""
+    return [row for row in SHORTFALLS if row.triton == minor_version(triton_version)]

@@ -1,8 +1,8 @@
 """The shapes the audit compiles for: the benchmarks' GPU targets, bf16, on fake CUDA tensors.
 
 Each target calls the op's Triton backend (what the op dispatches to on a GPU; the
-attention backward's launcher directly) with tensors of the target's shapes; ``triton_static.record`` turns their
-launches into sm_90a compiles. Shapes only: the tensors hold no data.
+attention backward's launcher directly) with tensors of the target's shapes;
+``triton_static.record`` turns their launches into sm_90a compiles. Shapes only: the tensors hold no data.
 
   attention  B*S = 16K tokens at S = 4096 (B = 4), model width 2048 (32 heads of 64 or
              16 of 128), GQA group 4, causal with 3 documents, forward + backward;
