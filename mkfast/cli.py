@@ -1,4 +1,4 @@
-"""The `mkfast` command: `mkfast env`, `mkfast bench`, and the model pipelines' commands."""
+"""The `mkfast` command: `mkfast env`, `mkfast bench`, `mkfast audit`, and the model pipelines' commands."""
 
 from __future__ import annotations
 
@@ -80,6 +80,9 @@ def _run(argv: list[str]) -> None:
                        help="show two result folders (e.g. benchmarks/results/h100 .../h200) side by side")
     from mkfast.mks2 import commands as mks2_commands
 
+    from mkfast import audit
+
+    audit.add_arguments(commands.add_parser("audit", help="every kernel's sm_90a machine code, read (no GPU)"))
     train_targets = commands.add_parser("train", help="train a model stage").add_subparsers(dest="target",
                                                                                            required=True)
     eval_targets = commands.add_parser("eval", help="evaluate a model").add_subparsers(dest="target", required=True)
@@ -117,6 +120,8 @@ def _run(argv: list[str]) -> None:
         print(compare(*arguments.compare))
     elif arguments.command == "bench":
         run_benchmarks(arguments.suites, arguments.quick, arguments.output_root)
+    elif arguments.command == "audit":
+        audit.run_from_arguments(arguments)
     elif arguments.command == "train" and arguments.target.startswith("mks2-"):
         mks2_commands.handle_train(arguments)
     elif arguments.command == "train" and arguments.target == "racm3":
