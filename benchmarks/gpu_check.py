@@ -17,7 +17,7 @@ so a failure or a timeout is recorded and the next step still runs:
   tests       every cuda-marked test (the kernels', and the models' that run on them), JUnit XML
   attention, mome, topk_dedup   each kernel benchmark at the performance targets' shapes
   e2e         the end-to-end training steps
-  audit       `mkfast audit`, where that command exists
+  audit       `mkfast audit` (sm_90a machine code of these kernels), where that command exists
 
 OUT receives at most 8 files, flat (benchmarks/gpu_report.py): gpu_check.json (machine, clocks,
 versions, commit, every step with its output tail, every suite's record with every repetition),
@@ -78,12 +78,12 @@ class Step:
 STEPS = [
     Step("wheels", 10, 120),
     Step("build", 90, 360),
-    Step("tests", 120, 240),
+    Step("tests", 110, 240),
     Step("attention", 60, 150, suite=True),
-    Step("mome", 75, 180, suite=True),
+    Step("mome", 70, 180, suite=True),
     Step("topk_dedup", 60, 180, suite=True),
     Step("e2e", 90, 240, suite=True),
-    Step("audit", 15, 90, suite=True),
+    Step("audit", 30, 150, suite=True),
 ]
 DEFAULT_BUDGET_S = 540.0  # 9 minutes: a device command may run 10
 
@@ -165,14 +165,16 @@ class Run:
         self.results = os.path.join(self.work, "results")
         self.logs = os.path.join(self.work, "logs")
         self.junit = os.path.join(self.work, "tests.xml")
+        self.audit = {kind: os.path.join(self.work, f"audit.{kind}") for kind in ("json", "md")}
         self.began = time.monotonic()
         self.deadline = self.began + self.budget_s - RESERVE_S
         self.steps: list[StepResult] = []
         for folder in (self.results, self.logs):
             shutil.rmtree(folder, ignore_errors=True)
             os.makedirs(folder)
-        if os.path.exists(self.junit):
-            os.remove(self.junit)
+        for stale in (self.junit, *self.audit.values()):
+            if os.path.exists(stale):
+                os.remove(stale)
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "MAX_JOBS": str(self.cores),
                     "MKFAST_BUILD_CUDA": "0" if self.dry_run else "1"}
         if self.dry_run:
@@ -319,8 +321,10 @@ def step_audit(run: Run, step: Step, dropped: str | None) -> None:
     if dropped is None and probe.returncode != 0:
         run.execute(step, None, skipped="`mkfast audit` is not a command of this checkout")
         return
-    # A dry run checks the command is there and wired; the audit itself is for the GPU's numbers.
-    run.execute(step, [*command, "--help"] if run.dry_run else command, dropped=dropped)
+    # The sm_90a machine code of the Triton version measured, beside its numbers (gpu_check.json / .md).
+    # A dry run only checks the command is there: the audit takes minutes of CPU on 2 cores.
+    files = ["--json", run.audit["json"], "--markdown", run.audit["md"]]
+    run.execute(step, [*command, "--help"] if run.dry_run else [*command, *files], dropped=dropped)
 
 
 def check(arguments: argparse.Namespace) -> int:
@@ -346,7 +350,8 @@ def check(arguments: argparse.Namespace) -> int:
               "budget_s": run.budget_s, "wall_s": round(time.monotonic() - run.began, 1),
               "environment": environment,
               "steps": [asdict(step) for step in run.steps], "tests": gpu_report.junit_summary(run.junit),
-              "suites": gpu_report.suite_records(run.results, run.commit)}
+              "suites": gpu_report.suite_records(run.results, run.commit),
+              "audit": gpu_report.audit_record(run.audit["json"], run.audit["md"])}
     files = gpu_report.write_outputs(run.out, report, run.junit, run.results)
     print("\n| step | status | seconds |\n|---|---|---:|")
     for step in run.steps:

@@ -104,6 +104,19 @@ def suite_records(results_dir: str, commit: str) -> dict[str, dict]:
     return records
 
 
+def audit_record(json_path: str, markdown_path: str) -> dict | None:
+    """`mkfast audit`'s JSON and Markdown, kept inside the run's record (OUT has no room for two files)."""
+    if not os.path.exists(json_path):
+        return None
+    with open(json_path) as handle:
+        record = json.load(handle)
+    markdown_text = ""
+    if os.path.exists(markdown_path):
+        with open(markdown_path) as handle:
+            markdown_text = handle.read()
+    return {"record": record, "markdown": markdown_text}
+
+
 def _cell(value) -> str:
     return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
@@ -136,8 +149,10 @@ def markdown(report: dict, results_dir: str) -> str:
         if os.path.exists(rendered):
             with open(rendered) as handle:
                 lines += ["", "#" + handle.read().strip()]  # the suite's own table, one heading level down
+    if report.get("audit"):
+        lines += ["", "#" + report["audit"]["markdown"].strip()]  # its own heading, one level down
     for step in report["steps"]:
-        if step["status"] in ("failed", "timed out") or (step["name"] == "audit" and step["output_tail"]):
+        if step["status"] in ("failed", "timed out"):
             lines += ["", f"## {step['name']}: output ({step['status']})", "", "```",
                       step["output_tail"].strip(), "```"]
     return "\n".join(lines) + "\n"

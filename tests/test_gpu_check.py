@@ -79,6 +79,22 @@ def test_two_versions_of_one_wheel_are_refused(tmp_path, monkeypatch, capsys):
     assert "two versions of ['einx']" in capsys.readouterr().err
 
 
+def test_the_audit_lands_in_the_runs_record_and_its_markdown(tmp_path):
+    record = {"kernels": [{"name": "_attn_fwd_kernel", "registers": 168}]}
+    (tmp_path / "audit.json").write_text(json.dumps(record))
+    (tmp_path / "audit.md").write_text("# sm_90a static audit\n\n| kernel | registers |\n")
+    audit = gpu_report.audit_record(str(tmp_path / "audit.json"), str(tmp_path / "audit.md"))
+    assert audit["record"]["kernels"][0]["registers"] == 168
+    environment = {"cores": 16, "nvidia_smi_before": "not readable", "nvidia_smi_after": "not readable",
+                   "versions": {"torch": "2.11.0"}}
+    report = {"dry_run": False, "commit": "abc", "date": "2026-11-30", "wall_s": 1.0, "budget_s": 540.0,
+              "environment": environment, "steps": [], "tests": {"error": "no JUnit XML was written"},
+              "suites": {}, "audit": audit}
+    text = gpu_report.markdown(report, str(tmp_path))
+    assert "## sm_90a static audit" in text and "| kernel | registers |" in text
+    assert gpu_report.audit_record(str(tmp_path / "missing.json"), str(tmp_path / "audit.md")) is None
+
+
 @pytest.mark.slow
 def test_dry_run_brings_back_what_a_gpu_run_would(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
