@@ -147,6 +147,13 @@ def test_triton_on_gpu_matches_reference(dtype, tokens, hidden, intermediate, vi
     check_backend("triton", tokens, hidden, intermediate, visual_size, rank, dtype, device="cuda")
 
 
+@pytest.mark.parametrize("tokens,hidden,intermediate,visual_size,rank",
+                         [(7, 96, 160, 24, 8), (129, 40, 72, 10, 16)])
+def test_cpu_backend_in_bf16_is_as_accurate_as_the_reference(tokens, hidden, intermediate, visual_size, rank):
+    # The interpreter has no bf16, the cpu backend does: bf16 is checked here without a GPU.
+    check_backend("cpu", tokens, hidden, intermediate, visual_size, rank, torch.bfloat16)
+
+
 def test_auto_runs_the_cpu_backend_on_cpu_and_saves_only_the_residuals():
     from mkfast.backend import dispatchers
 
