@@ -36,12 +36,13 @@ d = 4096, I = 11008, Iv = 1024 (Llama-2-7B), rank-r and fp32 (M, 2) terms left o
                                                                            5d + 3I + 2Iv = 55.6 K
   ours, backward: g read by g[B_d|B_2], grad_hidden (x2) and dB (4d); pre-activations read
       (2I + Iv), d(pre) written (2I + Iv) and read once by grad_input (2I + Iv); x read by
-      grad_input, norm_backward and two x^T products (4d); scaled_grad fp32 written and read
-      (4d); dx written (d)                                                 13d + 6I + 3Iv = 122.4 K (2.20x)
+      grad_input, norm_backward and one x^T product (3d); scaled_grad fp32 written and read
+      (4d); dx written (d)                                                 12d + 6I + 3Iv = 118.3 K (2.13x)
 The frozen GEMMs move 2 * (3 I d + 2 Iv d) FLOPs per token each way (0.29 GFLOP): at an
-H100 SXM's spec 3.35 TB/s and 989 TFLOP/s bf16 dense, 122 K elements (245 KB) take ~25% of the
-GEMMs' time, hidden where the epilogues overlap the next tiles' loads. A static count,
-not a measurement.
+H100 SXM's spec 3.35 TB/s and 989 TFLOP/s bf16 dense, 118 K elements (237 KB) would add up to
+~24% of the GEMMs' time in backward if none of it overlapped them. Reads per wide tensor in
+backward: g 4 (two rank-r torch products, two grad_hidden launches), x 3, pre-activations 1,
+d(pre) 1. A static count, not a measurement.
 """
 
 from __future__ import annotations

@@ -159,10 +159,13 @@ def fused_backward(backend: str, grad_output: torch.Tensor, x: torch.Tensor, wei
     text_lowrank_grad = torch.cat([text.first_lowrank_grad, text.second_lowrank_grad], dim=1)
     x_grad = parts.grad_input(x, text.first_grad, text.second_grad, visual.first_grad, text_lowrank_grad,
                               visual.first_lowrank_grad, logits_grad, w, rstd)
-    # G^T x_n = ((rstd_n G)^T x) * w_n: the (M, k) side is scaled, and x read once per norm.
+    # G^T x_n = ((rstd_n G)^T x) * w_n: the (M, k) sides are scaled by their norm's rstd and
+    # stacked, so one product reads x once for the LoRA-A gradients of gate, up, fc1 and the router's.
     text_rows = torch.cat([scale * text_lowrank_grad, logits_grad], dim=1) * rstd[:, 0:1]
-    text_products = (text_rows.to(dtype).T @ x).float() * w.text_norm_weight.float()
-    fc1_lora_A_grad = ((scale * visual.first_lowrank_grad.float() * rstd[:, 1:2]).to(dtype).T @ x).float()
+    visual_rows = scale * visual.first_lowrank_grad.float() * rstd[:, 1:2]
+    products = (torch.cat([text_rows, visual_rows], dim=1).to(dtype).T @ x).float()
+    text_products = products[:2 * rank + 2] * w.text_norm_weight.float()
+    fc1_lora_A_grad = products[2 * rank + 2:] * w.visual_norm_weight.float()
     def part(tensor):  # a slice of a shared product, copied: outputs of a custom op may not alias
         return tensor.to(dtype, copy=True)
 
@@ -171,7 +174,7 @@ def fused_backward(backend: str, grad_output: torch.Tensor, x: torch.Tensor, wei
         part(text_products[:rank]), text.first_lora_B_grad,
         part(text_products[rank:2 * rank]), text.second_lora_B_grad,
         text.lora_A_grad, part(out_lora_B_grads[:, :rank]),
-        fc1_lora_A_grad * w.visual_norm_weight.float(), visual.first_lora_B_grad,
+        fc1_lora_A_grad, visual.first_lora_B_grad,
         visual.lora_A_grad, part(out_lora_B_grads[:, rank:]),
         part(text_products[2 * rank:]), logits_grad.sum(dim=0),
     )
