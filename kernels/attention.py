@@ -52,10 +52,11 @@ LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the native in
 # wgmma, shared memory within an H100's 227 KB; tests/test_attention.py gates all three.
 FORWARD_CONFIGS = {64: (128, 128, 8, 3), 128: (128, 64, 8, 3), 256: (64, 64, 4, 2)}
 # dK/dV: BLOCK_N keys stay resident and BLOCK_M query rows stream past them. The two fp32
-# accumulators (128 x D each) fill most registers: with documents at D=128, 32-row steps
-# spill (24 B in the loop, 255 registers), so that case steps by 16 rows.
-BACKWARD_DKDV_CONFIGS = {64: (32, 128, 8, 3), 128: (32, 128, 8, 2), 256: (16, 64, 8, 2)}
-BACKWARD_DKDV_DOCUMENT_CONFIGS = {**BACKWARD_DKDV_CONFIGS, 128: (16, 128, 8, 2)}
+# accumulators (128 x D each) fill most registers, so some cases step by 16 query rows: at
+# D=128, 32-row steps spill 24 B in the loop (Triton 3.6 causal, 3.8 with documents), and
+# at D=64 with documents 92 B (Triton 3.6); 16-row steps spill nothing under either.
+BACKWARD_DKDV_CONFIGS = {64: (32, 128, 8, 3), 128: (16, 128, 8, 2), 256: (16, 64, 8, 2)}
+BACKWARD_DKDV_DOCUMENT_CONFIGS = {**BACKWARD_DKDV_CONFIGS, 64: (16, 128, 8, 3)}
 # dQ: BLOCK_M query rows stay resident and BLOCK_N keys stream.
 BACKWARD_DQ_CONFIGS = {64: (128, 64, 8, 3), 128: (128, 64, 8, 2), 256: (64, 32, 8, 2)}
 # The interpreter runs each program in Python: 32x32 tiles still give several
