@@ -32,17 +32,7 @@ def minor_version(version: str) -> str:
     return ".".join(version.split(".")[:2])
 
 
-SHORTFALLS: tuple[Shortfall, ...] = (
-    Shortfall(
-        "_attn_bwd_dkdv_kernel",
-        "BLOCK_M=32 BLOCK_N=128 BLOCK_D=64 w8 s3",
-        "spill-in-loop",
-        "92 B/thread of spill ld/st in loops",
-        "D=64 dK/dV tile at 255 registers under Triton 3.6 (the GPU machines' version); Triton 3.8 compiles "
-        "the same tile without a spill. The attention rework owns the tile choice.",
-        triton="3.6",
-    ),
-)
+SHORTFALLS: tuple[Shortfall, ...] = ()
 
 
 def applicable(triton_version: str) -> list[Shortfall]:
