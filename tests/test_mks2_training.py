@@ -1,4 +1,4 @@
-"""MKS2 training: frozen weights stay bit-identical, stage losses, trainer resume, generation, 2-process gloo."""
+"""MKS2 training: frozen weights stay bit-identical, stage losses, resume, generation, 2-process gloo."""
 
 import json
 import os
@@ -12,7 +12,7 @@ from mkfast.mks2.build import SmallLlamaConfig, build_mks2, small_llama
 from mkfast.mks2.evaluation import evaluate_multiple_choice, generate_text
 from mkfast.mks2.stages import CaptionData, InstructionData, prepare_stage2, stage1_loss_fn, stage2_loss_fn
 from mkfast.mks2.trainer import Trainer, TrainerConfig
-from mkfast.training import latest_checkpoint
+from mkfast.training import latest_checkpoint, read_metrics
 
 IMAGE_SIZE = 16
 CAPTIONS = ["a handwritten digit one", "a handwritten digit seven", "a handwritten digit two",
@@ -20,13 +20,14 @@ CAPTIONS = ["a handwritten digit one", "a handwritten digit seven", "a handwritt
 INSTRUCTIONS = InstructionData(
     prompts=["[INST] which digit is shown ? [/INST]", "[INST] what is one plus two ? [/INST]",
              "[INST] what is two plus the digit shown ? [/INST]"],
-    responses=["seven", "three", "nine"], image_indices=[1, None, 1], images=torch.rand(4, 3, IMAGE_SIZE, IMAGE_SIZE))
+    responses=["seven", "three", "nine"], image_indices=[1, None, 1],
+    images=torch.rand(4, 3, IMAGE_SIZE, IMAGE_SIZE))
 
 
 def _tiny_mks2(seed=0):
     tokenizer = word_level_tokenizer(demo_vocabulary())
-    config = SmallLlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                              num_attention_heads=2, num_key_value_heads=1)
+    config = SmallLlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
     return build_mks2(small_llama(config, tokenizer, seed=seed), image_size=IMAGE_SIZE, seed=seed), tokenizer
 
 
@@ -42,7 +43,8 @@ def _frozen_names(model):
 def test_a_training_step_leaves_every_frozen_weight_bit_identical(stage, tmp_path):
     model, tokenizer = _tiny_mks2()
     if stage == 1:
-        loss_fn = stage1_loss_fn(model, tokenizer, CaptionData(torch.rand(4, 3, IMAGE_SIZE, IMAGE_SIZE), CAPTIONS), 4)
+        images = torch.rand(4, 3, IMAGE_SIZE, IMAGE_SIZE)
+        loss_fn = stage1_loss_fn(model, tokenizer, CaptionData(images, CAPTIONS), 4)
     else:
         prepare_stage2(model, rank=4, alpha=8)
         loss_fn = stage2_loss_fn(model, tokenizer, INSTRUCTIONS, 3)
@@ -78,7 +80,7 @@ def test_stage2_targets_are_the_response_and_eos_only():
     from mkfast.mks2.samples import instruction_sample
 
     sample = instruction_sample(tokenizer, "[INST] what is one plus two ? [/INST]", "three")
-    targets = [token for token, scored in zip(sample.token_ids, sample.loss_mask) if scored]
+    targets = [token for token, scored in zip(sample.token_ids, sample.loss_mask, strict=True) if scored]
     assert targets == tokenizer("three", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
@@ -92,9 +94,10 @@ def test_trainer_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
         return model
     straight = run(tmp_path / "straight", [4])
     resumed = run(tmp_path / "resumed", [2, 4])
-    for (name, expected), actual in zip(straight.state_dict().items(), resumed.state_dict().values()):
+    for (name, expected), actual in zip(straight.state_dict().items(), resumed.state_dict().values(),
+                                        strict=True):
         assert torch.equal(actual, expected), name
-    rows = [json.loads(line) for line in open(tmp_path / "resumed" / "metrics.jsonl")]
+    rows = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
     assert [row["step"] for row in rows] == [0, 1, 2, 3]
     assert os.path.exists(tmp_path / "resumed" / "loss.png")
 
@@ -139,7 +142,8 @@ def _gloo_worker(rank, world_size, init_file, output_dir):
     initial = {name: parameter.detach().clone() for name, parameter in model.named_parameters()
                if parameter.requires_grad}
     Trainer(model, stage2_loss_fn(model, tokenizer, INSTRUCTIONS, 2),
-            TrainerConfig(output_dir=output_dir, steps=2, learning_rate=1e-2, progress=False)).train(resume=False)
+            TrainerConfig(output_dir=output_dir, steps=2, learning_rate=1e-2,
+                          progress=False)).train(resume=False)
     flat = torch.cat([parameter.detach().flatten() for name, parameter in model.named_parameters()
                       if parameter.requires_grad])
     gathered = [torch.empty_like(flat) for _ in range(world_size)]
@@ -156,8 +160,10 @@ def _gloo_worker(rank, world_size, init_file, output_dir):
     model, tokenizer = _tiny_mks2()
     prepare_stage2(model, rank=4, alpha=8)
     Trainer(model, stage2_loss_fn(model, tokenizer, INSTRUCTIONS, 2),
-            TrainerConfig(output_dir=os.path.join(output_dir, "fsdp"), steps=2, learning_rate=1e-2, progress=False),
-            fsdp_units=llama_fsdp_units(model.language_model, embedding_looked_up_outside=True)).train(resume=False)
+            TrainerConfig(output_dir=os.path.join(output_dir, "fsdp"), steps=2, learning_rate=1e-2,
+                          progress=False),
+            fsdp_units=llama_fsdp_units(model.language_model,
+                                        embedding_looked_up_outside=True)).train(resume=False)
     shutdown()
 
 
@@ -190,14 +196,16 @@ def test_more_ranks_per_node_than_gpus_is_refused_before_nccl_starts(monkeypatch
 def test_stage1_trains_its_fp32_head_over_a_bf16_language_model():
     """A real Llama runs in bf16 on a GPU; the stage-1 head and its loss stay fp32."""
     tokenizer = word_level_tokenizer(demo_vocabulary())
-    config = SmallLlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                              num_attention_heads=2, num_key_value_heads=1)
+    config = SmallLlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
     model = build_mks2(small_llama(config, tokenizer).to(torch.bfloat16), image_size=IMAGE_SIZE)
-    loss_fn = stage1_loss_fn(model, tokenizer, CaptionData(torch.rand(4, 3, IMAGE_SIZE, IMAGE_SIZE), CAPTIONS), 4)
+    images = torch.rand(4, 3, IMAGE_SIZE, IMAGE_SIZE)
+    loss_fn = stage1_loss_fn(model, tokenizer, CaptionData(images, CAPTIONS), 4)
     losses = loss_fn(torch.Generator().manual_seed(0))
     losses["loss"].backward()
     assert torch.isfinite(losses["text_to_image"])
-    assert model.text_to_image_head.weight.grad is not None and model.text_to_image_head.weight.dtype == torch.float32
+    head = model.text_to_image_head.weight
+    assert head.grad is not None and head.dtype == torch.float32
 
 
 def test_without_matplotlib_a_run_warns_and_skips_its_loss_plot(tmp_path, monkeypatch):
