@@ -187,6 +187,7 @@ def _copy_run(run, destination):
     return destination
 
 
+@pytest.mark.slow
 def test_racm3_run_killed_between_its_config_and_its_components_resumes_exactly(racm3_run, tmp_path):
     from mkfast.racm3.commands import train_racm3
     from mkfast.racm3.inference_commands import load_pipeline
@@ -199,6 +200,7 @@ def test_racm3_run_killed_between_its_config_and_its_components_resumes_exactly(
     assert len(load_pipeline(str(tmp_path)).corpus) == 24
 
 
+@pytest.mark.slow
 def test_racm3_run_with_an_empty_config_json_left_by_an_old_kill_is_repaired(racm3_run, tmp_path):
     from mkfast.racm3.commands import train_racm3
     from mkfast.racm3.inference_commands import load_pipeline
@@ -213,25 +215,35 @@ def test_racm3_run_with_an_empty_config_json_left_by_an_old_kill_is_repaired(rac
     assert len(load_pipeline(str(directory)).corpus) == 24
 
 
-def test_racm3_refuses_components_built_from_another_config(racm3_run, tmp_path):
+def _untrained_run(directory, **overrides):
+    """A run directory as `mkfast train racm3` lays it out, without training: config.json and a
+    stand-in components.pt (both checks below fail before the components are read)."""
+    from dataclasses import asdict
+
+    directory.mkdir()
+    config = _racm3_config(directory, **overrides)
+    (directory / "config.json").write_text(json.dumps(asdict(config)))
+    (directory / "components.pt").write_bytes(b"PK\x03\x04 cut short")
+    return directory
+
+
+def test_racm3_refuses_components_built_from_another_config(tmp_path):
     from mkfast.racm3.commands import train_racm3
 
-    directory = _copy_run(racm3_run, tmp_path / "run")
+    directory = _untrained_run(tmp_path / "run")
     with pytest.raises(ValueError, match="components built with another text_vocabulary_size"):
         train_racm3(_racm3_config(directory, text_vocabulary_size=280))
 
 
-def test_truncated_components_and_eval_of_a_training_run_are_clear_errors(racm3_run, tmp_path):
+def test_truncated_components_and_eval_of_a_training_run_are_clear_errors(tmp_path):
     import argparse
 
     from mkfast.racm3.inference_commands import load_pipeline
     from mkfast.racm3.inference_demo_commands import handle_eval
 
-    directory = _copy_run(racm3_run, tmp_path / "run")
+    directory = _untrained_run(tmp_path / "run")
     with pytest.raises(ValueError, match="is not an RA-CM3 demo run"):
         handle_eval(argparse.Namespace(run_dir=str(directory), output_dir=str(tmp_path / "eval"), quick=True))
-    components = directory / "components.pt"
-    components.write_bytes(components.read_bytes()[:500])
     with pytest.raises(ValueError, match="components.pt cannot be read"):
         load_pipeline(str(directory))
     with pytest.raises(UsageError, match="neither results.json"):
