@@ -345,3 +345,42 @@ def test_generate_refuses_zero_samples_as_a_usage_error(capsys):
     with pytest.raises(SystemExit) as raised:
         main(["generate", "racm3", "--run-dir", ".", "--caption", "a digit", "--samples", "0"])
     assert raised.value.code == 2 and "--samples: must be >= 1, got 0" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- a real SIGKILL
+KILLED_CHILD = """
+import os, signal, sys
+from mkfast.training import fault_hook
+from mkfast.racm3.trainer import Trainer
+from test_racm3_trainer import _corpus, _trainer
+
+point, occurrence, directory = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+seen = []
+
+def hook(name):
+    if name == point:
+        seen.append(name)
+        if len(seen) == occurrence:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+with fault_hook(hook):
+    _trainer(Trainer, _corpus(), directory).train()
+"""
+
+
+@pytest.mark.slow
+def test_sigkilled_runs_resume_to_the_uninterrupted_run(corpus, uninterrupted, tmp_path):
+    """The same points as above, killed for real (SIGKILL: no clean-up, no flush) in a child process."""
+    import signal
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    environment = {**os.environ, "PYTHONPATH": tests, "OMP_NUM_THREADS": "1"}
+    for point, occurrence in (("checkpoint_written", 2), ("metrics_rewrite", 1)):
+        child = subprocess.run([sys.executable, "-c", KILLED_CHILD, point, str(occurrence), str(tmp_path)],
+                               env=environment, capture_output=True, text=True, timeout=600)
+        assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    # Killed saving step 6, then killed again rewriting the metrics on resume: history 0..5 intact.
+    assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == list(range(6))
+    _resume_and_compare(corpus, tmp_path, uninterrupted)
