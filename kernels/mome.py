@@ -57,8 +57,9 @@ from . import interpreter_enabled
 # keeps the tiles that compile for sm_90a (bf16, Llama-2-7B widths, Triton 3.8 + ptxas) with
 # every tl.dot of the main loop on wgmma and no register spill (ptxas -v, and no local
 # loads/stores in the SASS of a loop); the autotuner picks among them on the GPU. Dropped
-# for spilling: expert_in and grad_input at 64x128 on 4 warps (grad_input 544 B inside its
-# K loop).
+# for spilling (bytes of spill stores): expert_in 64x128 and 128x64 on 4 warps (32, 64 B);
+# grad_input 64x128 on 4 warps (980 B, loads and stores inside its K loop), 128x64 on 4 warps
+# (456 B) and 128x128 on 8 warps (388 B).
 EXPERT_IN_TILES = ((128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4))
 EXPERT_OUT_TILES = ((128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 4))
 GRAD_INPUT_TILES = ((64, 128, 64, 8, 3), (64, 64, 64, 4, 4))
