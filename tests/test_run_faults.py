@@ -263,6 +263,9 @@ RACM3_BAD = [
     ({}, {"training.batch_size": 0}, ValueError, "batch_size (--batch-size) must be > 0"),
     ({"training": {"gradient_accumulation": 0}}, {}, ValueError, "gradient_accumulation"),
     ({"training": {"schedule": "cosine"}}, {}, ValueError, "schedule (--schedule) must be one of"),
+    ({}, {"data": "no/such/folder"}, UsageError, "data (--data) must be 'digits', a folder"),
+    ({}, {"data": "no/such/shards/*.tar"}, UsageError, "matches no shard"),
+    ({"vq_checkpoint": "no/such/vq.ckpt"}, {}, UsageError, "vq_checkpoint 'no/such/vq.ckpt' does not exist"),
 ]
 
 
@@ -305,6 +308,7 @@ MKS2_BAD = [
     (["--language-model", "no/such/llama"], UsageError, "(--language-model) 'no/such/llama' does not"),
     (["--vision-model", "no/such/blip2"], UsageError, "'no/such/blip2' does not exist"),
     (["--data", "no_such.jsonl"], UsageError, "data (--data) must be 'digits' or a JSONL file"),
+    (["--adapters-from", "no/such/adapters"], UsageError, "(--adapters-from) 'no/such/adapters' is not"),
 ]
 
 

@@ -80,6 +80,9 @@ class MKS2TrainConfig:
         check_choice(self, "dtype", DTYPES)
         _check_model_path(self, "language_model")
         _check_model_path(self, "vision_model")
+        if self.adapters_from and not os.path.isdir(self.adapters_from):
+            raise UsageError(f"MKS2TrainConfig: adapters_from (--adapters-from) {self.adapters_from!r} "
+                             "is not a directory (a stage-1 run's adapters/)")
         if self.data != DIGITS and not os.path.isfile(self.data):
             raise UsageError(f"MKS2TrainConfig: data (--data) must be {DIGITS!r} or a JSONL file, "
                              f"got {self.data!r}")
@@ -98,6 +101,8 @@ class MKS2EvalConfig:
 
     def __post_init__(self):
         check_positive(self, "limit", strict=False)
+        if self.adapters and not os.path.isdir(self.adapters):
+            raise UsageError(f"MKS2EvalConfig: adapters (--adapters) {self.adapters!r} is not a directory")
         check_choice(self, "dtype", DTYPES)
         _check_model_path(self, "language_model")
         _check_model_path(self, "vision_model")

@@ -15,6 +15,7 @@ memory and vocabulary.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import warnings
@@ -72,6 +73,19 @@ class RunConfig:
         check_positive(self, "image_size", "text_vocabulary_size")
         if self.data_limit is not None:
             check_positive(self, "data_limit")
+        if self.data != "digits" and not _is_shards(self.data) and not os.path.isdir(self.data):
+            raise UsageError(f"RunConfig: data (--data) must be 'digits', a folder holding captions.jsonl or "
+                             f"webdataset shards ('shards/*.tar'), got {self.data!r}")
+        if _is_shards(self.data) and not glob.glob(self.data):
+            raise UsageError(f"RunConfig: data (--data) {self.data!r} matches no shard")
+        for name in ("vq_checkpoint", "clip_checkpoint"):
+            path = getattr(self, name)
+            if path is not None and not os.path.exists(path):
+                raise UsageError(f"RunConfig: {name} {path!r} does not exist")
+
+
+def _is_shards(data: str) -> bool:
+    return data.endswith(".tar") or "*" in data
 
 
 def load_config(path: str | None, overrides: dict) -> RunConfig:
@@ -94,7 +108,7 @@ def load_pairs(config: RunConfig):
         from mkfast.data.digits import load_digits_pairs
 
         train, _ = load_digits_pairs(image_size=config.image_size, seed=config.training.seed)
-    elif config.data.endswith(".tar") or "*" in config.data:
+    elif _is_shards(config.data):
         from mkfast.data.pairs import load_webdataset_shards
 
         train = load_webdataset_shards(config.data, image_size=config.image_size, limit=config.data_limit)
