@@ -156,5 +156,5 @@ def test_tiny_demo_trains_every_arm_on_the_same_instructions_and_reports_claims(
     for arm in ARMS:
         assert summary["results"][arm]["held_out_text_questions"]["per_run"] == [
             run["results"][arm]["held_out"]["acc"] for run in summary["runs"]]
-    # An MVM at its zero-output initialisation gives the probe nothing: it is at chance.
-    assert summary["probe"]["no_stage1"]["per_run"] == [0.5, 0.5]
+    assert set(summary["probe"]) == {"mks2", "shuffled_pairs", "no_stage1"}
+    assert ("note" in summary) == (not summary["probe_reads_held_out_colour"])
