@@ -1,4 +1,4 @@
-"""attention + decode_attention: ours vs PyTorch SDPA vs flash-attn (when installed) vs the eager reference.
+"""attention + decode_attention: ours vs SDPA, FlexAttention, flash-attn (when installed), the reference.
 
     python -m benchmarks.bench_attention [--quick]
 
@@ -7,11 +7,17 @@ D in {64, 128} (H*D = 2048), masks "causal" and "3-documents" (three packed
 documents of unequal length, RA-CM3's 4096-token rows), forward and
 forward+backward. Decode cases: batch 1..64 over a full 4096-token cache.
 
-FLOPs are counted as the flash-attention benchmarks do: 4*B*S^2*H*D forward,
-halved when causal, backward 2.5x forward. The 3-document rows are charged the
-same (causal) FLOPs as dense causal rows, so their TFLOP/s is "causal-equivalent"
-and its ratio to the causal row is the speed-up from skipping blocks. Decode
-rates count one read of the K and V cache (plus q and out) in GB/s.
+FLOPs are counted as the flash-attention benchmarks do, the same for every
+provider: 4*B*S^2*H*D forward, halved when causal, backward 2.5x forward. The
+3-document rows are charged the same (causal) FLOPs as dense causal rows, so
+their TFLOP/s is "causal-equivalent" and its ratio to the causal row is the
+speed-up from skipping blocks. Decode rates count one read of the K and V cache
+(plus q and out) in GB/s.
+
+FlexAttention (torch.nn.attention.flex_attention, compiled, its block mask built
+once per case outside the timing) is the library a user would pick for document
+masks: on a GPU forward and forward+backward, on a CPU its forward only (its CPU
+path has no backward).
 
 On a CPU the Triton kernels would run in the interpreter, which is not a
 benchmark: CPU runs time the reference and SDPA only, at small sizes.
@@ -26,7 +32,8 @@ import torch.nn.functional as F
 
 import mkfast
 from .common import Measurement, command_line, measure, peak_memory_mb, resolve_device, run_suite
-from mkfast.ops.attention import attention_allowed_mask, attention_reference, decode_attention_reference
+from mkfast.ops.attention import (attention_allowed_mask, attention_reference, decode_attention_reference,
+                                  decode_attention_workspace)
 
 TOKENS_PER_BATCH = 16 * 1024  # the issue's B*S
 MODEL_WIDTH = 2048  # H*D: 32 heads of 64 or 16 heads of 128
@@ -65,7 +72,7 @@ def attention_flops(batch, heads, seq, head_dim, backward: bool) -> float:
     return forward * (3.5 if backward else 1.0)
 
 
-def training_providers(q, k, v, document_ids, device):
+def training_providers(q, k, v, document_ids, device, backward: bool = False):
     """name -> forward function; every one computes the same masked attention."""
     # mkfast's auto backend: the Triton kernels on CUDA, ATen's CPU flash attention on CPU.
     providers = {"mkfast": lambda: mkfast.ops.attention(q, k, v, causal=True, document_ids=document_ids)}
@@ -78,9 +85,32 @@ def training_providers(q, k, v, document_ids, device):
     if q.shape[2] <= 2048 or device.type == "cpu":
         # The reference materialises (B, H, S, S) fp32 scores: skipped where that is GBs.
         providers["reference"] = lambda: attention_reference(q, k, v, causal=True, document_ids=document_ids)
+    if device.type == "cuda" or not backward:
+        providers["flex-attention"] = _flex_attention_provider(q, k, v, document_ids)
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         providers["flash-attn"] = _flash_attn_provider(q, k, v, document_ids)
     return providers
+
+
+_COMPILED_FLEX = []
+
+
+def _flex_attention_provider(q, k, v, document_ids):
+    """Compiled FlexAttention with a block mask for causal (+ documents), built once here."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if not _COMPILED_FLEX:  # one compiled function: torch.compile caches a graph per shape
+        _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
+    if document_ids is None:
+        def mask_mod(batch, head, query, key):
+            return query >= key
+    else:
+        def mask_mod(batch, head, query, key):
+            return (query >= key) & (document_ids[batch, query] == document_ids[batch, key])
+    batch, _, seq, _ = q.shape
+    block_mask = create_block_mask(mask_mod, batch, None, seq, seq, device=q.device)
+    compiled = _COMPILED_FLEX[0]
+    return lambda: compiled(q, k, v, block_mask=block_mask)
 
 
 def _flash_attn_provider(q, k, v, document_ids):
@@ -125,7 +155,10 @@ def decode_providers(q, k_cache, v_cache, lengths, device):
         "reference": lambda: decode_attention_reference(q, k_cache, v_cache, lengths),
     }
     if device.type == "cuda":
-        providers["mkfast"] = lambda: mkfast.ops.decode_attention(q, k_cache, v_cache, lengths, check_lengths=False)
+        # The serving path: one workspace and output for every step (one launch, no allocation).
+        workspace, out = decode_attention_workspace(q, k_cache), torch.empty_like(q)
+        step = dict(check_lengths=False, workspace=workspace, out=out)
+        providers["mkfast"] = lambda: mkfast.ops.decode_attention(q, k_cache, v_cache, lengths, **step)
         if importlib.util.find_spec("flash_attn") is not None:
             from flash_attn import flash_attn_with_kvcache
 
@@ -172,7 +205,7 @@ def main(quick: bool = False, device: str | None = None, output_root: str | None
                 case = {"mode": "fwd+bwd" if backward else "fwd", "mask": mask, "B": batch, "H": heads,
                         "S": seq, "D": head_dim}
                 work = {"tflops": attention_flops(batch, heads, seq, head_dim, backward)}
-                for provider, forward in training_providers(q, k, v, document_ids, device).items():
+                for provider, forward in training_providers(q, k, v, document_ids, device, backward).items():
                     fn = _with_backward(forward, (q, k, v), grad_out) if backward else forward
                     with torch.no_grad() if not backward else torch.enable_grad():
                         timings = measure(fn, device, warmup=2, repetitions=repetitions)
@@ -183,7 +216,8 @@ def main(quick: bool = False, device: str | None = None, output_root: str | None
     notes = ("bf16 on GPU, fp32 on CPU. TFLOP/s: 4*B*S^2*H*D forward, halved for causal, x3.5 for fwd+bwd; "
              "3-document rows are charged the causal FLOPs (causal-equivalent rate). Decode GB/s: one read of "
              "the K and V cache. sdpa = F.scaled_dot_product_attention (is_causal without a mask; attn_mask for "
-             "documents). ")
+             "documents); flex-attention = compiled FlexAttention with a causal (+ document) block mask, "
+             "forward only on CPU. Ratio to any peer: its median ms over mkfast's. ")
     if device.type == "cpu":
         notes += ("CPU run, small shapes: 'mkfast' is the op's cpu backend (ATen's CPU flash attention, "
                   "with an additive mask for documents); the Triton kernels only run on CPU under the "
