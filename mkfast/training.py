@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import json
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -43,6 +42,15 @@ from mkfast.distributed import (
     load_full_training_state,
     rank_and_world_size,
 )
+from mkfast.files import (  # noqa: F401  (fault_hook, atomic_torch_save: this module's interface too)
+    TEMPORARY_SUFFIX,
+    atomic_torch_save,
+    atomic_write,
+    atomic_write_text,
+    fault_hook,
+    fault_point,
+    remove_temporaries,
+)
 
 CHECKPOINT_PATTERN = "checkpoint_{step:08d}.pt"
 CHECKPOINT_RE = re.compile(r"checkpoint_(\d{8})\.pt$")
@@ -53,7 +61,6 @@ CHECKPOINTS_KEPT = 2
 CHECKPOINT_FORMAT = 2
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
-TEMPORARY_SUFFIX = ".tmp"
 SCHEDULES = ("constant", "linear")
 # Metric keys that are not losses, left out of the loss plot.
 NOT_LOSSES = ("stage", "step", "learning_rate", "grad_norm", "retrieved_tokens")
@@ -82,61 +89,6 @@ class TrainingConfig:
         check_positive(self, "warmup_steps", "weight_decay", "max_grad_norm", strict=False)
         check_positive(self, "learning_rate")
         check_choice(self, "schedule", SCHEDULES)
-
-
-# ---------------------------------------------------------------------- fault points (tests)
-_fault_hook: Callable[[str], None] | None = None
-
-
-def fault_point(name: str) -> None:
-    """A named point where a kill is dangerous; tests inject a hook that dies there."""
-    if _fault_hook is not None:
-        _fault_hook(name)
-
-
-@contextlib.contextmanager
-def fault_hook(hook: Callable[[str], None]) -> Iterator[None]:
-    global _fault_hook
-    previous, _fault_hook = _fault_hook, hook
-    try:
-        yield
-    finally:
-        _fault_hook = previous
-
-
-# ---------------------------------------------------------------------- atomic files
-def atomic_write(path: str, write: Callable[[str], None], point: str | None = None) -> None:
-    """``write(temporary)`` then rename onto ``path``: readers see the old file or the whole new one."""
-    temporary = path + TEMPORARY_SUFFIX
-    try:
-        write(temporary)
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())  # the bytes reach the disk before the name does
-        if point:
-            fault_point(point)
-        os.replace(temporary, path)
-    except Exception:  # an error, not a kill: leave nothing behind
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-        raise
-
-
-def atomic_write_text(path: str, text: str, point: str | None = None) -> None:
-    def write(temporary: str) -> None:
-        with open(temporary, "w") as handle:
-            handle.write(text)
-    atomic_write(path, write, point)
-
-
-def atomic_torch_save(obj, path: str, point: str | None = None) -> None:
-    atomic_write(path, lambda temporary: torch.save(obj, temporary), point)
-
-
-def remove_temporaries(directory: str) -> None:
-    """Temporaries a killed write left (the complete file, if any, is still under its own name)."""
-    for path in glob.glob(os.path.join(glob.escape(directory), "*" + TEMPORARY_SUFFIX)):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
 
 
 # ---------------------------------------------------------------------- metrics

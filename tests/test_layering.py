@@ -19,7 +19,8 @@ PACKAGES = {"mkfast": "mkfast", "kernels": "mkfast.kernels", "benchmarks": "mkfa
 LAYERS = [
     (r"mkfast\.kernels(\..*)?$", 0),  # Triton kernels and launchers: nothing of mkfast
     (r"mkfast\._C$", 0),  # the compiled extension
-    (r"mkfast\.(_extension|backend|errors|config|plotting|progress|claims)$", 1),  # shared by every layer
+    # Shared by every layer above the kernels.
+    (r"mkfast\.(_extension|backend|errors|config|files|plotting|progress|claims)$", 1),
     (r"mkfast\.ops(\..*)?$", 2),
     (r"mkfast\.layers(\..*)?$", 3),
     (r"mkfast\.(mks2|racm3)\.(\w*demo\w*)$", 6),  # demos, and the commands that read a demo's run

@@ -37,6 +37,7 @@ import os
 import torch
 from torch import nn
 
+from mkfast.files import atomic_write, atomic_write_text
 from mkfast.mks2.model import MKS2Model
 from mkfast.mks2.patching import (
     MOMES,
@@ -111,10 +112,13 @@ def save_adapters(model: nn.Module, directory: str) -> list[str]:
         "base_model_name_or_path": getattr(language_model.config, "_name_or_path", "") or "",
         "tensor_names": sorted(state),
     }
-    save_file({name: tensor.cpu() for name, tensor in state.items()}, os.path.join(directory, WEIGHTS_NAME),
-              metadata={"format": FORMAT_NAME, "stage": stage})
-    with open(os.path.join(directory, CONFIG_NAME), "w") as handle:
-        json.dump(config, handle, indent=2)
+    # Each file whole or not at all (a kill mid-save leaves the previous one); the config, read first
+    # by load_adapters, goes last.
+    tensors = {name: tensor.cpu() for name, tensor in state.items()}
+    metadata = {"format": FORMAT_NAME, "stage": stage}
+    atomic_write(os.path.join(directory, WEIGHTS_NAME),
+                 lambda temporary: save_file(tensors, temporary, metadata=metadata))
+    atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(config, indent=2))
     return sorted(state)
 
 
