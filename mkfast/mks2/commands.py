@@ -217,7 +217,7 @@ def _stage_data(config: MKS2TrainConfig, stage: int, model):
 
 
 def run_training(config: MKS2TrainConfig, stage: int) -> dict:
-    """Train one stage; writes metrics.jsonl, loss.png, checkpoint.pt and adapters/ into output_dir."""
+    """Train one stage; writes metrics.jsonl, loss.png, checkpoint_<step>.pt and adapters/ into output_dir."""
     rank, world_size = init_from_environment(config.device.startswith("cuda"))
     if config.device.startswith("cuda") and world_size > 1:
         config.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
