@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import mkfast
-from .common import Measurement, command_line, measure, peak_memory_mb, resolve_device, run_suite
+from .common import Measurement, command_line, cpu_threads, measure, peak_memory_mb, resolve_device, run_suite
 from mkfast.ops.attention import (attention_allowed_mask, attention_reference, decode_attention_reference,
                                   decode_attention_workspace)
 
@@ -72,7 +72,7 @@ def attention_flops(batch, heads, seq, head_dim, backward: bool) -> float:
     return forward * (3.5 if backward else 1.0)
 
 
-def training_providers(q, k, v, document_ids, device, backward: bool = False):
+def training_providers(q, k, v, document_ids, device, backward: bool = False, flex: bool = True):
     """name -> forward function; every one computes the same masked attention."""
     # mkfast's auto backend: the Triton kernels on CUDA, ATen's CPU flash attention on CPU.
     providers = {"mkfast": lambda: mkfast.ops.attention(q, k, v, causal=True, document_ids=document_ids)}
@@ -85,7 +85,7 @@ def training_providers(q, k, v, document_ids, device, backward: bool = False):
     if q.shape[2] <= 2048 or device.type == "cpu":
         # The reference materialises (B, H, S, S) fp32 scores: skipped where that is GBs.
         providers["reference"] = lambda: attention_reference(q, k, v, causal=True, document_ids=document_ids)
-    if device.type == "cuda" or not backward:
+    if flex and (device.type == "cuda" or not backward):
         providers["flex-attention"] = _flex_attention_provider(q, k, v, document_ids)
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         providers["flash-attn"] = _flash_attn_provider(q, k, v, document_ids)
@@ -143,9 +143,11 @@ def training_cases(quick: bool, device: torch.device, cases: str = "default"):
         return TARGET_TRAINING if cases == "target" else TINY_TRAINING
     if device.type == "cpu":
         # CPU: one small shape, fp32 (CPU SDPA's fast paths are fp32).
-        return [(4, 256, 64, torch.float32)] if quick else [(4, 256, 64, torch.float32), (2, 512, 64, torch.float32)]
+        small = [(4, 256, 64, torch.float32)]
+        return small if quick else small + [(2, 512, 64, torch.float32)]
     seqs = (1024, 4096) if quick else (1024, 2048, 4096)
-    return [(TOKENS_PER_BATCH // seq, seq, head_dim, torch.bfloat16) for seq in seqs for head_dim in (64, 128)]
+    return [(TOKENS_PER_BATCH // seq, seq, head_dim, torch.bfloat16)
+            for seq in seqs for head_dim in (64, 128)]
 
 
 def decode_providers(q, k_cache, v_cache, lengths, device):
@@ -176,7 +178,8 @@ def decode_measurements(quick: bool, device: torch.device, repetitions: int,
         cache_length, batches = TARGET_DECODE if cases == "target" else TINY_DECODE
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for batch in batches[:2] if quick else batches:
-        q, k_cache, v_cache, _, _ = setup(batch, DECODE_HEADS, cache_length, DECODE_HEAD_DIM, "causal", dtype, device)
+        q, k_cache, v_cache, _, _ = setup(batch, DECODE_HEADS, cache_length, DECODE_HEAD_DIM, "causal", dtype,
+                                          device)
         q = q[:, :, :1].contiguous()
         lengths = torch.full((batch,), cache_length, dtype=torch.int32, device=device)
         element = q.element_size()
@@ -191,10 +194,8 @@ def decode_measurements(quick: bool, device: torch.device, repetitions: int,
     return measurements
 
 
-def main(quick: bool = False, device: str | None = None, output_root: str | None = None,
-         cases: str = "default") -> None:
-    device = resolve_device(device)
-    repetitions = 3 if quick or cases == "tiny" else (5 if device.type == "cpu" else 20)
+def training_measurements(quick: bool, device: torch.device, repetitions: int,
+                          cases: str = "default") -> list[Measurement]:
     measurements = []
     for batch, seq, head_dim, dtype in training_cases(quick, device, cases):
         heads = MODEL_WIDTH // head_dim if device.type == "cuda" else 4
@@ -205,17 +206,30 @@ def main(quick: bool = False, device: str | None = None, output_root: str | None
                 case = {"mode": "fwd+bwd" if backward else "fwd", "mask": mask, "B": batch, "H": heads,
                         "S": seq, "D": head_dim}
                 work = {"tflops": attention_flops(batch, heads, seq, head_dim, backward)}
-                for provider, forward in training_providers(q, k, v, document_ids, device, backward).items():
+                # A dry run (tiny cases) skips FlexAttention: compiling it takes minutes on 2 CPU cores.
+                providers = training_providers(q, k, v, document_ids, device, backward, flex=cases != "tiny")
+                for provider, forward in providers.items():
                     fn = _with_backward(forward, (q, k, v), grad_out) if backward else forward
                     with torch.no_grad() if not backward else torch.enable_grad():
                         timings = measure(fn, device, warmup=2, repetitions=repetitions)
                         memory = peak_memory_mb(fn, device)
-                    measurements.append(Measurement(case, provider, timings, work=work, peak_memory_mb=memory))
+                    measurements.append(Measurement(case, provider, timings, work=work,
+                                                    peak_memory_mb=memory))
                     print(f"{case} {provider}: {measurements[-1].median_ms:.3f} ms", flush=True)
-    measurements += decode_measurements(quick, device, repetitions, cases)
-    notes = ("bf16 on GPU, fp32 on CPU. TFLOP/s: 4*B*S^2*H*D forward, halved for causal, x3.5 for fwd+bwd; "
-             "3-document rows are charged the causal FLOPs (causal-equivalent rate). Decode GB/s: one read of "
-             "the K and V cache. sdpa = F.scaled_dot_product_attention (is_causal without a mask; attn_mask for "
+    return measurements
+
+
+def main(quick: bool = False, device: str | None = None, output_root: str | None = None,
+         cases: str = "default") -> None:
+    device = resolve_device(device)
+    repetitions = 3 if quick or cases == "tiny" else (5 if device.type == "cpu" else 20)
+    with cpu_threads(device, 1):  # see benchmarks.common.cpu_threads
+        measurements = training_measurements(quick, device, repetitions, cases)
+        measurements += decode_measurements(quick, device, repetitions, cases)
+    notes = ("bf16 on GPU, fp32 on CPU (one torch thread). TFLOP/s: 4*B*S^2*H*D forward, halved for "
+             "causal, x3.5 for fwd+bwd; 3-document rows are charged the causal FLOPs (causal-equivalent "
+             "rate). Decode GB/s: one read of the K and V cache. sdpa = F.scaled_dot_product_attention "
+             "(is_causal without a mask; attn_mask for "
              "documents); flex-attention = compiled FlexAttention with a causal (+ document) block mask, "
              "forward only on CPU. Ratio to any peer: its median ms over mkfast's. ")
     if device.type == "cpu":
