@@ -113,6 +113,7 @@ OFFSET_KERNELS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # about 20 s on 2 cores: a subprocess importing torch and compiling three kernels
 @needs_tools
 def test_offset_check_flags_int32_batch_times_stride_only_where_it_wraps(tmp_path):
     """The known bug's shape: Source + batch * stride_b in int32 over a 2^31-element tensor."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import sys
 import time
 
@@ -57,6 +58,8 @@ def analyse(launch: Launch, spans: dict[str, int], group: str, target_names: lis
         **base,
         **sass.record_fields(function, dynamic),
         "dots": _summarise_dots(dots(compiled.asm["ttgir"])),
+        # Local memory the PTX itself uses (a local array), not ptxas spills: both are LDL/STL in SASS.
+        "ptx_local_accesses": len(re.findall(r"\b(?:ld|st)\.local\b", compiled.asm["ptx"])),
         "offsets": {"large_tensors": sorted(large), "findings": findings},
     }
 

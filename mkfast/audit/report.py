@@ -84,6 +84,8 @@ def _row(record: dict) -> str:
     spill = f"{record['spill_store_bytes']}/{record['spill_load_bytes']}"
     if record["spill_in_loop_bytes"]:
         spill += f" **in loop ({record['spill_in_loop_bytes']})**"
+    if record.get("ptx_local_accesses"):
+        spill += f" (PTX .local: {record['ptx_local_accesses']})"
     shared = f"{record['static_shared']}+{record['dynamic_shared']}"
     if record["unpickable"]:
         shared += " (over 227 KiB: the autotuner skips it)"

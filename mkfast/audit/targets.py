@@ -5,7 +5,8 @@ attention backward's launcher directly) with tensors of the target's shapes;
 ``triton_static.record`` turns their launches into sm_90a compiles. Shapes only: the tensors hold no data.
 
   attention  B*S = 16K tokens at S = 4096 (B = 4), model width 2048 (32 heads of 64 or
-             16 of 128), GQA group 4, causal with 3 documents, forward + backward;
+             16 of 128), GQA group 4, causal and causal with 3 documents (the launcher
+             picks its dK/dV tile by mask), forward + backward;
   decode     B = 1..64, 32 query / 8 key-value heads, D = 128, cache 4096, one new token;
   mome       Llama-2-7B MLP (hidden 4096, intermediate 11008), visual memory 1024, rank 8,
              8192 tokens, forward + backward;
@@ -47,7 +48,7 @@ def _empty(*shape, dtype=DTYPE):
     return torch.empty(shape, dtype=dtype, device=CUDA)
 
 
-def _attention(batch: int, head_dim: int, heads: int | None = None) -> Callable[[], None]:
+def _attention(batch: int, head_dim: int, documents: bool, heads: int | None = None) -> Callable[[], None]:
     def launch():
         from mkfast.kernels.attention import attention_backward
         from mkfast.ops.attention import attention_backends
@@ -57,7 +58,8 @@ def _attention(batch: int, head_dim: int, heads: int | None = None) -> Callable[
         query_heads = heads or MODEL_WIDTH // head_dim
         q = _empty(batch, query_heads, SEQUENCE, head_dim)
         k, v = (_empty(batch, query_heads // GQA_GROUP, SEQUENCE, head_dim) for _ in range(2))
-        document_ids = _empty(batch, SEQUENCE, dtype=torch.int32)  # values unused: spans are shapes here
+        # Values unused: the document spans are shapes here. None is plain causal attention.
+        document_ids = _empty(batch, SEQUENCE, dtype=torch.int32) if documents else None
         out, lse = attention_forward(q, k, v, True, document_ids, head_dim**-0.5)
         attention_backward(torch.empty_like(out), q, k, v, out, lse, True, document_ids, head_dim**-0.5)
 
@@ -128,14 +130,19 @@ def _topk(batch: int, k: int) -> Callable[[], None]:
 
 def targets() -> list[Target]:
     found = [
-        Target(f"attention D={d} S={SEQUENCE}", "attention", _attention(TOKENS_PER_BATCH // SEQUENCE, d))
+        Target(
+            f"attention D={d} S={SEQUENCE} {mask}",
+            "attention",
+            _attention(TOKENS_PER_BATCH // SEQUENCE, d, mask == "3 documents"),
+        )
         for d in (64, 128)
+        for mask in ("causal", "3 documents")
     ]
     found.append(
         Target(
             f"attention D=128 B={REACH_BATCH} Hq=32 (q > 2^31 elements)",
             "attention",
-            _attention(REACH_BATCH, 128, 32),
+            _attention(REACH_BATCH, 128, True, 32),
             True,
         )
     )
