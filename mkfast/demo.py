@@ -123,13 +123,17 @@ STAGES: dict[str, Callable[[str, bool, torch.device], dict]] = {
 # The rows the printed summary shows (every number is in results.json and index.html):
 # (label, path into the results, with "*" standing for every key at that level).
 HEADLINE = [
-    ("RA-CM3 held-out image-token loss, K~U{0,1,2} training", "racm3.runs.retrieval.held_out_image_token_loss"),
+    # RA-CM3 rows: means over seeds on the memory-only digits 7-9 (the claims table pairs the seeds).
+    ("RA-CM3 held-out image-token loss, K~U{0,1,2} training, K=2",
+     "racm3.runs.retrieval.held_out_image_token_loss"),
     ("RA-CM3 held-out image-token loss, no retrieval", "racm3.runs.no_retrieval.held_out_image_token_loss"),
-    ("RA-CM3 held-out caption-token loss, K~U{0,1,2} training", "racm3.runs.retrieval.held_out_caption_token_loss"),
-    ("RA-CM3 held-out caption-token loss, no retrieval", "racm3.runs.no_retrieval.held_out_caption_token_loss"),
-    ("text-to-image CLIP score (best of N), *", "racm3_inference.*.text_to_image.clip_score_best"),
-    ("text-to-image digit accuracy (CLIP), *", "racm3_inference.*.text_to_image.clip_digit_accuracy"),
-    ("image-to-text digit-name accuracy, *", "racm3_inference.*.image_to_text.digit_name_accuracy"),
+    ("RA-CM3 held-out caption-token loss, K~U{0,1,2} training, K=2",
+     "racm3.runs.retrieval.held_out_caption_token_loss"),
+    ("RA-CM3 held-out caption-token loss, no retrieval",
+     "racm3.runs.no_retrieval.held_out_caption_token_loss"),
+    ("text-to-image judged accuracy (best of N), *",
+     "racm3_inference.*.memory_only.text_to_image.judge_accuracy_best"),
+    ("captioning judged class accuracy, *", "racm3_inference.*.memory_only.image_to_text.class_accuracy"),
     ("k-shot accuracy (ensemble), k=*", "racm3_inference.k_shot.ensemble_accuracy.*"),
     ("MKS2 held-out text questions acc, *", "mks2.results.*.held_out_text_questions.acc"),
     ("MKS2 held-out text questions acc, mean over training seeds, *",

@@ -7,6 +7,8 @@ except where a test makes a model prefer something on purpose.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -332,47 +334,61 @@ def test_save_images_writes_pngs(tmp_path):
 # ----------------------------------------------------------------------------- demo and commands
 @pytest.fixture(scope="module")
 def fake_demo_run(tmp_path_factory):
-    """A directory laid out like the RA-CM3 demo's output, with untrained components (no training in tests)."""
+    """A directory laid out like the RA-CM3 demo's output, untrained components (no training in tests)."""
     import json
+    from dataclasses import asdict
 
     demo = pytest.importorskip("mkfast.racm3.demo")
     from mkfast.data.digits import load_digits_pairs
     from mkfast.racm3.encoder import MixedModalEncoder, SmallCLIPConfig, build_small_clip
     from mkfast.racm3.image_tokenizer import VQGAN
     from mkfast.racm3.inference_demo import COMPONENTS_FILE, TRAINED_SEQUENCE_LENGTH
+    from mkfast.racm3.knowledge import MEMORY_ONLY_CLASSES, SEEN_CLASSES, text_only_documents
 
     directory = tmp_path_factory.mktemp("racm3_demo")
     torch.manual_seed(0)
     train, _ = load_digits_pairs(image_size=demo.IMAGE_SIZE, seed=0)
-    vocabulary = CM3Vocabulary.from_corpus(train.captions, demo.DEMO_VQ.codebook_size, demo.DEMO_TEXT_VOCABULARY)
+    vocabulary = CM3Vocabulary.from_corpus(train.captions + text_only_documents(1),
+                                           demo.DEMO_VQ.codebook_size, demo.DEMO_TEXT_VOCABULARY)
     encoder = MixedModalEncoder(build_small_clip(SmallCLIPConfig(image_size=demo.IMAGE_SIZE)))
     torch.save({"vq": VQGAN(demo.DEMO_VQ).state_dict(), "clip": encoder.clip.state_dict(),
                 "vocabulary": vocabulary.to_json()}, directory / COMPONENTS_FILE)
-    for name in ("retrieval", "no_retrieval"):
-        (directory / name).mkdir()
-        model = build_generator(len(vocabulary), GeneratorConfig(max_sequence_length=TRAINED_SEQUENCE_LENGTH),
-                                pad_token_id=vocabulary.pad_id)
-        torch.save({"model": model.state_dict(), "config": {"seed": 0}}, directory / name / "checkpoint_00000001.pt")
-    (directory / "results.json").write_text(json.dumps({"quick": True, "vocabulary_size": len(vocabulary),
-                                                        "held_out_documents": 4, "runs": {}}))
+    config = GeneratorConfig(max_sequence_length=TRAINED_SEQUENCE_LENGTH)
+    for seed in (0, 1):
+        for name in ("retrieval", "no_retrieval"):
+            (directory / f"seed_{seed}" / name).mkdir(parents=True)
+            model = build_generator(len(vocabulary), config, pad_token_id=vocabulary.pad_id)
+            torch.save({"model": model.state_dict(), "config": {"seed": seed}},
+                       directory / f"seed_{seed}" / name / "checkpoint_00000001.pt")
+    (directory / "results.json").write_text(json.dumps({
+        "quick": True, "vocabulary_size": len(vocabulary), "seeds": [0, 1], "data_seed": 0,
+        "generator": asdict(config), "threshold": 0.99, "seen_classes": list(SEEN_CLASSES),
+        "memory_only_classes": list(MEMORY_ONLY_CLASSES), "runs": {}}))
     return str(directory)
 
 
-def test_inference_demo_reports_every_configuration_and_writes_the_grid(fake_demo_run, tmp_path):
+def test_inference_demo_reports_every_configuration_claims_and_writes_the_grid(fake_demo_run, tmp_path):
     import os
 
-    from mkfast.racm3.inference_demo import InferenceSizes, run_inference_demo
+    from mkfast.racm3.inference_demo import CONFIGURATIONS, InferenceSizes, run_inference_demo
 
-    sizes = InferenceSizes(captions=2, image_samples=2, images=1, caption_samples=2, classification_queries=1,
-                           shots=(1, 2))
+    sizes = InferenceSizes(prompts_per_class=1, image_samples=2, images_per_class=1, caption_samples=2,
+                           classification_queries=2, shots=(1, 2))
     summary = run_inference_demo(fake_demo_run, str(tmp_path), sizes=sizes)
-    assert not summary["replayed_components"]
-    for name in ("racm3_k2", "racm3_k0", "cm3_k0"):
-        text_to_image = summary[name]["text_to_image"]
-        assert 0 <= text_to_image["clip_score_best"] <= 100
-        assert text_to_image["clip_score_best"] >= text_to_image["clip_score_all_samples"]
-        assert 0 <= summary[name]["image_to_text"]["caption_accuracy"] <= 1
+    assert summary["seeds"] == [0, 1] and len(summary["per_seed"]) == 2
+    for name in CONFIGURATIONS:
+        memory_only = summary[name]["memory_only"]
+        assert 0 <= memory_only["text_to_image"]["judge_accuracy_best"] <= 1
+        assert 0 <= memory_only["image_to_text"]["class_accuracy"] <= 1
+        assert math.isfinite(memory_only["text_to_image"]["kernel_distance"])
+    assert set(summary["racm3_k2"]) == {"memory_only", "seen"}
+    assert summary["judge"]["accuracy_real_held_out"] > 0.9  # the judge, unlike the models here, is fitted
     assert set(summary["k_shot"]["ensemble_accuracy"]) == {1, 2}
+    assert {row["claim"] for row in summary["claims"]} >= {
+        "retrieval improves image generation on knowledge held only in memory",
+        "retrieval improves captioning on knowledge held only in memory",
+        "k-shot in-context accuracy improves with k", "k-shot in-context accuracy beats chance"}
+    assert all(row["seeds"] == 2 for row in summary["claims"])
     assert os.path.exists(tmp_path / "text_to_image_grid.png") and os.path.exists(tmp_path / "inference_results.json")
 
 

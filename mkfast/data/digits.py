@@ -55,3 +55,20 @@ def load_digits_pairs(image_size: int = 32, held_out_fraction: float = 0.2,
         splits.append(ImageCaptionSplit(images[indices], split_labels,
                                         [digit_caption(int(label)) for label in split_labels]))
     return splits[0], splits[1]
+
+
+def select_classes(split: ImageCaptionSplit, classes: tuple[int, ...] | list[int]) -> ImageCaptionSplit:
+    """The pairs of ``split`` whose digit is one of ``classes``, in their original order."""
+    unknown = sorted(set(classes) - set(range(len(DIGIT_NAMES))))
+    if unknown:
+        raise ValueError(f"select_classes: classes must be digits 0..9, got {unknown}")
+    keep = torch.isin(split.labels, torch.tensor(list(classes), dtype=torch.int64)).nonzero().flatten()
+    return ImageCaptionSplit(split.images[keep], split.labels[keep],
+                             [split.captions[int(row)] for row in keep])
+
+
+def caption_digit(text: str) -> int | None:
+    """The digit a caption names (its last digit name), None when it names none."""
+    words = text.lower().replace(".", " ").split()
+    named = [DIGIT_NAMES.index(word) for word in words if word in DIGIT_NAMES]
+    return named[-1] if named else None

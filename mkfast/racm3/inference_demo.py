@@ -1,24 +1,24 @@
-"""RA-CM3 inference on the digits demo: text-to-image, captioning and k-shot classification, with vs without retrieval.
+"""RA-CM3 inference on the digits demo: text-to-image, captioning, k-shot, on knowledge held only in memory.
 
-Reads what :func:`mkfast.racm3.demo.run_demo` trained (``racm3_output_dir``:
-results.json, retrieval/ and no_retrieval/ generator checkpoints) or what
-``mkfast train racm3`` wrote (components.pt, config.json, checkpoints). The RA-CM3
-demo does not save its VQ tokenizer, CLIP and vocabulary; when no components.pt
-is found they are rebuilt by replaying the demo's stages with its seed and sizes
-(deterministic on one machine; the replay is checked by recomputing a held-out
-loss the demo recorded) and saved as ``racm3_output_dir/components.pt`` (or
-``output_dir/components.pt`` when the run dir is read-only) for the next call.
+Reads what :func:`mkfast.racm3.demo.run_demo` wrote (``racm3_output_dir``: results.json,
+components.pt, seed_<s>/{retrieval,no_retrieval}/ checkpoints) and, per generator seed,
+evaluates on the memory-only digits 7-9 (and the seen digits 0-6 as a check):
 
-Reported (held-out digits; the paper's numbers are at 2.7B / LAION scale):
-  - text-to-image: CLIP score of the reranked best image, CLIP digit accuracy (the
-    best image's closest caption among the 10 digit captions is the prompt), FID on
-    the retriever's CLIP image features (not Inception: no weights here);
-  - image-to-text: exact caption accuracy, digit-name accuracy (last word) and CIDEr-D
-    of the lowest-perplexity caption;
-  - configurations: the retrieval-trained model with K = 2 and K = 0 retrieved
-    documents, and the model trained without retrieval (CM3) with K = 0;
-  - k-shot classification with nonsense labels, k = 1, 2, 4, 8: the ensemble of k
-    one-shot prompts and the single k-shot prompt.
+  - configurations: the retrieval-trained model with K=2 from the full memory, with K=2
+    from the memory cut to the seen digits (the control), with K=0, and the model trained
+    without retrieval (CM3) with K=0;
+  - text-to-image: per prompt (a digit's caption) N images sampled and reranked by CLIP
+    as RA-CM3 does; the kept image, and all N, judged by an independent classifier
+    (mkfast.data.judge, fitted on real pixels apart from every model here), and the kernel
+    distance (KID's statistic) of the kept images to real ones. The reranking CLIP scores
+    nothing reported;
+  - captioning: per image M captions sampled, the lowest-perplexity one kept (RA-CM3), its
+    class read from the digit it names;
+  - k-shot: binary tasks between two memory-only digits with the labels "a handwritten digit
+    X" / "Y" (text the generators were trained on), the ensemble of k one-shot prompts
+    (RA-CM3's), k = 1, 2, 4, 8.
+
+Each claim is a paired comparison over the seeds (mkfast.claims), in ``summary["claims"]``.
 """
 
 from __future__ import annotations
@@ -31,10 +31,14 @@ from dataclasses import dataclass
 
 import torch
 
+from mkfast.claims import paired_claim
+from mkfast.data.digits import caption_digit, digit_caption
+from mkfast.data.judge import DigitJudge, kernel_distance
 from mkfast.progress import progress_bar
 from mkfast.racm3.inference import NONSENSE_LABELS, RACM3Inference
 from mkfast.racm3.inference_commands import save_grid
-from mkfast.racm3.metrics import CLIPImageFeatures, accuracy, cider_d, clip_scores, fid, normalise_caption
+from mkfast.racm3.knowledge import MEMORY_ONLY_CLASSES
+from mkfast.racm3.metrics import continuation_log_probabilities
 
 COMPONENTS_FILE = "components.pt"
 SHOTS = (1, 2, 4, 8)
@@ -42,20 +46,31 @@ SHOTS = (1, 2, 4, 8)
 TRAINED_SEQUENCE_LENGTH = 256
 # Digit captions are 4-6 BPE tokens; 16 lets a wrong caption run on without wasting steps.
 DEMO_MAX_CAPTION_TOKENS = 16
+PAPER = "RA-CM3"
+# configuration -> (generator, memory, K)
+CONFIGURATIONS = {"racm3_k2": ("retrieval", "memory", 2),
+                  "racm3_k2_seen_memory": ("retrieval", "training", 2),
+                  "racm3_k0": ("retrieval", "memory", 0),
+                  "cm3_k0": ("no_retrieval", "memory", 0)}
+# The seen digits are a check that retrieval does not hurt what the generator knows: two configurations.
+SEEN_CONFIGURATIONS = ("racm3_k2", "cm3_k0")
 
 
 @dataclass
 class InferenceSizes:
-    captions: int  # text-to-image prompts (held-out captions)
-    image_samples: int  # images sampled per caption (RA-CM3: 10)
-    images: int  # image-to-text queries
+    prompts_per_class: int  # text-to-image prompts per digit (one caption, different sampling seeds)
+    image_samples: int  # images sampled per prompt (RA-CM3: 10)
+    images_per_class: int  # captioning queries per digit (held-out images)
     caption_samples: int  # captions sampled per image (RA-CM3: 32)
-    classification_queries: int
+    classification_queries: int  # k-shot queries per seed
     shots: tuple[int, ...] = SHOTS
+    seen_per_class: int = 1  # prompts and images per seen digit
 
 
-QUICK = InferenceSizes(captions=6, image_samples=4, images=6, caption_samples=6, classification_queries=12)
-FULL = InferenceSizes(captions=40, image_samples=10, images=40, caption_samples=32, classification_queries=100)
+QUICK = InferenceSizes(prompts_per_class=1, image_samples=2, images_per_class=1, caption_samples=2,
+                       classification_queries=6)
+FULL = InferenceSizes(prompts_per_class=6, image_samples=4, images_per_class=8, caption_samples=4,
+                      classification_queries=200, seen_per_class=2)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -66,170 +81,215 @@ def _latest_checkpoint(directory: str) -> str:
     return paths[-1]
 
 
-def replay_demo_components(quick: bool, seed: int):
-    """The demo's tokenizer, CLIP and vocabulary, rebuilt with its seed and sizes (see the module docstring)."""
-    from mkfast.data.digits import load_digits_pairs
-    from mkfast.racm3.demo import DEMO_TEXT_VOCABULARY, DEMO_VQ, IMAGE_SIZE, demo_sizes
-    from mkfast.racm3.encoder import (
-        CLIPTrainingConfig,
-        MixedModalEncoder,
-        SmallCLIPConfig,
-        build_small_clip,
-        train_clip,
-    )
-    from mkfast.racm3.image_tokenizer import VQGAN, VQTrainingConfig, train_image_tokenizer
-    from mkfast.racm3.vocabulary import CM3Vocabulary
-
-    sizes = demo_sizes(quick, "cpu")  # only CPU runs replay (see load_demo_run)
-    torch.manual_seed(seed)  # same order of random draws as run_demo
-    train, _ = load_digits_pairs(image_size=IMAGE_SIZE, seed=seed)
-    tokenizer = VQGAN(DEMO_VQ)
-    train_image_tokenizer(tokenizer, train.images,
-                          VQTrainingConfig(steps=sizes.vq_steps, batch_size=sizes.vq_batch_size, seed=seed))
-    encoder = MixedModalEncoder(build_small_clip(SmallCLIPConfig(image_size=IMAGE_SIZE)))
-    train_clip(encoder, train.images, train.captions, CLIPTrainingConfig(steps=sizes.clip_steps, seed=seed))
-    vocabulary = CM3Vocabulary.from_corpus(train.captions, DEMO_VQ.codebook_size, DEMO_TEXT_VOCABULARY)
-    return {"vq": tokenizer.state_dict(), "clip": encoder.clip.state_dict(), "vocabulary": vocabulary.to_json()}
-
-
-def load_demo_run(racm3_output_dir: str, cache_dir: str | None = None, device: torch.device | str = "cpu") -> dict:
-    """Generators ("retrieval", "no_retrieval"), tokenizer, encoder, vocabulary and the digits splits,
-    the models on ``device``."""
-    from mkfast.data.digits import load_digits_pairs
-    from mkfast.racm3.demo import DEMO_VQ, IMAGE_SIZE
-    from mkfast.racm3.encoder import MixedModalEncoder, SmallCLIPConfig, build_small_clip
+def load_generators(racm3_output_dir: str, seed: int, vocabulary_size: int, generator_config: dict,
+                    pad_token_id: int, device: torch.device | str = "cpu") -> dict:
+    """{"retrieval": model, "no_retrieval": model} of one generator seed, in eval mode on ``device``."""
     from mkfast.racm3.generator import GeneratorConfig, build_generator
+
+    generators = {}
+    for name in ("retrieval", "no_retrieval"):
+        state = torch.load(_latest_checkpoint(os.path.join(racm3_output_dir, f"seed_{seed}", name)),
+                           map_location="cpu", weights_only=False)
+        model = build_generator(vocabulary_size, GeneratorConfig(**generator_config),
+                                pad_token_id=pad_token_id, device=device)
+        model.load_state_dict(state["model"])
+        generators[name] = model.eval()
+    return generators
+
+
+def load_demo_run(racm3_output_dir: str, cache_dir: str | None = None,
+                  device: torch.device | str = "cpu") -> dict:
+    """The demo's components, splits and corpora, and the first seed's generators, on ``device``.
+
+    cache_dir: unused, kept for callers of the older layout. Returns summary, generators (the
+    first seed's), tokenizer, encoder, vocabulary, train (every class: the memory's pairs),
+    held_out, memory and training corpora, seed.
+    """
+    from mkfast.data.digits import load_digits_pairs
+    from mkfast.racm3.components import load_components
+    from mkfast.racm3.demo import DEMO_VQ, IMAGE_SIZE, build_corpora
+    from mkfast.racm3.encoder import MixedModalEncoder, SmallCLIPConfig, build_small_clip
     from mkfast.racm3.image_tokenizer import VQGAN
     from mkfast.racm3.vocabulary import CM3Vocabulary
 
     with open(os.path.join(racm3_output_dir, "results.json")) as handle:
         summary = json.load(handle)
-    checkpoints = {name: torch.load(_latest_checkpoint(os.path.join(racm3_output_dir, name)), map_location="cpu",
-                                    weights_only=False) for name in ("retrieval", "no_retrieval")}
-    seed = int(checkpoints["retrieval"]["config"]["seed"])
-    candidates = [os.path.join(racm3_output_dir, COMPONENTS_FILE)]
-    if cache_dir:
-        candidates.append(os.path.join(cache_dir, COMPONENTS_FILE))
-    found = next((path for path in candidates if os.path.exists(path)), None)
-    replayed = found is None
-    if replayed and summary.get("device", "cpu") != "cpu":
-        raise FileNotFoundError(f"load_demo_run: {racm3_output_dir} has no {COMPONENTS_FILE}, and a run trained on "
-                                f"{summary['device']} cannot be replayed bit for bit on the CPU")
-    if replayed:
-        components = replay_demo_components(summary["quick"], seed)
-        # Next time: found in the run dir itself (the layout `mkfast train racm3` writes), else in cache_dir.
-        for path in candidates:
-            try:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                torch.save(components, path + ".tmp")
-                os.replace(path + ".tmp", path)
-                break
-            except OSError:
-                continue
-    else:
-        components = torch.load(found, map_location="cpu", weights_only=False)
+    if "seeds" not in summary:
+        raise ValueError(f"load_demo_run: {racm3_output_dir} was written by an older demo (no per-seed "
+                         "generators); rerun `mkfast demo --stages racm3`")
+    components = load_components(os.path.join(racm3_output_dir, COMPONENTS_FILE))
     tokenizer = VQGAN(DEMO_VQ)
     tokenizer.load_state_dict(components["vq"])
     encoder = MixedModalEncoder(build_small_clip(SmallCLIPConfig(image_size=IMAGE_SIZE)))
     encoder.clip.load_state_dict(components["clip"])
-    tokenizer, encoder = tokenizer.to(device), encoder.to(device)
+    tokenizer, encoder = tokenizer.to(device).eval(), encoder.to(device).eval()
     vocabulary = CM3Vocabulary.from_json(components["vocabulary"])
     if len(vocabulary) != summary["vocabulary_size"]:
-        raise ValueError(f"load_demo_run: rebuilt vocabulary has {len(vocabulary)} ids, the demo's had "
+        raise ValueError(f"load_demo_run: the saved vocabulary has {len(vocabulary)} ids, the demo's had "
                          f"{summary['vocabulary_size']}")
-    # Runs that predate the recorded config used the defaults at the demo's sequence length.
-    generator_config = GeneratorConfig(**summary.get("generator", {"max_sequence_length": TRAINED_SEQUENCE_LENGTH}))
-    generators = {}
-    for name, state in checkpoints.items():
-        model = build_generator(len(vocabulary), generator_config, pad_token_id=vocabulary.pad_id, device=device)
-        model.load_state_dict(state["model"])
-        generators[name] = model.eval()
-    train, held_out = load_digits_pairs(image_size=IMAGE_SIZE, seed=seed)
-    return {"summary": summary, "generators": generators, "tokenizer": tokenizer.eval(), "encoder": encoder.eval(),
-            "vocabulary": vocabulary, "train": train, "held_out": held_out, "replayed_components": replayed,
-            "seed": seed}
-
-
-def check_replay(run: dict, corpus, options) -> dict:
-    """Recompute the held-out image-token loss the demo recorded for its no-retrieval model."""
-    from mkfast.racm3.demo import evaluate_main_loss
-
-    summary, held_out = run["summary"], run["held_out"]
-    count = summary["held_out_documents"]
-    codes = run["tokenizer"].encode(held_out.images[:count])
-    loss = evaluate_main_loss(run["generators"]["no_retrieval"], corpus, held_out.captions[:count],
-                              held_out.images[:count], codes, "text", 0, options)
-    recorded = summary["runs"]["no_retrieval"]["held_out_image_token_loss"]
-    return {"recomputed_image_token_loss": loss["image"], "recorded_image_token_loss": recorded,
-            "matches": abs(loss["image"] - recorded) <= 1e-3 * max(1.0, abs(recorded))}
+    train, held_out = load_digits_pairs(image_size=IMAGE_SIZE, seed=summary["data_seed"])
+    memory, training = build_corpora(vocabulary, encoder, train, tokenizer.encode(train.images), device)
+    generators = load_generators(racm3_output_dir, summary["seeds"][0], len(vocabulary), summary["generator"],
+                                 vocabulary.pad_id, device)
+    return {"summary": summary, "generators": generators, "tokenizer": tokenizer, "encoder": encoder,
+            "vocabulary": vocabulary, "train": train, "held_out": held_out, "memory": memory,
+            "training": training, "seed": summary["seeds"][0], "replayed_components": False}
 
 
 # ----------------------------------------------------------------------------- tasks
-def evaluate_text_to_image(pipeline: RACM3Inference, captions: list[str], k: int, sizes: InferenceSizes,
-                           all_captions: list[str], seed: int) -> tuple[dict, list]:
-    results = [pipeline.text_to_image(caption, k=k, num_samples=sizes.image_samples, seed=seed + index)
-               for index, caption in progress_bar(list(enumerate(captions)), desc=f"text to image, K={k}")]
+def evaluate_text_to_image(pipeline: RACM3Inference, classes: list[int], k: int, sizes: InferenceSizes,
+                           judge: DigitJudge, seed: int, desc: str) -> tuple[dict, list]:
+    """Per prompt the CLIP-reranked best of N; the judge's accuracy on the kept images and on all N."""
+    prompts = [label for label in classes for _ in range(sizes.prompts_per_class)]
+    results = [pipeline.text_to_image(digit_caption(label), k=k, num_samples=sizes.image_samples,
+                                      seed=seed + index)
+               for index, label in progress_bar(list(enumerate(prompts)), desc=desc)]
     best = torch.stack([result.images[0] for result in results])
-    # CLIP digit accuracy: the best image's closest caption among all digit captions is the prompt.
-    scores = torch.stack([clip_scores(pipeline.encoder, best, [candidate] * len(results))
-                          for candidate in all_captions], dim=1)
-    closest = [all_captions[index] for index in scores.argmax(dim=1).tolist()]
-    return {"clip_score_best": float(torch.stack([r.scores[0] for r in results]).mean()),
-            "clip_score_all_samples": float(torch.cat([r.scores for r in results]).mean()),
-            "clip_digit_accuracy": accuracy(closest, captions)}, results
+    every = torch.cat([result.images for result in results])
+    return {"judge_accuracy_best": judge.accuracy(best, prompts),
+            "judge_accuracy_all_samples": judge.accuracy(every, [label for label in prompts
+                                                                 for _ in range(sizes.image_samples)]),
+            "prompts": len(prompts)}, results
 
 
-def evaluate_image_to_text(pipeline: RACM3Inference, images: torch.Tensor, captions: list[str], k: int,
-                           sizes: InferenceSizes, seed: int) -> dict:
-    generated = [pipeline.image_to_text(image, k=k, num_captions=sizes.caption_samples, seed=seed + index,
-                                        max_caption_tokens=DEMO_MAX_CAPTION_TOKENS).caption
-                 for index, image in progress_bar(list(enumerate(images)), desc=f"image to text, K={k}")]
-    cider, _ = cider_d(generated, [[caption] for caption in captions])
-    def last_word(text: str) -> str:
-        words = normalise_caption(text).split()
-        return words[-1] if words else ""
-
-    return {"caption_accuracy": accuracy([normalise_caption(text) for text in generated],
-                                         [normalise_caption(text) for text in captions]),
-            # Looser: the caption ends with the right digit name (the only word that differs here).
-            "digit_name_accuracy": accuracy([last_word(text) for text in generated],
-                                            [last_word(text) for text in captions]),
-            "cider_d": cider, "examples": list(zip(captions[:4], generated[:4]))}
+def evaluate_image_to_text(pipeline: RACM3Inference, images: torch.Tensor, labels: torch.Tensor, k: int,
+                           sizes: InferenceSizes, seed: int, desc: str) -> dict:
+    """The lowest-perplexity of M sampled captions per image; class accuracy from the digit it names."""
+    captions = [pipeline.image_to_text(image, k=k, num_captions=sizes.caption_samples, seed=seed + index,
+                                       max_caption_tokens=DEMO_MAX_CAPTION_TOKENS).caption
+                for index, image in progress_bar(list(enumerate(images)), desc=desc)]
+    named = [caption_digit(caption) for caption in captions]
+    correct = [int(digit == int(label)) for digit, label in zip(named, labels, strict=True)]
+    return {"class_accuracy": sum(correct) / max(1, len(correct)), "images": len(correct),
+            "examples": [[digit_caption(int(label)), caption]
+                         for label, caption in zip(labels[:4], captions[:4], strict=True)]}
 
 
-def evaluate_k_shot(pipeline: RACM3Inference, run: dict, query_count: int, seed: int,
-                    shots: tuple[int, ...] = SHOTS) -> dict:
-    """Binary tasks: the query's digit vs another digit, labels X / Y assigned at random per query."""
-    train, held_out = run["train"], run["held_out"]
+def _one_shot_probabilities(pipeline: RACM3Inference, query_codes: torch.Tensor, pairs: list) -> torch.Tensor:
+    """(P, 2) p(label) per one-shot prompt, every prompt's two continuations in one batched pass."""
+    prefixes = [torch.tensor(pipeline.context_ids(list(pair)) + pipeline._infill_caption_prefix(query_codes))
+                for pair in pairs]
+    if len({len(prefix) for prefix in prefixes}) != 1:  # labels of unequal token counts: one prompt at a time
+        return torch.stack([pipeline.label_probabilities(query_codes, list(pair)) for pair in pairs])
+    continuations = [pipeline.vocabulary.encode_text(label) + [pipeline.vocabulary.separator_id]
+                     for label in NONSENSE_LABELS]
+    prefix_batch = torch.stack([prefix for prefix in prefixes for _ in continuations])
+    values = continuation_log_probabilities(pipeline.model, prefix_batch, continuations * len(pairs))
+    log_likelihoods = torch.stack([value.double().sum() for value in values])
+    log_likelihoods = log_likelihoods.view(len(pairs), len(continuations))
+    return torch.softmax(log_likelihoods, dim=1)
+
+
+def evaluate_k_shot(pipeline: RACM3Inference, memory_labels: torch.Tensor, query_images: torch.Tensor,
+                    query_labels: torch.Tensor, query_count: int, seed: int, shots: tuple[int, ...] = SHOTS,
+                    classes: tuple[int, ...] = MEMORY_ONLY_CLASSES) -> dict:
+    """Binary tasks between two memory-only digits, labels X / Y assigned at random per query.
+
+    Query i is held-out image i mod n (a fresh pair of digits and demonstrations each time);
+    demonstrations are memory documents' images. The ensemble of k averages the first k of
+    the same max(shots) one-shot prompts, so larger k adds prompts to smaller k's.
+    """
     generator = torch.Generator().manual_seed(seed)
-    query_codes = run["tokenizer"].encode(held_out.images[:query_count])
-    by_label = {label: (train.labels == label).nonzero().flatten() for label in range(10)}
-    ensemble_correct = {k: [] for k in shots}
-    single_correct = {k: [] for k in shots}
+    tokenizer_device = next(pipeline.image_tokenizer.parameters()).device
+    query_codes = pipeline.image_tokenizer.encode(query_images.to(tokenizer_device))
+    by_label = {label: (memory_labels == label).nonzero().flatten() for label in classes}
+    correct = {k: [] for k in shots}
     for query in progress_bar(range(query_count), desc="k-shot queries"):
-        true_label = int(held_out.labels[query])
-        other = (true_label + 1 + int(torch.randint(0, 9, (1,), generator=generator))) % 10
-        classes = [true_label, other] if bool(torch.rand((), generator=generator) < 0.5) else [other, true_label]
-        target = classes.index(true_label)  # 0 -> label X, 1 -> label Y
+        row = query % len(query_labels)
+        true_label = int(query_labels[row])
+        others = [label for label in classes if label != true_label]
+        other = others[int(torch.randint(0, len(others), (1,), generator=generator))]
+        swap = bool(torch.rand((), generator=generator) < 0.5)
+        pair_classes = [true_label, other] if swap else [other, true_label]
+        target = pair_classes.index(true_label)  # 0 -> label X, 1 -> label Y
         draws = [by_label[label][torch.randperm(len(by_label[label]), generator=generator)[:max(shots)]]
-                 for label in classes]
-        pairs = [tuple(pipeline.demonstration(pipeline.corpus.codes[int(draws[slot][shot])], NONSENSE_LABELS[slot])
-                       for slot in range(2)) for shot in range(max(shots))]
+                 for label in pair_classes]
+        pairs = [tuple(pipeline.demonstration(pipeline.corpus.codes[int(draws[slot][shot])],
+                                              NONSENSE_LABELS[slot]) for slot in range(2))
+                 for shot in range(max(shots))]
+        probabilities = _one_shot_probabilities(pipeline, query_codes[row].cpu(), pairs)
         for k in shots:
-            ensemble = pipeline.classify_ensemble(query_codes[query], pairs[:k])
-            ensemble_correct[k].append(int(ensemble.prediction == target))
-            single = pipeline.classify_single_prompt(query_codes[query], [d for pair in pairs[:k] for d in pair])
-            single_correct[k].append(int(single.prediction == target))
-    return {"ensemble_accuracy": {k: sum(v) / len(v) for k, v in ensemble_correct.items()},
-            "single_prompt_accuracy": {k: sum(v) / len(v) for k, v in single_correct.items()},
-            "queries": query_count,
-            "note": f"single prompts for k >= 2 hold 2k+1 documents, longer than the {TRAINED_SEQUENCE_LENGTH} "
-                    "tokens the demo generator was trained on"}
+            correct[k].append(int(int(probabilities[:k].mean(dim=0).argmax()) == target))
+    return {"ensemble_accuracy": {k: sum(values) / len(values) for k, values in correct.items()},
+            "queries": query_count}
+
+
+def _per_class(split, classes, count: int):
+    rows = torch.cat([(split.labels == label).nonzero().flatten()[:count] for label in classes])
+    return split.images[rows], split.labels[rows]
+
+
+def evaluate_seed(run: dict, generators: dict, seed: int, sizes: InferenceSizes, judge: DigitJudge,
+                  output_dir: str | None) -> dict:
+    """Every configuration's text-to-image and captioning on both class groups, and k-shot, for one seed."""
+    summary = run["summary"]
+    groups = {"memory_only": tuple(summary["memory_only_classes"]), "seen": tuple(summary["seen_classes"])}
+    held_out = run["held_out"]
+    result: dict = {}
+    for name, (generator_name, memory_name, k) in CONFIGURATIONS.items():
+        pipeline = RACM3Inference(generators[generator_name], run[memory_name], run["tokenizer"],
+                                  threshold=summary["threshold"])
+        result[name] = {}
+        for group, classes in groups.items():
+            if group == "seen" and name not in SEEN_CONFIGURATIONS:
+                continue
+            count = sizes.prompts_per_class if group == "memory_only" else sizes.seen_per_class
+            text_to_image, results = evaluate_text_to_image(
+                pipeline, list(classes), k, InferenceSizes(**{**sizes.__dict__, "prompts_per_class": count}),
+                judge, seed, f"seed {seed} {name} text to image, {group}")
+            if group == "memory_only":
+                real = held_out.images[torch.isin(held_out.labels, torch.tensor(classes))]
+                best = torch.stack([result.images[0] for result in results])
+                text_to_image["kernel_distance"] = kernel_distance(real, best)
+                if output_dir and name == "racm3_k2":
+                    grid = os.path.join(output_dir, "text_to_image_grid.png")
+                    save_grid(results[::max(1, count)], pipeline.corpus, grid, k)
+            images, labels = _per_class(held_out, classes, sizes.images_per_class if group == "memory_only"
+                                        else sizes.seen_per_class)
+            captions = evaluate_image_to_text(pipeline, images, labels, k, sizes, seed,
+                                              f"seed {seed} {name} captions, {group}")
+            result[name][group] = {"text_to_image": text_to_image, "image_to_text": captions}
+    pipeline = RACM3Inference(generators["retrieval"], run["memory"], run["tokenizer"],
+                              threshold=summary["threshold"])
+    query_images, query_labels = _per_class(held_out, groups["memory_only"], len(held_out.labels))
+    result["k_shot"] = evaluate_k_shot(pipeline, run["train"].labels, query_images, query_labels,
+                                       sizes.classification_queries, seed, sizes.shots, groups["memory_only"])
+    return result
+
+
+def inference_claims(per_seed: list[dict], shots: tuple[int, ...]) -> list[dict]:
+    """The image-generation, captioning and k-shot rows, paired per seed."""
+    def values(name: str, group: str, task: str, metric: str) -> list[float]:
+        return [seed[name][group][task][metric] for seed in per_seed]
+
+    rows = []
+    for task, metric, what in (("text_to_image", "judge_accuracy_best", "image generation"),
+                               ("image_to_text", "class_accuracy", "captioning")):
+        cm3 = values("cm3_k0", "memory_only", task, metric)
+        rows.append(paired_claim(PAPER, f"retrieval improves {what} on knowledge held only in memory",
+                                 "RA-CM3 K=2 vs CM3, digits 7-9, judged class accuracy",
+                                 values("racm3_k2", "memory_only", task, metric), cm3))
+        rows.append(paired_claim(PAPER, f"control: memory cut to digits 0-6, {what} (no gain expected)",
+                                 "RA-CM3 K=2 vs CM3, digits 7-9, judged class accuracy",
+                                 values("racm3_k2_seen_memory", "memory_only", task, metric), cm3))
+        rows.append(paired_claim(PAPER, f"control: seen digits, {what} (agree within noise expected)",
+                                 "RA-CM3 K=2 vs CM3, digits 0-6, judged class accuracy",
+                                 values("racm3_k2", "seen", task, metric),
+                                 values("cm3_k0", "seen", task, metric)))
+    accuracy = {k: [seed["k_shot"]["ensemble_accuracy"][k] for seed in per_seed] for k in shots}
+    low, high = min(shots), max(shots)
+    rows.append(paired_claim(PAPER, "k-shot in-context accuracy improves with k",
+                             f"ensemble k={high} vs k={low}, digits 7-9, binary", accuracy[high],
+                             accuracy[low]))
+    rows.append(paired_claim(PAPER, "k-shot in-context accuracy beats chance",
+                             f"ensemble k={high} vs chance 0.5, digits 7-9, binary", accuracy[high],
+                             [0.5] * len(per_seed)))
+    return rows
 
 
 def run_inference_demo(racm3_output_dir: str, output_dir: str, quick: bool = False,
                        sizes: InferenceSizes | None = None, device: torch.device | str = "cpu") -> dict:
-    """Evaluate the RA-CM3 demo's models on ``device``; writes inference_results.json and text_to_image_grid.png.
+    """Evaluate the demo's models on ``device``; writes inference_results.json and text_to_image_grid.png.
 
     sizes: overrides QUICK / FULL (tests use a tiny one).
     """
@@ -244,41 +304,47 @@ def run_inference_demo(racm3_output_dir: str, output_dir: str, quick: bool = Fal
 
 def _run_inference_demo(racm3_output_dir: str, output_dir: str, quick: bool, sizes: InferenceSizes | None,
                         device: torch.device) -> dict:
-    from mkfast.racm3.retrieval import RetrievalCorpus, SequenceOptions
-
     started = time.perf_counter()
     sizes = sizes or (QUICK if quick else FULL)
     os.makedirs(output_dir, exist_ok=True)
-    run = load_demo_run(racm3_output_dir, cache_dir=output_dir, device=device)
+    run = load_demo_run(racm3_output_dir, device=device)
     train, held_out = run["train"], run["held_out"]
-    corpus = RetrievalCorpus(run["vocabulary"], run["encoder"], train.captions, train.images,
-                             run["tokenizer"].encode(train.images), memory_device=device)
-    loading_s = time.perf_counter() - started
-    summary = {"quick": quick, "device": str(device), "replayed_components": run["replayed_components"],
+    # The independent judge: fitted on the real training pixels, apart from every model under test.
+    judge = DigitJudge(train.images, train.labels)
+    memory_only = torch.isin(held_out.labels, torch.tensor(run["summary"]["memory_only_classes"]))
+    real_images, real_labels = held_out.images[memory_only], held_out.labels[memory_only]
+    reconstructed = run["tokenizer"].decode(run["tokenizer"].encode(real_images.to(device))).cpu()
+    summary = {"quick": quick, "device": str(device), "seeds": run["summary"]["seeds"],
                "attention_implementation": run["generators"]["retrieval"].config._attn_implementation,
-               "fid_extractor": CLIPImageFeatures(run["encoder"]).name}
-    if run["replayed_components"]:
-        summary["replay_check"] = check_replay(
-            run, corpus, SequenceOptions(max_sequence_length=run["generators"]["retrieval"].config.max_position_embeddings))
-    all_captions = sorted(set(train.captions))
-    captions = held_out.captions[:sizes.captions]
-    images, image_captions = held_out.images[:sizes.images], held_out.captions[:sizes.images]
-    configurations = (("racm3_k2", "retrieval", 2), ("racm3_k0", "retrieval", 0), ("cm3_k0", "no_retrieval", 0))
-    extractor = CLIPImageFeatures(run["encoder"])
-    for name, generator_name, k in configurations:
-        pipeline = RACM3Inference(run["generators"][generator_name], corpus, run["tokenizer"])
-        text_to_image, results = evaluate_text_to_image(pipeline, captions, k, sizes, all_captions, run["seed"])
-        best = torch.stack([result.images[0] for result in results])
-        text_to_image["fid"] = fid(held_out.images[:len(best)], best, extractor)["fid"]
-        summary[name] = {"text_to_image": text_to_image,
-                         "image_to_text": evaluate_image_to_text(pipeline, images, image_captions, k, sizes,
-                                                                 run["seed"])}
-        if name == "racm3_k2":
-            save_grid(results, corpus, os.path.join(output_dir, "text_to_image_grid.png"), k)
-    pipeline = RACM3Inference(run["generators"]["retrieval"], corpus, run["tokenizer"])
-    summary["k_shot"] = evaluate_k_shot(pipeline, run, sizes.classification_queries, run["seed"], sizes.shots)
+               "threshold": run["summary"]["threshold"],
+               # What a perfect generator could score: real held-out images, and their VQ reconstructions.
+               "judge": {"accuracy_real_held_out": judge.accuracy(held_out.images, held_out.labels),
+                         "accuracy_real_memory_only": judge.accuracy(real_images, real_labels),
+                         "accuracy_vq_reconstruction_memory_only": judge.accuracy(reconstructed,
+                                                                                  real_labels)},
+               "loading_s": time.perf_counter() - started}
+    per_seed = []
+    for index, seed in enumerate(run["summary"]["seeds"]):
+        generators = run["generators"] if index == 0 else load_generators(
+            racm3_output_dir, seed, len(run["vocabulary"]), run["summary"]["generator"],
+            run["vocabulary"].pad_id, device)
+        grid_dir = output_dir if index == 0 else None
+        per_seed.append(evaluate_seed(run, generators, seed, sizes, judge, grid_dir))
+    summary["per_seed"] = per_seed
+    for name in CONFIGURATIONS:  # seed means, for reading at a glance (the claims pair seeds)
+        summary[name] = {group: {task: {metric: sum(seed[name][group][task][metric] for seed in per_seed)
+                                        / len(per_seed)
+                                        for metric, value in per_seed[0][name][group][task].items()
+                                        if isinstance(value, float)}
+                                 for task in per_seed[0][name][group]}
+                         for group in per_seed[0][name]}
+    k_shot = [seed["k_shot"]["ensemble_accuracy"] for seed in per_seed]
+    summary["k_shot"] = {"ensemble_accuracy": {k: sum(seed[k] for seed in k_shot) / len(k_shot)
+                                               for k in sizes.shots},
+                         "queries_per_seed": sizes.classification_queries}
+    summary["claims"] = inference_claims(per_seed, sizes.shots)
     summary["sizes"] = {**sizes.__dict__, "shots": list(sizes.shots)}
-    summary["timings_s"] = {"loading_s": loading_s, "total_s": time.perf_counter() - started}
+    summary["timings_s"] = {"loading_s": summary.pop("loading_s"), "total_s": time.perf_counter() - started}
     with open(os.path.join(output_dir, "inference_results.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
     return summary
