@@ -191,9 +191,37 @@ def test_custom_op_passes_opcheck(backend):
     inputs = make_inputs(5, 24, 40, 6, 4, torch.float32)
     weights = weights_of(inputs)
     trainable = [tensor.requires_grad_(True) for tensor in weights.trainable()]
-    args = (inputs["x"].requires_grad_(True), weights.frozen(), trainable, list(weights.floats()))
-    with mkfast.use_backend(backend):
-        run_opcheck(torch.ops.mkfast.mome_ffn.default, args)
+    args = (inputs["x"].requires_grad_(True), weights.frozen(), trainable, list(weights.floats()), backend)
+    run_opcheck(torch.ops.mkfast.mome_ffn.default, args)
+
+
+@pytest.mark.slow
+def test_torch_compile_runs_the_backward_of_the_backend_it_was_called_under():
+    """The backend is an argument of the custom op, so a compiled (or cached) graph holds it: one
+    compiled function called under two backends runs each one's own backward."""
+    import mkfast.ops.mome_fused as fused
+
+    inputs = make_inputs(5, 24, 40, 6, 4, torch.float32)
+    weights = weights_of(inputs)
+    compiled = torch.compile(lambda x: mome_ffn(x, weights))
+    ran = []
+    original = fused.fused_backward
+
+    def recording(backend, *args):
+        ran.append(backend)
+        return original(backend, *args)
+
+    fused.fused_backward = recording
+    try:
+        for backend in ("triton", "cpu"):
+            x = inputs["x"].clone().requires_grad_(True)
+            with mkfast.use_backend(backend):
+                (compiled_grad,) = torch.autograd.grad(compiled(x).sum(), [x])
+                (eager_grad,) = torch.autograd.grad(mome_ffn(x, weights).sum(), [x])
+            assert ran[-2:] == [backend, backend]
+            assert_close(compiled_grad, eager_grad)
+    finally:
+        fused.fused_backward = original
 
 
 def test_invalid_inputs_are_refused_with_the_argument_named():

@@ -189,13 +189,17 @@ def _mome_ffn_triton(x: torch.Tensor, weights: MoMEWeights):
 @torch.library.custom_op("mkfast::mome_ffn", mutates_args=())
 def _mome_ffn_op(
     x: torch.Tensor, frozen: list[torch.Tensor], trainable: list[torch.Tensor], floats: list[float],
+    backend: str,
 ) -> list[torch.Tensor]:
-    """(h_M, *MoMEResiduals); the residuals are empty for the reference (it recomputes in backward)."""
-    backend = mome_backends.select(x.device)
+    """(h_M, *MoMEResiduals); the residuals are empty for the reference (it recomputes in backward).
+
+    ``backend`` is chosen by mome_ffn before the call, so it is an argument of the op: a graph
+    torch.compile records (and caches) holds it, and its backward is that backend's.
+    """
     weights = MoMEWeights.from_flat(frozen, trainable, floats)
-    if backend.name == "reference":
+    if backend == "reference":
         return [mome_ffn_reference(x, weights)]
-    output, residuals = backend.implementation(x, weights)
+    output, residuals = mome_backends.backends[backend].implementation(x, weights)
     return [output, *residuals]
 
 
@@ -208,19 +212,17 @@ def _residual_shapes(x, weights: MoMEWeights) -> list[tuple[tuple[int, int], tor
 
 
 @_mome_ffn_op.register_fake
-def _(x, frozen, trainable, floats):
+def _(x, frozen, trainable, floats, backend):
     output = [x.new_empty(x.shape)]
-    if mome_backends.select(x.device).name == "reference":
+    if backend == "reference":
         return output
     weights = MoMEWeights.from_flat(frozen, trainable, floats)
     return output + [x.new_empty(shape, dtype=dtype) for shape, dtype in _residual_shapes(x, weights)]
 
 
 def _setup_context(ctx, inputs, output):
-    # setup_context runs on the caller's thread, where use_backend() is visible;
-    # backward may run on an autograd thread, so remember the backend by name.
-    x, frozen, trainable, floats = inputs
-    ctx.backend_name = mome_backends.select(x.device).name
+    x, frozen, trainable, floats, backend = inputs
+    ctx.backend_name = backend
     ctx.floats = floats
     ctx.counts = len(frozen), len(trainable)
     ctx.save_for_backward(x, *frozen, *trainable, *output[1:])
@@ -244,11 +246,11 @@ def _backward(ctx, output_grads):
     else:
         grads = torch.ops.mkfast.mome_ffn_backward(grad_output, x, frozen, trainable, residuals, ctx.floats,
                                                    ctx.backend_name)
-    # needs_input_grad has the inputs' structure: (x, [frozen...], [trainable...], floats).
-    x_needed, _, trainable_needed, _ = ctx.needs_input_grad
+    # needs_input_grad has the inputs' structure: (x, [frozen...], [trainable...], floats, backend).
+    x_needed, _, trainable_needed, _, _ = ctx.needs_input_grad
     trainable_grads = [grad if needed else None
                        for grad, needed in zip(grads[1:], trainable_needed, strict=True)]
-    return grads[0] if x_needed else None, [None] * num_frozen, trainable_grads, None
+    return grads[0] if x_needed else None, [None] * num_frozen, trainable_grads, None, None
 
 
 _mome_ffn_op.register_autograd(_backward, setup_context=_setup_context)
@@ -330,6 +332,10 @@ def mome_ffn(x: torch.Tensor, weights: MoMEWeights) -> torch.Tensor:
     leading = x.shape[:-1]
     tokens = x.reshape(-1, x.shape[-1])
     _validate(tokens, weights)
+    # Chosen here, on the caller's thread where use_backend() is visible (backward may run on
+    # an autograd thread), and passed to the op by name.
+    backend = mome_backends.select(tokens.device).name
     outputs = _mome_ffn_op(tokens.contiguous(), [tensor.contiguous() for tensor in weights.frozen()],
-                           [tensor.contiguous() for tensor in weights.trainable()], list(weights.floats()))
+                           [tensor.contiguous() for tensor in weights.trainable()], list(weights.floats()),
+                           backend)
     return outputs[0].reshape(*leading, x.shape[-1])
