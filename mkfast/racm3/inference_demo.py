@@ -69,8 +69,9 @@ class InferenceSizes:
 
 QUICK = InferenceSizes(prompts_per_class=1, image_samples=2, images_per_class=1, caption_samples=2,
                        classification_queries=6)
-FULL = InferenceSizes(prompts_per_class=6, image_samples=4, images_per_class=8, caption_samples=4,
-                      classification_queries=200, seen_per_class=2)
+# Full: per seed 62 text-to-image prompts, 86 captioned images and 200 k-shot queries.
+FULL = InferenceSizes(prompts_per_class=4, image_samples=4, images_per_class=6, caption_samples=4,
+                      classification_queries=200)
 
 
 # ----------------------------------------------------------------------------- loading
