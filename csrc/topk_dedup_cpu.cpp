@@ -1,17 +1,25 @@
 // CPU kernel of mkfast::topk_dedup_native: exact greedy top-k with redundancy
 // filtering (semantics in mkfast/ops/topk_dedup.py, which also validates inputs).
 //
+// Every score the kernel ranks or returns is `score_dot`: one fp32 dot product
+// whose summation order depends on d only, never on the row's position or the
+// batch, so identical rows tie exactly and ties go to the lower index (a GEMM's
+// output rounds rows differently by position and batch size).
+//
 // Plan per call:
-//   1. score memory in chunks with one GEMM per chunk (queries x chunk^T, fp32);
-//      from kPrefilterMinBatch queries on, a bf16 GEMM estimates the scores and
-//      only rows its error bound cannot rule out are scored in fp32;
-//   2. per query (threads over queries), keep a bounded heap of the best
-//      `pool_size` rows that can ever be taken (score <= threshold, not excluded):
-//      rows above the threshold are always skipped, so they never enter the pool;
+//   1. below kPrefilterMinBatch queries: one pass over memory, threads over row
+//      ranges, every (query, row) scored with score_dot (at b=1 this is the read
+//      of the memory, the floor); from kPrefilterMinBatch on, a bf16 GEMM
+//      estimates the scores and only rows its error bound cannot rule out are
+//      scored with score_dot;
+//   2. per query, a bounded heap of the best `pool_size` rows that can ever be
+//      taken (score <= threshold, not excluded): rows above the threshold are
+//      always skipped, so they never enter the pool;
 //   3. walk the sorted pool, testing each candidate against the rows already taken;
 //   4. a query whose walk ran out of pool with fewer than k taken, while rows were
 //      left outside the pool, is rescanned with a 4x wider pool. The answer is
 //      therefore always the greedy walk over the whole ranked list.
+// A NaN score cannot be ranked: the call fails with the message of the reference.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -30,32 +38,15 @@
 namespace mkfast {
 namespace {
 
-// Rows per chunk on the fp32-GEMM path: as many as keep the (b, rows) fp32 score
-// block within kScoreBlockBytes (it is re-read at once by the selection, from
-// cache), and a fp16/bf16 memory's fp32 copy of the chunk within
-// kConvertedChunkBytes. Few, large GEMMs matter at small b: every GEMM is a
-// parallel region, and on a loaded 2-core machine each region's barrier cost
-// more than the b=1 GEMV itself (fixed 8192-row chunks measured 4x the
-// read-once floor at N=1e6, b=1, while one torch GEMV measured 1.1x).
-constexpr int64_t kScoreBlockBytes = int64_t{4} << 20;
-constexpr int64_t kConvertedChunkBytes = int64_t{32} << 20;
-constexpr int64_t kMinRowsPerChunk = 1024;
-
-int64_t rows_per_chunk(int64_t batch, int64_t dim, bool memory_is_fp32) {
-  int64_t rows = kScoreBlockBytes / (4 * std::max<int64_t>(batch, 1));
-  if (!memory_is_fp32) rows = std::min(rows, kConvertedChunkBytes / (4 * std::max<int64_t>(dim, 1)));
-  return std::max(rows, kMinRowsPerChunk);
-}
 // From this many queries on, scores are first estimated with a bf16 GEMM (AMX /
 // AVX512-BF16 where the CPU has them) and only rows the estimate cannot rule out
-// are scored exactly in fp32. Measured on 2 busy cores, N=2e5, d=768, min of 6
-// interleaved runs: 2.1x faster than the fp32 GEMM path at b=256, equal at b=64;
-// at N=1e6, b=64 the benchmark measured it 1.5x slower than torch, so it starts
-// at b=128. Rounding a chunk to bf16 costs as much as an fp32 GEMM with few queries.
-constexpr int64_t kPrefilterMinBatch = 128;
-// Rows per chunk on the prefilter path: 16384 x 768 fp32 = 48 MiB. Fewer chunks
-// mean fewer parallel regions (three per chunk), which a loaded machine punishes.
-constexpr int64_t kPrefilterRowsPerChunk = 16384;
+// are scored exactly. Below it, every score is computed exactly in one pass over
+// memory. Measured on 2 shared cores (N=2e5, d=768, min of 3 interleaved runs,
+// ms exact/prefilter): b=1 193/470, b=8 510/500, b=16 787/565, b=64 1727/806.
+constexpr int64_t kPrefilterMinBatch = 8;
+// Rows a thread rounds to bf16 and multiplies at once on the prefilter path:
+// 4096 x 768 bf16 = 6 MiB, its (4096, b) estimates 512 KiB at b=64.
+constexpr int64_t kPrefilterRowsPerBlock = 4096;
 // bf16 unit roundoff (8 significant bits, round to nearest).
 constexpr double kBf16Roundoff = 1.0 / 256.0;
 
@@ -96,6 +87,8 @@ class CandidatePool {
   // The candidate a new row has to beat (only meaningful when full()).
   const Candidate& worst() const { return heap_.front(); }
 
+  const std::vector<Candidate>& entries() const { return heap_; }
+
   std::vector<Candidate> sorted() const {
     std::vector<Candidate> ranked = heap_;
     std::sort(ranked.begin(), ranked.end(), ranks_before);
@@ -116,22 +109,38 @@ float row_dot(const scalar_t* a, const scalar_t* b, int64_t dim) {
   return acc;
 }
 
-// fp32 dot product with 16 independent partial sums, so the compiler vectorises
-// it (a single running sum is a serial dependency chain it may not reorder).
-template <typename scalar_t>
-float exact_dot(const float* query, const scalar_t* row, int64_t dim) {
+// The score of every path: fp32 dot product with 16 independent partial sums,
+// so the compiler vectorises it (a single running sum is a serial dependency
+// chain it may not reorder). Its order depends on `dim` only: identical rows
+// get identical scores. target_clones picks one build per machine at load time,
+// so every call of a process computes the same function.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+float score_dot(const float* query, const float* row, int64_t dim) {
   constexpr int kLanes = 16;
   float partial[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= dim; i += kLanes) {
     for (int lane = 0; lane < kLanes; ++lane) {
-      partial[lane] += query[i + lane] * static_cast<float>(row[i + lane]);
+      partial[lane] += query[i + lane] * row[i + lane];
     }
   }
   float acc = 0.f;
   for (int lane = 0; lane < kLanes; ++lane) acc += partial[lane];
-  for (; i < dim; ++i) acc += query[i] * static_cast<float>(row[i]);
+  for (; i < dim; ++i) acc += query[i] * row[i];
   return acc;
+}
+
+// A memory row as fp32: the row itself for fp32 memory, else converted (exactly) into `buffer`.
+template <typename scalar_t>
+const float* row_as_fp32(const scalar_t* row, int64_t dim, std::vector<float>& buffer) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return row;
+  } else {
+    for (int64_t i = 0; i < dim; ++i) buffer[i] = static_cast<float>(row[i]);
+    return buffer.data();
+  }
 }
 
 // Relative error bound of the bf16 estimate against the exact fp32 score:
@@ -151,6 +160,18 @@ bool is_excluded(const int64_t* excluded, int64_t count, int64_t index) {
     if (excluded[e] == index) return true;
   }
   return false;
+}
+
+// Offers one exactly scored row to a query's pool. Returns false for a NaN score.
+inline bool offer(CandidatePool& pool, float score, int64_t index, float threshold, const int64_t* excluded,
+                  int64_t exclude_width) {
+  if (std::isnan(score)) return false;
+  if (score > threshold) return true;
+  const Candidate candidate{score, index};
+  if (!pool.would_accept(candidate)) return true;
+  if (exclude_width > 0 && is_excluded(excluded, exclude_width, index)) return true;
+  pool.insert(candidate);
+  return true;
 }
 
 // Greedy walk of one query's ranked pool. Returns how many rows it took.
@@ -176,6 +197,74 @@ int64_t walk_pool(
     if (++taken == k) break;
   }
   return taken;
+}
+
+// Runs `scan_range(first, last, pools, nan_seen)` over contiguous row ranges, one
+// per thread in a single parallel region (a loaded 2-core machine charges every
+// region's barrier), each range with its own copy of the pools, then merges them:
+// a pool's content does not depend on the order rows are offered (the ranking is total).
+template <typename ScanRange>
+void scan_row_ranges(int64_t num_rows, int64_t ranges, std::vector<CandidatePool>& pools,
+                     std::vector<char>& nan_seen, const ScanRange& scan_range) {
+  const size_t batch = pools.size();
+  std::vector<std::vector<CandidatePool>> range_pools(static_cast<size_t>(ranges), pools);
+  std::vector<std::vector<char>> range_nan(static_cast<size_t>(ranges), std::vector<char>(batch, 0));
+  at::parallel_for(0, ranges, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t range = begin; range < end; ++range) {
+      scan_range(num_rows * range / ranges, num_rows * (range + 1) / ranges, range_pools[range], range_nan[range]);
+    }
+  });
+  pools.swap(range_pools[0]);
+  nan_seen.swap(range_nan[0]);
+  for (int64_t range = 1; range < ranges; ++range) {
+    for (size_t q = 0; q < batch; ++q) {
+      nan_seen[q] |= range_nan[range][q];
+      for (const Candidate& candidate : range_pools[range][q].entries()) {
+        if (pools[q].would_accept(candidate)) pools[q].insert(candidate);
+      }
+    }
+  }
+}
+
+// As many ranges as threads, fewer for a small problem: a parallel region costs
+// more than scoring kMinScoresPerThread (query, row) pairs.
+constexpr int64_t kMinScoresPerThread = int64_t{1} << 14;
+
+int64_t ranges_for(int64_t num_rows, int64_t batch) {
+  const int64_t by_work = std::max<int64_t>(1, num_rows * batch / kMinScoresPerThread);
+  return std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), by_work, num_rows}));
+}
+
+// One pass over memory scoring every (query, row) with score_dot. At b=1 this is
+// the read of the memory; the row, once loaded, serves every query from cache.
+template <typename scalar_t>
+void scan_exact(
+    const at::Tensor& batch_queries,
+    const at::Tensor& memory,
+    float threshold,
+    const std::vector<int64_t>& pending,
+    const int64_t* exclude_data,
+    int64_t exclude_width,
+    std::vector<CandidatePool>& pools,
+    std::vector<char>& nan_seen) {
+  const int64_t batch = batch_queries.size(0);
+  const int64_t num_rows = memory.size(0);
+  const int64_t dim = memory.size(1);
+  const scalar_t* memory_data = memory.data_ptr<scalar_t>();
+  const float* query_data = batch_queries.data_ptr<float>();
+  scan_row_ranges(num_rows, ranges_for(num_rows, batch), pools, nan_seen,
+                  [&](int64_t first, int64_t last, std::vector<CandidatePool>& local, std::vector<char>& local_nan) {
+    std::vector<float> buffer(std::is_same_v<scalar_t, float> ? 0 : static_cast<size_t>(dim));
+    for (int64_t r = first; r < last; ++r) {
+      const float* row = row_as_fp32(memory_data + r * dim, dim, buffer);
+      for (int64_t q = 0; q < batch; ++q) {
+        const float score = score_dot(query_data + q * dim, row, dim);
+        if (!offer(local[q], score, r, threshold, exclude_data + pending[q] * exclude_width, exclude_width)) {
+          local_nan[q] = 1;
+        }
+      }
+    }
+  });
 }
 
 // Rounds one row to bf16 (nearest even) into `bf16_bits` and returns its squared
@@ -218,15 +307,9 @@ template <typename scalar_t>
 float round_rows_to_bf16(const scalar_t* rows_data, int64_t rows, int64_t dim, uint16_t* bf16_bits) {
   std::vector<float> row_norms(static_cast<size_t>(rows));
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-    std::vector<float> row_f32(std::is_same_v<scalar_t, float> ? 0 : static_cast<size_t>(dim));
+    std::vector<float> buffer(std::is_same_v<scalar_t, float> ? 0 : static_cast<size_t>(dim));
     for (int64_t r = begin; r < end; ++r) {
-      const float* source;
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        source = rows_data + r * dim;
-      } else {
-        for (int64_t i = 0; i < dim; ++i) row_f32[i] = static_cast<float>(rows_data[r * dim + i]);
-        source = row_f32.data();
-      }
+      const float* source = row_as_fp32(rows_data + r * dim, dim, buffer);
       row_norms[static_cast<size_t>(r)] = std::sqrt(round_row_to_bf16(source, dim, bf16_bits + r * dim));
     }
   });
@@ -241,7 +324,10 @@ float round_rows_to_bf16(const scalar_t* rows_data, int64_t rows, int64_t dim, u
 // the rows that a bf16 estimate cannot rule out. A row is skipped when its
 // estimate, widened by the error bound, is certainly above the threshold or
 // certainly below the pool's worst candidate: the pools end up exactly as if
-// every row had been scored in fp32.
+// every row had been scored with score_dot. Each thread rounds a block of its
+// rows to bf16 and multiplies it by the queries itself (a GEMM inside the one
+// parallel region runs on its thread): blocks stay in cache between the rounding,
+// the GEMM and the selection.
 template <typename scalar_t>
 void scan_with_bf16_prefilter(
     const at::Tensor& batch_queries,
@@ -250,48 +336,50 @@ void scan_with_bf16_prefilter(
     const std::vector<int64_t>& pending,
     const int64_t* exclude_data,
     int64_t exclude_width,
-    std::vector<CandidatePool>& pools) {
+    std::vector<CandidatePool>& pools,
+    std::vector<char>& nan_seen) {
   const int64_t batch = batch_queries.size(0);
   const int64_t num_rows = memory.size(0);
   const int64_t dim = memory.size(1);
   const scalar_t* memory_data = memory.data_ptr<scalar_t>();
   const float* query_data = batch_queries.data_ptr<float>();
-  const at::Tensor queries_bf16 = batch_queries.to(at::kBFloat16);
+  const at::Tensor queries_bf16_t = batch_queries.to(at::kBFloat16).t();  // (d, b)
   const at::Tensor query_norms = batch_queries.norm(2, {1}).contiguous();
   const float* query_norm_data = query_norms.data_ptr<float>();
   const double relative = relative_bound(dim);
-
-  at::Tensor chunk_bf16 = at::empty({std::min(kPrefilterRowsPerChunk, num_rows), dim}, memory.options().dtype(at::kBFloat16));
-  uint16_t* chunk_bits = reinterpret_cast<uint16_t*>(chunk_bf16.data_ptr<at::BFloat16>());
-
-  for (int64_t start = 0; start < num_rows; start += kPrefilterRowsPerChunk) {
-    const int64_t rows = std::min(kPrefilterRowsPerChunk, num_rows - start);
-    const float max_row_norm = round_rows_to_bf16(memory_data + start * dim, rows, dim, chunk_bits);
-    const at::Tensor estimates = at::mm(queries_bf16, chunk_bf16.narrow(0, 0, rows).t()).contiguous();
-    const at::BFloat16* estimate_data = estimates.data_ptr<at::BFloat16>();
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t q = begin; q < end; ++q) {
-        const int64_t query = pending[q];
-        const int64_t* excluded = exclude_data + query * exclude_width;
-        const float* query_row = query_data + q * dim;
+  scan_row_ranges(num_rows, ranges_for(num_rows, batch), pools, nan_seen,
+                  [&](int64_t first, int64_t last, std::vector<CandidatePool>& local, std::vector<char>& local_nan) {
+    std::vector<float> buffer(std::is_same_v<scalar_t, float> ? 0 : static_cast<size_t>(dim));
+    std::vector<float> bounds(static_cast<size_t>(batch));
+    at::Tensor block_bf16 = at::empty({std::min(kPrefilterRowsPerBlock, last - first), dim},
+                                      memory.options().dtype(at::kBFloat16));
+    uint16_t* block_bits = reinterpret_cast<uint16_t*>(block_bf16.data_ptr<at::BFloat16>());
+    for (int64_t start = first; start < last; start += kPrefilterRowsPerBlock) {
+      const int64_t rows = std::min(kPrefilterRowsPerBlock, last - start);
+      const float max_row_norm = round_rows_to_bf16(memory_data + start * dim, rows, dim, block_bits);
+      const at::Tensor estimates = at::mm(block_bf16.narrow(0, 0, rows), queries_bf16_t);  // (rows, b)
+      const at::BFloat16* estimate_data = estimates.data_ptr<at::BFloat16>();
+      for (int64_t q = 0; q < batch; ++q) {
         // NaN or inf inputs make the bound NaN/inf: no row is skipped, the exact path decides.
-        const float bound = static_cast<float>(relative * query_norm_data[q] * max_row_norm);
-        CandidatePool& pool = pools[q];
-        const at::BFloat16* row_estimates = estimate_data + q * rows;
-        for (int64_t r = 0; r < rows; ++r) {
-          const float estimate = static_cast<float>(row_estimates[r]);
-          if (estimate - bound > threshold) continue;
-          if (pool.full() && estimate + bound < pool.worst().score) continue;
-          const float score = exact_dot(query_row, memory_data + (start + r) * dim, dim);
-          if (!(score <= threshold)) continue;
-          const Candidate candidate{score, start + r};
-          if (!pool.would_accept(candidate)) continue;
-          if (exclude_width > 0 && is_excluded(excluded, exclude_width, candidate.index)) continue;
-          pool.insert(candidate);
+        bounds[q] = static_cast<float>(relative * query_norm_data[q] * max_row_norm);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const at::BFloat16* row_estimates = estimate_data + r * batch;
+        const float* row = nullptr;
+        for (int64_t q = 0; q < batch; ++q) {
+          const float estimate = static_cast<float>(row_estimates[q]);
+          CandidatePool& pool = local[q];
+          if (estimate - bounds[q] > threshold) continue;
+          if (pool.full() && estimate + bounds[q] < pool.worst().score) continue;
+          if (row == nullptr) row = row_as_fp32(memory_data + (start + r) * dim, dim, buffer);
+          const float score = score_dot(query_data + q * dim, row, dim);
+          if (!offer(pool, score, start + r, threshold, exclude_data + pending[q] * exclude_width, exclude_width)) {
+            local_nan[q] = 1;
+          }
         }
       }
-    });
-  }
+    }
+  });
 }
 
 template <typename scalar_t>
@@ -318,32 +406,17 @@ void topk_dedup_cpu_impl(
     at::Tensor batch_queries =
         queries_f32.index_select(0, at::tensor(pending, at::TensorOptions().dtype(at::kLong)));
     std::vector<CandidatePool> pools(static_cast<size_t>(batch), CandidatePool(pool_size));
-
+    std::vector<char> nan_seen(static_cast<size_t>(batch), 0);
     if (batch >= kPrefilterMinBatch) {
-      scan_with_bf16_prefilter<scalar_t>(batch_queries, memory, threshold, pending, exclude_data, exclude_width, pools);
-    } else for (int64_t start = 0, chunk_rows = rows_per_chunk(batch, dim, std::is_same_v<scalar_t, float>);
-                start < num_rows; start += chunk_rows) {
-      const int64_t rows = std::min(chunk_rows, num_rows - start);
-      at::Tensor chunk = memory.narrow(0, start, rows).to(at::kFloat);
-      at::Tensor chunk_scores = at::mm(batch_queries, chunk.t()).contiguous();
-      const float* score_data = chunk_scores.data_ptr<float>();
-      at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t q = begin; q < end; ++q) {
-          const int64_t query = pending[q];
-          const int64_t* excluded = exclude_data + query * exclude_width;
-          CandidatePool& pool = pools[q];
-          const float* row_scores = score_data + q * rows;
-          for (int64_t r = 0; r < rows; ++r) {
-            const float score = row_scores[r];
-            // `!(score <= threshold)` also drops NaN scores.
-            if (!(score <= threshold)) continue;
-            const Candidate candidate{score, start + r};
-            if (!pool.would_accept(candidate)) continue;
-            if (exclude_width > 0 && is_excluded(excluded, exclude_width, candidate.index)) continue;
-            pool.insert(candidate);
-          }
-        }
-      });
+      scan_with_bf16_prefilter<scalar_t>(batch_queries, memory, threshold, pending, exclude_data, exclude_width,
+                                         pools, nan_seen);
+    } else {
+      scan_exact<scalar_t>(batch_queries, memory, threshold, pending, exclude_data, exclude_width, pools, nan_seen);
+    }
+    for (int64_t q = 0; q < batch; ++q) {
+      TORCH_CHECK_VALUE(!nan_seen[q], "topk_dedup: a score of query ", pending[q],
+                        " is NaN (NaN in queries or memory, or inf times 0): NaN rows cannot be ranked; "
+                        "remove or fix them");
     }
 
     std::vector<int64_t> still_short;

@@ -55,19 +55,21 @@ def _ranked_keys(scores, rows):
 
 @triton.jit
 def _topk_dedup_scan_kernel(
-    queries_ptr, memory_ptr, exclude_ptr, keys_out_ptr,
+    queries_ptr, memory_ptr, exclude_ptr, keys_out_ptr, nan_out_ptr,
     batch, num_rows, dim, exclude_width, rows_per_split, num_splits, threshold,
     stride_query, stride_memory,
     POOL: tl.constexpr, BLOCK_QUERIES: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr,
     UPCAST_MEMORY: tl.constexpr,
 ):
-    """keys_out: (batch, num_splits, POOL) int64, each program's best eligible keys (unsorted)."""
+    """keys_out: (batch, num_splits, POOL) int64, each program's best eligible keys (unsorted);
+    nan_out: (batch, num_splits) int8, 1 where a score of the query in this split is NaN."""
     query_block = tl.program_id(0)
     split = tl.program_id(1)
     query_offsets = query_block * BLOCK_QUERIES + tl.arange(0, BLOCK_QUERIES)
     query_mask = query_offsets < batch
     pool_offsets = tl.arange(0, POOL)
     best = tl.full((BLOCK_QUERIES, POOL), INT64_MIN, tl.int64)
+    nan_seen = tl.zeros((BLOCK_QUERIES,), tl.int32)
     split_start = split * rows_per_split
     split_end = tl.minimum(split_start + rows_per_split, num_rows)
     for tile_start in range(split_start, split_end, BLOCK_ROWS):
@@ -85,7 +87,9 @@ def _topk_dedup_scan_kernel(
                 memory_tile = memory_tile.to(tl.float32)
             # "ieee": no TF32 for fp32 inputs, so scores match the fp32 reference.
             scores += tl.dot(query_tile, tl.trans(memory_tile), input_precision="ieee")
-        eligible = (scores <= threshold) & row_mask[None, :] & query_mask[:, None]  # NaN is never eligible
+        in_range = row_mask[None, :] & query_mask[:, None]
+        nan_seen = tl.maximum(nan_seen, tl.max(((scores != scores) & in_range).to(tl.int32), axis=1))
+        eligible = (scores <= threshold) & in_range  # NaN is never eligible; the launcher raises for it
         for slot in range(exclude_width):
             excluded = tl.load(exclude_ptr + query_offsets * exclude_width + slot, mask=query_mask, other=-1)
             eligible = eligible & (row_offsets[None, :] != excluded[:, None])
@@ -104,6 +108,7 @@ def _topk_dedup_scan_kernel(
             keys = tl.where(keys == candidate[:, None], INT64_MIN, keys)
     out_offsets = (query_offsets[:, None].to(tl.int64) * num_splits + split) * POOL + pool_offsets[None, :]
     tl.store(keys_out_ptr + out_offsets, best, mask=query_mask[:, None])
+    tl.store(nan_out_ptr + query_offsets * num_splits + split, nan_seen.to(tl.int8), mask=query_mask)
 
 
 @triton.jit
@@ -164,7 +169,8 @@ def _num_splits(num_rows: int, query_blocks: int, device: torch.device) -> int:
 
 
 def top_pool_keys(queries, memory, pool, threshold, exclude):
-    """(b, pool) int64 keys of the best eligible rows per query, best first (INT64_MIN = none)."""
+    """(b, pool) int64 keys of the best eligible rows per query, best first (INT64_MIN = none),
+    and (b,) bool, True where a score of the query is NaN."""
     batch, dim = queries.shape
     num_rows = memory.shape[0]
     query_blocks = triton.cdiv(batch, BLOCK_QUERIES)
@@ -172,24 +178,26 @@ def top_pool_keys(queries, memory, pool, threshold, exclude):
     rows_per_split = triton.cdiv(triton.cdiv(num_rows, splits), BLOCK_ROWS) * BLOCK_ROWS
     splits = triton.cdiv(num_rows, rows_per_split)
     keys = torch.empty((batch, splits, pool), dtype=torch.int64, device=queries.device)
+    nan_seen = torch.empty((batch, splits), dtype=torch.int8, device=queries.device)
     exclude_width = 0 if exclude is None else exclude.shape[1]
     exclude_rows = exclude if exclude is not None else keys  # never read when exclude_width == 0
     _topk_dedup_scan_kernel[(query_blocks, splits)](
-        queries, memory, exclude_rows, keys,
+        queries, memory, exclude_rows, keys, nan_seen,
         batch, num_rows, dim, exclude_width, rows_per_split, splits, threshold,
         queries.stride(0), memory.stride(0),
         POOL=pool, BLOCK_QUERIES=BLOCK_QUERIES, BLOCK_ROWS=BLOCK_ROWS, BLOCK_DIM=BLOCK_DIM,
         UPCAST_MEMORY=queries.dtype != memory.dtype,
     )
-    return torch.topk(keys.view(batch, splits * pool), pool, dim=1, sorted=True).values
+    return torch.topk(keys.view(batch, splits * pool), pool, dim=1, sorted=True).values, nan_seen.bool().any(1)
 
 
-def topk_dedup_triton(queries, memory, k, threshold, exclude, exhaustive_fallback):
+def topk_dedup_triton(queries, memory, k, threshold, exclude, exhaustive_fallback, nan_score_error):
     """Launcher: scan, merge, walk, widen. Returns scores (b, k) fp32, indices (b, k) int64.
 
     queries: (b, d), memory: (N, d), exclude: (b, E) int64 or None.
     exhaustive_fallback(queries, memory, k, threshold, exclude) answers queries
-    whose candidates would need a pool above MAX_POOL.
+    whose candidates would need a pool above MAX_POOL; nan_score_error(query)
+    is the exception raised for a query with a NaN score.
     """
     batch, num_rows = queries.shape[0], memory.shape[0]
     if num_rows >= 2**32 - 1:
@@ -211,7 +219,9 @@ def topk_dedup_triton(queries, memory, k, threshold, exclude, exhaustive_fallbac
             scores[pending], indices[pending] = fallback_scores, fallback_indices
             break
         pending_exclude = None if exclude is None else exclude[pending].contiguous()
-        keys = top_pool_keys(queries[pending].contiguous(), memory, pool, threshold_fp32, pending_exclude)
+        keys, nan_seen = top_pool_keys(queries[pending].contiguous(), memory, pool, threshold_fp32, pending_exclude)
+        if bool(nan_seen.any()):
+            raise nan_score_error(int(pending[nan_seen.nonzero()[0, 0]]))
         pending_scores = torch.full((len(pending), k), float("-inf"), dtype=torch.float32, device=queries.device)
         pending_indices = torch.full((len(pending), k), -1, dtype=torch.int64, device=queries.device)
         short = torch.zeros(len(pending), dtype=torch.int8, device=queries.device)

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,7 +69,7 @@ def test_backend_matches_reference_walk_with_planted_duplicates(backend, dtype, 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 def test_cpu_bf16_prefilter_batches_match_reference(dtype):
-    # From 128 queries on the CPU kernel estimates scores with a bf16 GEMM and rescores
+    # From 8 queries on the CPU kernel estimates scores with a bf16 GEMM and rescores
     # only rows the estimate cannot rule out. Half the memory is a tight fan around
     # one direction whose scores differ by ~1e-4, far below bf16 resolution (~4e-3),
     # so a prefilter that dropped rows on the estimate alone would rank them wrongly.
@@ -82,10 +83,10 @@ def test_cpu_bf16_prefilter_batches_match_reference(dtype):
     _assert_matches_reference("cpu", queries.to(dtype), memory, 3, threshold=0.5)
 
 
-@pytest.mark.parametrize("batch", [63, 140])
-def test_cpu_memory_spanning_several_chunks(batch):
-    # 20000 rows span several chunks of both CPU paths (fp32 GEMM below 128 queries,
-    # bf16 prefilter from 128): pools must carry over chunk boundaries.
+@pytest.mark.parametrize("batch", [5, 63])
+def test_cpu_memory_spanning_several_blocks_and_threads(batch):
+    # 20000 rows span the threads' row ranges of both CPU paths (exact below 8 queries,
+    # bf16 prefilter from 8) and several 4096-row prefilter blocks: pools must merge across them.
     memory = _memory_with_near_duplicates(20_000, 16)
     queries = _queries_near_rows(memory, batch, noise=0.3)
     _assert_matches_reference("cpu", queries, memory, 4)
@@ -195,8 +196,105 @@ def test_invalid_inputs_are_refused_with_the_argument_named():
         topk_dedup(queries, memory, 2, exclude=torch.zeros(2, 1, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"exclude must have rows \(b\) like queries' 2, got 3"):
         topk_dedup(queries, memory, 2, exclude=torch.zeros(3, 1, dtype=torch.int64))
-    with pytest.raises(TypeError, match="threshold must be a float, got str"):
+    with pytest.raises(TypeError, match=r"threshold must be a float or None \(no filter\), got str"):
         topk_dedup(queries, memory, 2, threshold="0.9")
+    with pytest.raises(ValueError, match=r"threshold must be a number or None \(no filter\), got nan"):
+        topk_dedup(queries, memory, 2, threshold=float("nan"))
+    with pytest.raises(TypeError, match="k must be an int, got float64"):
+        topk_dedup(queries, memory, numpy.float64(2))
+
+
+# Backends that run on CPU tensors here, each in a dtype it supports.
+CPU_BACKENDS = sorted({backend for backend, _ in CPU_BACKEND_DTYPES}) + ["reference"]
+
+
+def _memory_with_copies(num_rows, dim, copy_rows, generator):
+    """Small random rows plus identical unit-norm copies of one row at `copy_rows`: the copies rank first
+    for queries near that row, and their scores tie exactly only if every row is scored the same way."""
+    memory = 0.1 * torch.randn(num_rows, dim, generator=generator)
+    row = F.normalize(torch.randn(dim, generator=generator), dim=0)
+    memory[copy_rows] = row
+    return memory, row
+
+
+# Every batch size for the cpu kernel (its paths change at 8 queries); the interpreter and the
+# reference are slow, so they take the sizes where Triton's 16-query blocks change, 130 in the slow tier.
+TIE_BATCHES = [("cpu", range(1, 131)), ("reference", (1, 17, 130)), ("triton", (1, 17)),
+               pytest.param("triton", (130,), marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("backend,batches", TIE_BATCHES)
+@pytest.mark.parametrize("num_rows,dim", [(7, 13), (300, 37), pytest.param(2000, 768, marks=pytest.mark.slow)])
+def test_identical_rows_tie_in_index_order_on_every_backend_and_batch_size(backend, batches, num_rows, dim):
+    # A GEMM rounds identical rows differently by their position and the batch size: 7 copies came
+    # back [4, 5, 6] for a query alone and [0, 1, 2] in a batch of 130, and backends disagreed.
+    generator = torch.Generator().manual_seed(num_rows)
+    copy_rows = sorted(torch.randperm(num_rows, generator=generator)[:7].tolist())
+    memory, row = _memory_with_copies(num_rows, dim, copy_rows, generator)
+    queries = 0.5 * row + 0.01 * torch.randn(130, dim, generator=generator)  # scores ~0.5: below 0.9
+    with mkfast.use_backend(backend):
+        for batch in batches:
+            _, indices = topk_dedup(queries[:batch], memory, 7, threshold=None)
+            assert indices.tolist() == [copy_rows] * batch, batch
+            # With the filter on, the first copy is taken and the other six are redundant with it.
+            _, indices = topk_dedup(queries[:batch], memory, 2, threshold=0.9)
+            assert indices[:, 0].tolist() == [copy_rows[0]] * batch, batch
+            assert not set(indices[:, 1].tolist()) & set(copy_rows), batch
+
+
+@pytest.mark.parametrize("backend,dtype", CPU_BACKEND_DTYPES)
+def test_threshold_none_turns_the_filter_off(backend, dtype):
+    # Unnormalised rows score far above 1 and are near-copies of each other: with the default
+    # threshold nothing survives, with None the answer is the plain ranking.
+    direction = torch.randn(1, 24)
+    memory = (3.0 * direction + 0.3 * torch.randn(50, 24)).to(dtype)
+    queries = (direction + 0.1 * torch.randn(3, 24)).to(dtype)
+    with mkfast.use_backend(backend):
+        filtered = topk_dedup(queries, memory, 5)
+        plain = topk_dedup(queries, memory, 5, threshold=None)
+    assert (filtered[1] == -1).all()
+    ranked = topk_dedup_reference(queries, memory, 5, threshold=float("inf"))
+    torch.testing.assert_close(plain[1], ranked[1], rtol=0, atol=0)
+    assert_close(plain[0], ranked[0], dtype=torch.float32)
+    scores = queries.float() @ memory.float().T
+    assert_close(plain[0], torch.topk(scores, 5, dim=1).values, dtype=dtype, scale=4.0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("batch", [2, 130])
+def test_nan_in_memory_or_queries_is_refused_naming_the_query(backend, batch):
+    # A NaN score cannot be ranked: the op raises instead of dropping the row (the cpu kernel
+    # scores 2 queries exactly, 130 through its bf16 prefilter).
+    if backend != "cpu" and batch > 2:
+        pytest.skip("the batch-size paths are the cpu kernel's")
+    memory, queries = torch.randn(40, 16), torch.randn(batch, 16)
+    memory[17, 3] = float("nan")
+    with mkfast.use_backend(backend), pytest.raises(ValueError, match="a score of query 0 is NaN"):
+        topk_dedup(queries, memory, 3)
+    queries[1, 0] = float("nan")
+    with mkfast.use_backend(backend), pytest.raises(ValueError, match="a score of query 1 is NaN"):
+        topk_dedup(queries, torch.randn(40, 16), 3)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_numpy_integer_k_and_outputs_without_grad(backend):
+    memory = _memory_with_near_duplicates(50, 16).requires_grad_()
+    queries = _queries_near_rows(memory.detach(), 3).requires_grad_()
+    with mkfast.use_backend(backend):
+        scores, indices = topk_dedup(queries, memory, numpy.int64(4))
+        expected = topk_dedup(queries.detach(), memory.detach(), 4)
+    # The op has no backward: outputs must not claim a gradient they cannot give.
+    assert not scores.requires_grad and not indices.requires_grad
+    torch.testing.assert_close((scores, indices), expected, rtol=0, atol=0)
+
+
+def test_triton_backend_refuses_bf16_cpu_tensors():
+    # The interpreter multiplies bf16 bit patterns as integers: scores of ~1e9-1e32 came back.
+    memory = torch.randn(20, 16)
+    with mkfast.use_backend("triton"), pytest.raises(BackendUnavailableError, match="cannot run bf16 CPU tensors"):
+        topk_dedup(memory[:2].bfloat16(), memory.bfloat16(), 3)
+    with mkfast.use_backend("triton"), pytest.raises(BackendUnavailableError, match="memory torch.bfloat16"):
+        topk_dedup(memory[:2], memory.bfloat16(), 3)
 
 
 def test_cuda_backend_is_refused_on_cpu_tensors_with_the_reason():
@@ -225,7 +323,7 @@ from triton.compiler import ASTSource
 import mkfast.kernels.topk_dedup as kernels
 
 scan = {"queries_ptr": "*bf16", "memory_ptr": "*bf16", "exclude_ptr": "*i64", "keys_out_ptr": "*i64",
-        "batch": "i32", "num_rows": "i32", "dim": "i32", "exclude_width": "i32", "rows_per_split": "i32",
+        "nan_out_ptr": "*i8", "batch": "i32", "num_rows": "i32", "dim": "i32", "exclude_width": "i32", "rows_per_split": "i32",
         "num_splits": "i32", "threshold": "fp32", "stride_query": "i32", "stride_memory": "i32",
         "POOL": "constexpr", "BLOCK_QUERIES": "constexpr", "BLOCK_ROWS": "constexpr", "BLOCK_DIM": "constexpr",
         "UPCAST_MEMORY": "constexpr"}

@@ -7,6 +7,7 @@ Messages name the op, the argument, what was expected and what came, e.g.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterable
 
 import torch
@@ -55,11 +56,12 @@ def check_same_size(op: str, what: str, expected: int, name: str, got: int) -> N
 
 
 def check_positive_int(op: str, name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """A positive integer (NumPy integers too: a count read from an array is one), returned as int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
     if value <= 0:
         raise ValueError(f"{op}: {name} must be positive, got {value}")
-    return value
+    return int(value)
 
 
 def check_finite_float(op: str, name: str, value: object) -> float:
