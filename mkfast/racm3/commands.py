@@ -178,6 +178,7 @@ OVERRIDE_FLAGS = {
     "--data-limit": ("data_limit", int),
     "--steps": ("training.steps", int),
     "--batch-size": ("training.batch_size", int),
+    "--gradient-accumulation": ("training.gradient_accumulation", int),
     "--checkpoint-every": ("training.checkpoint_every", int),
     "--seed": ("training.seed", int),
     "--max-retrieved": ("sequence.max_retrieved", int),
