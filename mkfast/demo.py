@@ -2,9 +2,10 @@
 
 Stages (each writes under ``output_dir``):
   1. environment: versions, extension build, backend choices;
-  2. RA-CM3: VQ tokenizer, CLIP, memory, generator trained with and without retrieval;
-  3. RA-CM3 inference: images and captions sampled from those generators (K=2 vs K=0 vs CM3),
-     CLIP score, FID on CLIP features, caption accuracy, k-shot classification, an image grid;
+  2. RA-CM3: VQ tokenizer, CLIP, memory, generators trained with and without retrieval on
+     digits 0-6 while the memory holds every digit (3 seeds), held-out losses;
+  3. RA-CM3 inference: images and captions sampled from those generators (K=2 vs K=0 vs CM3)
+     judged by an independent classifier, k-shot classification, an image grid;
   4. MKS2: stage 1, stage 2, multiple-choice evaluation against a LoRA baseline;
   5. kernels: a quick pass of every benchmark suite on this device.
 Then one summary table is printed and ``results.json`` + ``index.html`` (which
