@@ -1,4 +1,5 @@
-"""RA-CM3's retrieval memory: build, save/load, exact / FAISS / sharded search, all against topk_dedup_reference."""
+"""RA-CM3's retrieval memory: build, save/load, exact / FAISS / sharded search, all against
+topk_dedup_reference."""
 
 import os
 
@@ -73,7 +74,8 @@ def test_build_from_encoder_matches_from_arrays():
         calls.append(len(batch))
         return embeddings[[int(text.split()[1]) for text in batch]]
 
-    memory = Memory.build(encoder, documents, batch_size=16, document_ids=range(100, 150), show_progress=False)
+    memory = Memory.build(encoder, documents, batch_size=16, document_ids=range(100, 150),
+                          show_progress=False)
     assert calls == [16, 16, 16, 2]
     assert torch.equal(memory.embeddings, embeddings)
     assert memory.document_ids.tolist() == list(range(100, 150))
@@ -148,15 +150,18 @@ def _sharded_worker(rank, world_size, output_dir, pool):
     from mkfast.distributed import shutdown
 
     # A file rendezvous: no port to race for, and no store that dies with rank 0.
-    dist.init_process_group("gloo", init_method=f"file://{output_dir}/rendezvous", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{output_dir}/rendezvous", rank=rank,
+                            world_size=world_size)
     try:
         torch.set_num_threads(1)
         embeddings = _embeddings_with_near_duplicates()
         document_ids = _document_ids(len(embeddings))
         # Uneven shards in rank order; each rank has its own number of queries.
         bounds = [0, 250, len(embeddings)]
-        shard = Memory.from_arrays(embeddings[bounds[rank] : bounds[rank + 1]], document_ids[bounds[rank] : bounds[rank + 1]])
-        queries = torch.cat([embeddings[rank * 7 : rank * 7 + 2], _queries(embeddings, 3 + rank, seed=10 + rank)])
+        own = slice(bounds[rank], bounds[rank + 1])
+        shard = Memory.from_arrays(embeddings[own], document_ids[own])
+        queries = torch.cat([embeddings[rank * 7 : rank * 7 + 2],
+                             _queries(embeddings, 3 + rank, seed=10 + rank)])
         exclude_ids = document_ids[torch.arange(queries.shape[0]) * 5][:, None]
         scores, ids = shard.search_sharded(queries, k=6, exclude_ids=exclude_ids, pool=pool)
         torch.save({"queries": queries, "exclude_ids": exclude_ids, "scores": scores, "ids": ids},
@@ -175,7 +180,8 @@ def test_sharded_search_over_two_gloo_processes_equals_single_process(tmp_path, 
     memory = Memory.from_arrays(_embeddings_with_near_duplicates(), _document_ids(NUM_DOCUMENTS))
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
-        expected_scores, expected_ids = memory.search(result["queries"], k=6, exclude_ids=result["exclude_ids"])
+        expected_scores, expected_ids = memory.search(result["queries"], k=6,
+                                                      exclude_ids=result["exclude_ids"])
         assert torch.equal(result["ids"], expected_ids), rank
         torch.testing.assert_close(result["scores"], expected_scores)
 

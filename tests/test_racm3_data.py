@@ -53,13 +53,16 @@ def test_webdataset_shards_as_img2dataset_writes_them(tmp_path):
                 _add(archive, f"{key}.jpg", buffer.getvalue())
                 if index == 0:
                     _add(archive, f"{key}.txt", f"caption {shard} {index}".encode())
-                _add(archive, f"{key}.json", json.dumps({"caption": f"json caption {shard} {index}"}).encode())
+                _add(archive, f"{key}.json",
+                     json.dumps({"caption": f"json caption {shard} {index}"}).encode())
             # A failed download: json only, no image.
-            _add(archive, f"{shard:05d}9999.json", json.dumps({"caption": "missing", "status": "failed"}).encode())
+            _add(archive, f"{shard:05d}9999.json",
+                 json.dumps({"caption": "missing", "status": "failed"}).encode())
     pairs = load_webdataset_shards(str(tmp_path / "*.tar"), image_size=6)
     assert pairs.captions == ["caption 0 0", "json caption 0 1", "caption 1 0"]
     assert pairs.images.shape == (3, 3, 6, 6)
     assert pairs.images[0, 1].mean() > 0.9 and pairs.images[0, 0].mean() < 0.1
-    assert load_webdataset_shards(str(tmp_path / "*.tar"), image_size=6, limit=2).captions == pairs.captions[:2]
+    limited = load_webdataset_shards(str(tmp_path / "*.tar"), image_size=6, limit=2)
+    assert limited.captions == pairs.captions[:2]
     with pytest.raises(ValueError, match="no image-caption pairs"):
         load_webdataset_shards(str(tmp_path / "*.none"))

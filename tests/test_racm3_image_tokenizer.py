@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from helpers import assert_close
+
 from mkfast.racm3.image_tokenizer import (
     VQGAN,
     VQGANConfig,
@@ -29,7 +29,7 @@ def test_shapes_and_decode_of_encode_equals_forward_reconstruction():
     images = torch.rand(3, 3, 16, 16)
     codes = model.encode(images)
     assert codes.shape == (3, 8, 8) and codes.dtype == torch.int64
-    assert 0 <= int(codes.min()) and int(codes.max()) < SMALL.codebook_size
+    assert int(codes.min()) >= 0 and int(codes.max()) < SMALL.codebook_size
     with torch.no_grad():
         reconstruction, forward_codes, _ = model(images)
     assert torch.equal(forward_codes.long(), codes)
@@ -51,19 +51,23 @@ def test_a_gpu_tokenizer_takes_and_returns_tensors_on_the_callers_device():
     # Codes are an argmin: a distance tie broken differently on the GPU may flip one.
     assert (codes == cpu_codes).float().mean() > 0.95
     assert model.decode(codes).device.type == "cpu" and model.decode(codes.cuda()).device.type == "cuda"
-    train_image_tokenizer(model.train(), images, VQTrainingConfig(steps=2, batch_size=2))  # CPU images, GPU model
+    # CPU images, GPU model.
+    train_image_tokenizer(model.train(), images, VQTrainingConfig(steps=2, batch_size=2))
 
 
 def _taming_keys_for_small_config() -> set[str]:
-    """Key names a taming-transformers VQModel with SMALL's ddconfig has (written out from taming's modules)."""
+    """Key names a taming-transformers VQModel with SMALL's ddconfig has (written out from taming's
+    modules)."""
     return {
-        "encoder.conv_in.weight", "encoder.down.0.block.0.norm1.weight", "encoder.down.0.block.0.conv1.weight",
-        "encoder.down.0.downsample.conv.weight", "encoder.down.1.block.0.nin_shortcut.weight",
-        "encoder.down.1.attn.0.q.weight", "encoder.down.1.attn.0.proj_out.bias", "encoder.mid.block_1.conv2.bias",
+        "encoder.conv_in.weight", "encoder.down.0.block.0.norm1.weight",
+        "encoder.down.0.block.0.conv1.weight", "encoder.down.0.downsample.conv.weight",
+        "encoder.down.1.block.0.nin_shortcut.weight", "encoder.down.1.attn.0.q.weight",
+        "encoder.down.1.attn.0.proj_out.bias", "encoder.mid.block_1.conv2.bias",
         "encoder.mid.attn_1.k.weight", "encoder.mid.block_2.norm2.weight", "encoder.norm_out.weight",
         "encoder.conv_out.weight", "decoder.conv_in.weight", "decoder.mid.attn_1.v.bias",
-        "decoder.up.1.block.0.conv1.weight", "decoder.up.1.block.1.conv2.weight", "decoder.up.1.attn.1.q.weight",
-        "decoder.up.1.upsample.conv.weight", "decoder.up.0.block.0.nin_shortcut.weight",
+        "decoder.up.1.block.0.conv1.weight", "decoder.up.1.block.1.conv2.weight",
+        "decoder.up.1.attn.1.q.weight", "decoder.up.1.upsample.conv.weight",
+        "decoder.up.0.block.0.nin_shortcut.weight",
         "decoder.norm_out.bias", "decoder.conv_out.weight", "quant_conv.weight", "post_quant_conv.bias",
         "quantize.embedding.weight",
     }
@@ -102,5 +106,6 @@ def test_training_lowers_reconstruction_loss():
     for index in range(32):
         images[index, :, :, index % 16] = 1.0
     model = VQGAN(SMALL)
-    losses = train_image_tokenizer(model, images, VQTrainingConfig(steps=30, batch_size=8, learning_rate=2e-3))
+    losses = train_image_tokenizer(model, images,
+                                   VQTrainingConfig(steps=30, batch_size=8, learning_rate=2e-3))
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5

@@ -1,4 +1,5 @@
-"""RA-CM3 metrics: CIDEr-D on hand-computed examples, FID on known Gaussians, CLIP score, perplexity, accuracy."""
+"""RA-CM3 metrics: CIDEr-D on hand-computed examples, FID on known Gaussians, CLIP score, perplexity,
+accuracy."""
 
 from __future__ import annotations
 
@@ -158,19 +159,21 @@ def tiny_model():
     from mkfast.racm3.generator import GeneratorConfig, build_generator
 
     torch.manual_seed(0)
-    return build_generator(40, GeneratorConfig(hidden_size=32, num_layers=1, num_heads=2, num_key_value_heads=2,
-                                               intermediate_size=64, max_sequence_length=64)).eval()
+    config = GeneratorConfig(hidden_size=32, num_layers=1, num_heads=2, num_key_value_heads=2,
+                             intermediate_size=64, max_sequence_length=64)
+    return build_generator(40, config).eval()
 
 
 def test_continuation_log_probabilities_match_one_sequence_at_a_time(tiny_model):
     prefix = torch.tensor([1, 5, 7])
     continuations = [[3, 4, 5, 6, 9], [2], [8, 8, 8]]
     batched = continuation_log_probabilities(tiny_model, prefix, continuations, batch_size=2)
-    for continuation, values in zip(continuations, batched):
+    for continuation, values in zip(continuations, batched, strict=True):
         ids = torch.cat([prefix, torch.tensor(continuation)]).unsqueeze(0)
         with torch.no_grad():
             log_probabilities = torch.log_softmax(tiny_model(input_ids=ids).logits[0].float(), dim=-1)
-        expected = log_probabilities[len(prefix) - 1:-1].gather(-1, torch.tensor(continuation)[:, None]).squeeze(-1)
+        targets = torch.tensor(continuation)[:, None]
+        expected = log_probabilities[len(prefix) - 1:-1].gather(-1, targets).squeeze(-1)
         torch.testing.assert_close(values, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -1,10 +1,11 @@
-"""Retrieval-augmented sequences: self never retrieved, the 0.9 filter, K in {0,1,2}, budget, loss weighting."""
+"""Retrieval-augmented sequences: self never retrieved, the 0.9 filter, K in {0,1,2}, budget, loss
+weighting."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import assert_close
+
 from mkfast.racm3.retrieval import (
     IGNORE,
     ROLE_MAIN,
@@ -37,9 +38,10 @@ def corpus():
     generator = torch.Generator().manual_seed(0)
     # Clusters of 4 near-duplicates: many candidates above 0.9 with each other.
     centres = F.normalize(torch.randn(COUNT // 4, DIMENSION, generator=generator), dim=-1)
-    memory = F.normalize(centres.repeat_interleave(4, 0) + 0.1 * torch.randn(COUNT, DIMENSION, generator=generator),
-                         dim=-1)
-    # Each example's query is close to its own document (score ~0.85, under 0.9), so only the exclusion keeps it out.
+    memory = F.normalize(centres.repeat_interleave(4, 0)
+                         + 0.1 * torch.randn(COUNT, DIMENSION, generator=generator), dim=-1)
+    # Each example's query is close to its own document (score ~0.85, under 0.9), so only the
+    # exclusion keeps it out.
     noise = F.normalize(torch.randn(COUNT, DIMENSION, generator=generator), dim=-1)
     text_queries = F.normalize(memory + 0.6 * noise, dim=-1)
     image_queries = F.normalize(memory - 0.6 * noise, dim=-1)
@@ -76,7 +78,7 @@ def test_training_batch_builds_k_in_0_1_2_with_roles_and_loss_on_every_token(cor
     for seed in range(6):
         example_indices = list(range(seed, seed + 8))
         batch = corpus.training_batch(example_indices, options, torch.Generator().manual_seed(seed))
-        for row, (index, retrieved) in enumerate(zip(example_indices, batch.retrieved)):
+        for row, (index, retrieved) in enumerate(zip(example_indices, batch.retrieved, strict=True)):
             seen_counts.add(len(retrieved))
             assert index not in retrieved
             size = int(batch.attention_mask[row].sum())
@@ -99,7 +101,8 @@ def test_training_batch_builds_k_in_0_1_2_with_roles_and_loss_on_every_token(cor
 
 def test_retrieved_documents_are_dropped_to_fit_the_budget(corpus):
     document_length = len(corpus.documents[0]) + 1
-    options = SequenceOptions(max_retrieved=2, mask_probability=0.0, max_sequence_length=1 + 2 * document_length)
+    options = SequenceOptions(max_retrieved=2, mask_probability=0.0,
+                              max_sequence_length=1 + 2 * document_length)
     batch = corpus.evaluation_batch(corpus.texts[:4], corpus.images[:4], corpus.codes[:4], "text", 2, options,
                                     torch.Generator())
     assert all(len(row) == 1 for row in batch.retrieved)
@@ -107,16 +110,19 @@ def test_retrieved_documents_are_dropped_to_fit_the_budget(corpus):
 
 
 def test_alpha_zero_is_the_plain_cm3_loss_on_the_main_document(corpus):
-    batch = corpus.training_batch(list(range(8)), SequenceOptions(max_retrieved=2), torch.Generator().manual_seed(3))
+    batch = corpus.training_batch(list(range(8)), SequenceOptions(max_retrieved=2),
+                                  torch.Generator().manual_seed(3))
     assert any(batch.retrieved)
-    logits = torch.randn(*batch.input_ids.shape, len(corpus.vocabulary), generator=torch.Generator().manual_seed(1))
+    logits = torch.randn(*batch.input_ids.shape, len(corpus.vocabulary),
+                         generator=torch.Generator().manual_seed(1))
     main_losses, retrieved_losses = [], []
     for row in range(batch.input_ids.shape[0]):
         for position in range(batch.input_ids.shape[1]):
             label = int(batch.labels[row, position])
             if label == IGNORE:
                 continue
-            loss = F.cross_entropy(logits[row, position:position + 1], batch.labels[row, position:position + 1])
+            loss = F.cross_entropy(logits[row, position:position + 1],
+                                   batch.labels[row, position:position + 1])
             (main_losses if batch.target_roles[row, position] == ROLE_MAIN else retrieved_losses).append(loss)
     main, retrieved = torch.stack(main_losses).mean(), torch.stack(retrieved_losses).mean()
     loss_alpha_zero, parts = retrieval_augmented_loss(logits, batch, alpha=0.0)

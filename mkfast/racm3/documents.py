@@ -82,7 +82,8 @@ def sample_spans(length: int, generator: torch.Generator, mean_span_length: floa
         return []
     count = int(torch.poisson(torch.tensor(MEAN_SPANS), generator=generator).item())
     count = min(max(count, 1), MAX_SPANS)
-    lengths = torch.poisson(torch.full((count,), mean_span_length), generator=generator).long().clamp(min=1).tolist()
+    lengths = torch.poisson(torch.full((count,), mean_span_length), generator=generator)
+    lengths = lengths.long().clamp(min=1).tolist()
     # Spans are separated by at least one kept token so that un-masking is unambiguous
     # and each sentinel stands for one contiguous piece.
     while count > 1 and sum(lengths) + count - 1 > length - 1:
@@ -92,7 +93,7 @@ def sample_spans(length: int, generator: torch.Generator, mean_span_length: floa
     free = length - sum(lengths) - (count - 1)
     cuts = torch.randint(0, free + 1, (count,), generator=generator).sort().values.tolist()
     spans, position, previous_cut = [], 0, 0
-    for index, (span_length, cut) in enumerate(zip(lengths, cuts)):
+    for index, (span_length, cut) in enumerate(zip(lengths, cuts, strict=True)):
         position += cut - previous_cut + (1 if index else 0)
         spans.append((position, position + span_length))
         position += span_length
@@ -118,7 +119,8 @@ def causally_mask(document: Document, vocabulary: CM3Vocabulary, generator: torc
     body_ids.append(token_ids[position:])
     body_parts.append(parts[position:])
     infill_ids, infill_parts = torch.tensor([vocabulary.infill_id]), torch.tensor([PART_STRUCTURE])
-    return Document(torch.cat(body_ids + [infill_ids] + tail_ids), torch.cat(body_parts + [infill_parts] + tail_parts))
+    return Document(torch.cat(body_ids + [infill_ids] + tail_ids),
+                    torch.cat(body_parts + [infill_parts] + tail_parts))
 
 
 def unmask(document: Document, vocabulary: CM3Vocabulary) -> Document:
@@ -127,8 +129,8 @@ def unmask(document: Document, vocabulary: CM3Vocabulary) -> Document:
     if vocabulary.infill_id not in token_ids:
         return document
     split = token_ids.index(vocabulary.infill_id)
-    body = list(zip(token_ids[:split], parts[:split]))
-    tail = list(zip(token_ids[split + 1:], parts[split + 1:]))
+    body = list(zip(token_ids[:split], parts[:split], strict=True))
+    tail = list(zip(token_ids[split + 1:], parts[split + 1:], strict=True))
     sentinel_ids = {vocabulary.mask_id(index) for index in range(NUM_MASK_SENTINELS)}
     spans: dict[int, list[tuple[int, int]]] = {}
     current = None

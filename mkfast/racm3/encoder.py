@@ -49,8 +49,9 @@ def build_small_clip(config: SmallCLIPConfig | None = None) -> nn.Module:
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     config = config or SmallCLIPConfig()
-    vision = CLIPVisionCfg(layers=config.vision_layers, width=config.vision_width, patch_size=config.patch_size,
-                           image_size=config.image_size, head_width=config.vision_width // config.heads)
+    vision = CLIPVisionCfg(layers=config.vision_layers, width=config.vision_width,
+                           patch_size=config.patch_size, image_size=config.image_size,
+                           head_width=config.vision_width // config.heads)
     text = CLIPTextCfg(context_length=config.context_length, vocab_size=49408, width=config.text_width,
                        heads=config.heads, layers=config.text_layers)
     return CLIP(embed_dim=config.embed_dim, vision_cfg=vision, text_cfg=text)
@@ -81,7 +82,7 @@ class MixedModalEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_name: str = "ViT-L-14", checkpoint_path: str | None = None,
-                        device: str | torch.device = "cpu") -> "MixedModalEncoder":
+                        device: str | torch.device = "cpu") -> MixedModalEncoder:
         """An open_clip model by name, weights from ``checkpoint_path`` (a local file) or open_clip's tag."""
         import open_clip
 
@@ -125,7 +126,8 @@ class MixedModalEncoder(nn.Module):
     def _autocast(self):
         device_type = self.pixel_mean.device.type
         enabled = device_type == "cuda"
-        dtype = torch.bfloat16 if enabled and torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        bf16 = enabled and torch.cuda.is_bf16_supported(including_emulation=False)
+        dtype = torch.bfloat16 if bf16 else torch.float16
         return torch.autocast(device_type=device_type, dtype=dtype, enabled=enabled)
 
     @torch.no_grad()

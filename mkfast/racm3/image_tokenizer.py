@@ -226,7 +226,8 @@ class VQGAN(nn.Module):
                                        sync_codebook=False)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """images (B, 3, R, R) in [0, 1] -> (reconstruction (B, 3, R, R), codes (B, r, r), commitment loss)."""
+        """images (B, 3, R, R) in [0, 1] -> (reconstruction (B, 3, R, R), codes (B, r, r), commitment
+        loss)."""
         latents = self.quant_conv(self.encoder(images * 2.0 - 1.0))  # taming works in [-1, 1]
         quantized, codes, commitment_loss = self.quantize(latents)
         return self._decode_latents(quantized), codes, commitment_loss
@@ -278,7 +279,8 @@ def mkfast_to_taming_state_dict(state: dict[str, torch.Tensor]) -> dict[str, tor
 
 
 def load_taming_checkpoint(path: str, config: VQGANConfig) -> VQGAN:
-    """A :class:`VQGAN` from a taming checkpoint file (``.ckpt`` with ``state_dict``, or a bare state dict)."""
+    """A :class:`VQGAN` from a taming checkpoint file (``.ckpt`` with ``state_dict``, or a bare state
+    dict)."""
     payload = torch.load(path, map_location="cpu", weights_only=False)
     taming_state = payload.get("state_dict", payload)
     model = VQGAN(config)
@@ -311,7 +313,8 @@ def train_image_tokenizer(model: VQGAN, images: torch.Tensor, config: VQTraining
     losses = []
     for _ in progress_bar(range(config.steps), desc="vq tokenizer", enabled=progress):
         # Indices drawn on the CPU: the same batches whichever device trains.
-        batch = images[torch.randint(0, images.shape[0], (config.batch_size,), generator=generator)].to(device)
+        rows = torch.randint(0, images.shape[0], (config.batch_size,), generator=generator)
+        batch = images[rows].to(device)
         reconstruction, _, commitment_loss = model(batch)
         loss = F.l1_loss(reconstruction, batch) + F.mse_loss(reconstruction, batch) + commitment_loss.sum()
         optimizer.zero_grad(set_to_none=True)

@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import numbers
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from mkfast.ops import topk_dedup
 from mkfast.ops.topk_dedup import REDUNDANCY_THRESHOLD
-from mkfast.racm3.memory_files import (  # noqa: F401  (MemoryLockedError: raised by Memory.save)
-    METADATA_FILE, MemoryLockedError, read_memory, write_memory)
+from mkfast.racm3.memory_files import (
+    METADATA_FILE,
+    MemoryLockedError,  # noqa: F401  (raised by Memory.save; callers import it from here)
+    read_memory,
+    write_memory,
+)
 
 DEFAULT_THRESHOLD = REDUNDANCY_THRESHOLD
 # First FAISS / shard candidate pool per query: 4k + 32 leaves room for the rows
@@ -56,10 +60,13 @@ class Memory:
         document_ids = torch.as_tensor(document_ids)
         if document_ids.shape != (embeddings.shape[0],) or document_ids.dtype != torch.int64:
             raise ValueError(
-                f"Memory: document_ids must be int64 of shape ({embeddings.shape[0]},) like embeddings' rows, "
+                f"Memory: document_ids must be int64 of shape ({embeddings.shape[0]},) "
+                "like embeddings' rows, "
                 f"got {document_ids.dtype} {tuple(document_ids.shape)}"
             )
-        if document_ids.numel() and (document_ids.min() < 0 or torch.unique(document_ids).numel() != len(document_ids)):
+        if document_ids.numel() and (
+            document_ids.min() < 0 or torch.unique(document_ids).numel() != len(document_ids)
+        ):
             raise ValueError("Memory: document_ids must be unique and non-negative")
         self.embeddings = embeddings.contiguous()
         self.document_ids = document_ids.to(embeddings.device)
@@ -79,7 +86,7 @@ class Memory:
 
     # ---------------------------------------------------------------- building
     @classmethod
-    def from_arrays(cls, embeddings, document_ids=None, *, normalize: bool = False) -> "Memory":
+    def from_arrays(cls, embeddings, document_ids=None, *, normalize: bool = False) -> Memory:
         """From tensors or numpy arrays: embeddings (N, d), document_ids (N,) or None (0..N-1)."""
         embeddings = torch.as_tensor(embeddings)
         if normalize:
@@ -98,7 +105,7 @@ class Memory:
         document_ids: Sequence[int] | torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
         show_progress: bool = True,
-    ) -> "Memory":
+    ) -> Memory:
         """Encode ``documents`` in batches: ``encoder(list_of_documents) -> (batch, d)`` tensor.
 
         RA-CM3's encoder is the mixed-modal CLIP encoder (unit-norm outputs).
@@ -115,14 +122,16 @@ class Memory:
             with torch.no_grad():
                 encoded = encoder(batch)
             if encoded.dim() != 2 or encoded.shape[0] != len(batch):
-                raise ValueError(f"Memory.build: encoder must return ({len(batch)}, d), got {tuple(encoded.shape)}")
+                raise ValueError(
+                    f"Memory.build: encoder must return ({len(batch)}, d), got {tuple(encoded.shape)}"
+                )
             chunks.append(encoded.detach().to("cpu", dtype or encoded.dtype))
         if not chunks:
             raise ValueError("Memory.build: documents is empty")
         ids = None if document_ids is None else torch.as_tensor(document_ids, dtype=torch.int64)
         return cls(torch.cat(chunks), ids)
 
-    def to(self, device: torch.device | str) -> "Memory":
+    def to(self, device: torch.device | str) -> Memory:
         return Memory(self.embeddings.to(device), self.document_ids.to(device))
 
     # ------------------------------------------------------------ save / load
@@ -139,7 +148,7 @@ class Memory:
         write_memory(directory, tensors, metadata, wait=wait)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, device: torch.device | str = "cpu") -> "Memory":
+    def load(cls, directory: str | os.PathLike, device: torch.device | str = "cpu") -> Memory:
         """The memory :meth:`save` wrote last. Errors name the file that is missing or damaged."""
         tensors, metadata, path = read_memory(directory, str(device))
         if set(tensors) != {"embeddings", "document_ids"}:
@@ -198,8 +207,8 @@ class Memory:
         return scores, self._ids_of_rows(rows)
 
     # ------------------------------------------------------------------- FAISS
-    def build_faiss_index(self, kind: str = "flat", *, num_lists: int | None = None, num_subquantizers: int = 16,
-                          num_probes: int = 16, use_gpu: bool = False):
+    def build_faiss_index(self, kind: str = "flat", *, num_lists: int | None = None,
+                          num_subquantizers: int = 16, num_probes: int = 16, use_gpu: bool = False):
         """A FAISS inner-product index over the embeddings, used by :meth:`search_faiss`.
 
         kind: "flat" (IndexFlatIP, exact), "ivf" (IndexIVFFlat) or "ivfpq" (IndexIVFPQ,
@@ -291,7 +300,8 @@ class Memory:
         all_queries = _all_gather_padded(queries.float(), batch_sizes, group)
         all_exclude_rows = None
         if exclude_ids is not None:
-            exclude_ids = torch.as_tensor(exclude_ids, dtype=torch.int64, device=device).reshape(queries.shape[0], -1)
+            exclude_ids = torch.as_tensor(exclude_ids, dtype=torch.int64, device=device)
+            exclude_ids = exclude_ids.reshape(queries.shape[0], -1)
             width = max(_all_gather_sizes(exclude_ids.shape[1], device, group))
             padded = torch.nn.functional.pad(exclude_ids, (0, width - exclude_ids.shape[1]), value=-1)
             all_exclude_rows = self.rows_of(_all_gather_padded(padded, batch_sizes, group, fill=-1))
@@ -308,7 +318,8 @@ class Memory:
                 truncated,
             )
             # Every rank's candidates for this rank's queries: (b, world_size, pool, ...).
-            merged = [torch.stack([shard[own] for shard in _all_gather_fixed(part, group)], dim=1) for part in parts]
+            merged = [torch.stack([shard[own] for shard in _all_gather_fixed(part, group)], dim=1)
+                      for part in parts]
             out_scores, out_ids, short = _walk_merged(queries, *merged, k=k, threshold=threshold)
             needs_more = torch.tensor([int(short)], device=device)
             dist.all_reduce(needs_more, op=dist.ReduceOp.MAX, group=group)
@@ -372,10 +383,12 @@ def _walk_merged(queries, scores, rows, document_ids, embeddings, truncated, *, 
             short |= bool(truncated[query].any())
             continue
         candidate_embeddings = embeddings[query][keep][order]
-        taken_scores, positions = topk_dedup(queries[query : query + 1], candidate_embeddings, k, threshold=threshold)
+        taken_scores, positions = topk_dedup(queries[query : query + 1], candidate_embeddings, k,
+                                             threshold=threshold)
         positions = positions[0]
         out_scores[query] = taken_scores[0]
-        out_ids[query] = torch.where(positions >= 0, document_ids[query][keep][order][positions.clamp(min=0)], -1)
+        out_ids[query] = torch.where(positions >= 0,
+                                     document_ids[query][keep][order][positions.clamp(min=0)], -1)
         short |= bool(positions[-1] < 0) and bool(truncated[query].any())
     return out_scores, out_ids, short
 
@@ -385,7 +398,8 @@ def _pad_pool(tensor, pool, value):
     missing = pool - tensor.shape[1]
     if missing == 0:
         return tensor
-    padding = torch.full((tensor.shape[0], missing, *tensor.shape[2:]), value, dtype=tensor.dtype, device=tensor.device)
+    padding = torch.full((tensor.shape[0], missing, *tensor.shape[2:]), value,
+                         dtype=tensor.dtype, device=tensor.device)
     return torch.cat([tensor, padding], dim=1)
 
 
@@ -405,7 +419,9 @@ def _all_gather_padded(tensor, sizes, group, fill=0):
     """Concatenate every rank's (sizes[r], ...) tensor along dim 0."""
     padded = torch.full((max(sizes), *tensor.shape[1:]), fill, dtype=tensor.dtype, device=tensor.device)
     padded[: tensor.shape[0]] = tensor
-    return torch.cat([part[:size] for part, size in zip(_all_gather_fixed(padded, group), sizes)])
+    # One gathered part per rank and one size per rank: equal lengths by construction.
+    parts = _all_gather_fixed(padded, group)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
 
 
 def _walk_candidates(query, embeddings, candidate_rows, k, threshold, exclude_rows=None,
@@ -424,7 +440,8 @@ def _walk_candidates(query, embeddings, candidate_rows, k, threshold, exclude_ro
     if len(valid) == 0:
         return torch.full((k,), float("-inf")), torch.full((k,), -1, dtype=torch.int64), not truncated
     device = embeddings.device
-    scores, positions = topk_dedup(query[None].to(device), embeddings[valid.to(device)], k, threshold=threshold)
+    scores, positions = topk_dedup(query[None].to(device), embeddings[valid.to(device)], k,
+                                   threshold=threshold)
     positions = positions[0].cpu()
     rows = torch.where(positions >= 0, valid[positions.clamp(min=0)], positions)
     complete = bool(positions[-1] >= 0) or not truncated

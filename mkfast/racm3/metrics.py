@@ -84,10 +84,14 @@ def frechet_distance(mean_a: torch.Tensor, covariance_a: torch.Tensor, mean_b: t
 
 def fid(real_images: torch.Tensor, generated_images: torch.Tensor, extractor: FeatureExtractor,
         batch_size: int = 256) -> dict:
-    """FID between two image sets (N, 3, H, W) in [0, 1]; returns {"fid", "extractor", "real", "generated"}."""
+    """FID between two image sets (N, 3, H, W) in [0, 1].
+
+    Returns {"fid", "extractor", "real", "generated"}.
+    """
     features = []
     for images in (real_images, generated_images):
-        chunks = [extractor(images[start:start + batch_size]) for start in range(0, images.shape[0], batch_size)]
+        chunks = [extractor(images[start:start + batch_size])
+                  for start in range(0, images.shape[0], batch_size)]
         features.append(torch.cat(chunks))
     value = frechet_distance(*gaussian_statistics(features[0]), *gaussian_statistics(features[1]))
     return {"fid": value, "extractor": getattr(extractor, "name", type(extractor).__name__),
@@ -114,7 +118,8 @@ def normalise_caption(text: str) -> str:
 
 def _ngram_counts(text: str, max_n: int = CIDER_MAX_N) -> Counter:
     words = normalise_caption(text).split()
-    return Counter(tuple(words[start:start + n]) for n in range(1, max_n + 1) for start in range(len(words) - n + 1))
+    return Counter(tuple(words[start:start + n])
+                   for n in range(1, max_n + 1) for start in range(len(words) - n + 1))
 
 
 @dataclass
@@ -145,7 +150,8 @@ def _similarity(hypothesis: _Vector, reference: _Vector, max_n: int, sigma: floa
     penalty = math.exp(-(delta ** 2) / (2 * sigma ** 2))
     values = []
     for order in range(max_n):
-        value = sum(min(weight, reference.weights[order].get(ngram, 0.0)) * reference.weights[order].get(ngram, 0.0)
+        value = sum(min(weight, reference.weights[order].get(ngram, 0.0))
+                    * reference.weights[order].get(ngram, 0.0)
                     for ngram, weight in hypothesis.weights[order].items())
         if hypothesis.norms[order] != 0 and reference.norms[order] != 0:
             value /= hypothesis.norms[order] * reference.norms[order]
@@ -155,7 +161,8 @@ def _similarity(hypothesis: _Vector, reference: _Vector, max_n: int, sigma: floa
 
 def cider_d(hypotheses: list[str], references: list[list[str]], max_n: int = CIDER_MAX_N,
             sigma: float = CIDER_SIGMA) -> tuple[float, list[float]]:
-    """CIDEr-D of one hypothesis per image against that image's references -> (corpus mean, per-image scores).
+    """CIDEr-D of one hypothesis per image against that image's references -> (corpus mean,
+    per-image scores).
 
     Document frequencies come from the references of all images (the corpus),
     so scores depend on the whole evaluation set, as in coco-caption.
@@ -169,14 +176,14 @@ def cider_d(hypotheses: list[str], references: list[list[str]], max_n: int = CID
         document_frequency.update({ngram for counts in image for ngram in counts})
     log_reference_count = math.log(float(len(references)))
     scores = []
-    for hypothesis, image in zip(hypotheses, reference_counts):
+    for hypothesis, image in zip(hypotheses, reference_counts, strict=True):
         if not image:
             raise ValueError("cider_d: every image needs at least one reference")
         vector = _tf_idf(_ngram_counts(hypothesis, max_n), document_frequency, log_reference_count, max_n)
         total = [0.0] * max_n
         for counts in image:
             reference = _tf_idf(counts, document_frequency, log_reference_count, max_n)
-            total = [a + b for a, b in zip(total, _similarity(vector, reference, max_n, sigma))]
+            total = [a + b for a, b in zip(total, _similarity(vector, reference, max_n, sigma), strict=True)]
         scores.append(CIDER_SCALE * (sum(total) / max_n) / len(image))
     return sum(scores) / len(scores), scores
 
@@ -210,7 +217,8 @@ def continuation_log_probabilities(model, prefix_ids: torch.Tensor, continuation
             padded[row, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
         input_ids = torch.cat([prefix_ids[start:start + len(chunk)].cpu(), padded], dim=1).to(device)
         logits = model(input_ids=input_ids, use_cache=False).logits[:, prefix_length - 1:-1].float()
-        log_probabilities = torch.log_softmax(logits, dim=-1).gather(-1, padded.to(device).unsqueeze(-1)).squeeze(-1)
+        log_probabilities = torch.log_softmax(logits, dim=-1)
+        log_probabilities = log_probabilities.gather(-1, padded.to(device).unsqueeze(-1)).squeeze(-1)
         results.extend(log_probabilities[row, :len(ids)].cpu() for row, ids in enumerate(chunk))
     return results
 
@@ -229,6 +237,8 @@ def accuracy(predictions, targets) -> float:
         raise ValueError(f"accuracy: {len(predictions)} predictions for {len(targets)} targets")
     if not predictions:
         return float("nan")
-    return sum(int(prediction == target) for prediction, target in zip(predictions, targets)) / len(predictions)
+    matches = sum(int(prediction == target)
+                  for prediction, target in zip(predictions, targets, strict=True))
+    return matches / len(predictions)
 
 

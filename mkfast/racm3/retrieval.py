@@ -43,7 +43,8 @@ def search_memory(memory, queries: torch.Tensor, k: int, threshold: float = RETR
     filter through ``mkfast.ops.topk_dedup``); exclude: (b, E) int64 document ids
     never returned (the example itself in training).
     """
-    _, document_ids = memory.search(queries.to(memory.embeddings.dtype), k, threshold=threshold, exclude_ids=exclude)
+    _, document_ids = memory.search(queries.to(memory.embeddings.dtype), k, threshold=threshold,
+                                    exclude_ids=exclude)
     return document_ids
 
 
@@ -68,9 +69,9 @@ class Batch:
     target_parts: torch.Tensor
     retrieved: list[list[int]]
 
-    def to(self, device) -> "Batch":
-        return Batch(*(tensor.to(device) for tensor in (self.input_ids, self.attention_mask, self.labels,
-                                                        self.target_roles, self.target_parts)), self.retrieved)
+    def to(self, device) -> Batch:
+        tensors = (self.input_ids, self.attention_mask, self.labels, self.target_roles, self.target_parts)
+        return Batch(*(tensor.to(device) for tensor in tensors), self.retrieved)
 
 
 class RetrievalCorpus:
@@ -91,21 +92,24 @@ class RetrievalCorpus:
             memory_embeddings = encoder.encode_documents(texts, images)
         self.memory_embeddings = memory_embeddings
         # Document id i = training example i, so excluding an example is excluding its id.
-        self.memory = None if memory_embeddings is None else Memory(memory_embeddings.float().to(memory_device))
-        self.documents = [format_document(vocabulary, text, code) for text, code in zip(texts, codes)]
+        self.memory = (None if memory_embeddings is None
+                       else Memory(memory_embeddings.float().to(memory_device)))
+        self.documents = [format_document(vocabulary, text, code)
+                          for text, code in zip(texts, codes, strict=True)]
 
     def __len__(self) -> int:
         return len(self.texts)
 
-    def encode_queries(self, texts: list[str], images: torch.Tensor, query_parts: list[str], drop_fraction: float,
-                       generator: torch.Generator) -> torch.Tensor:
+    def encode_queries(self, texts: list[str], images: torch.Tensor, query_parts: list[str],
+                       drop_fraction: float, generator: torch.Generator) -> torch.Tensor:
         """One query per example from its text part ("text") or image part ("image") -> (b, d)."""
         queries = torch.zeros(len(query_parts), self.memory_embeddings.shape[1])
         text_rows = [row for row, part in enumerate(query_parts) if part == "text"]
         image_rows = [row for row, part in enumerate(query_parts) if part == "image"]
         if text_rows:
             queries[text_rows] = self.encoder.encode_texts([texts[row] for row in text_rows],
-                                                           drop_fraction=drop_fraction, generator=generator).cpu()
+                                                           drop_fraction=drop_fraction,
+                                                           generator=generator).cpu()
         if image_rows:
             queries[image_rows] = self.encoder.encode_images(images[image_rows], drop_fraction=drop_fraction,
                                                              generator=generator).cpu()
@@ -120,31 +124,36 @@ class RetrievalCorpus:
         queries = self.encode_queries(texts, images, query_parts, options.query_dropout, generator)
         exclusion = None if exclude is None else torch.tensor(exclude, dtype=torch.int64).unsqueeze(1)
         indices = search_memory(self.memory, queries, max(counts), options.threshold, exclusion)
-        return [[index for index in row[:count] if index >= 0] for row, count in zip(indices.tolist(), counts)]
+        return [[index for index in row[:count] if index >= 0]
+                for row, count in zip(indices.tolist(), counts, strict=True)]
 
     def training_batch(self, example_indices: list[int], options: SequenceOptions,
                        generator: torch.Generator) -> Batch:
-        """RA-CM3 training sequences for memory rows ``example_indices``; all randomness from ``generator``."""
+        """RA-CM3 training sequences for memory rows ``example_indices``; all randomness from
+        ``generator``."""
         batch_size = len(example_indices)
         # Masking draws from its own generator so that runs differing only in
         # retrieval (e.g. K = 0) see the same masked documents.
-        masking_generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        masking_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        masking_generator = torch.Generator().manual_seed(masking_seed)
         counts = torch.randint(0, options.max_retrieved + 1, (batch_size,), generator=generator).tolist()
         query_parts = ["text" if bit else "image" for bit in torch.randint(0, 2, (batch_size,),
                                                                            generator=generator).tolist()]
-        retrieved = self.retrieve([self.texts[index] for index in example_indices], self.images[example_indices],
-                                  query_parts, counts, options, generator, exclude=example_indices)
+        retrieved = self.retrieve([self.texts[index] for index in example_indices],
+                                  self.images[example_indices], query_parts, counts, options, generator,
+                                  exclude=example_indices)
         mains = []
         for index in example_indices:
             document = self.documents[index]
             if float(torch.rand((), generator=masking_generator)) < options.mask_probability:
-                document = causally_mask(document, self.vocabulary, masking_generator, options.mean_span_length)
+                document = causally_mask(document, self.vocabulary, masking_generator,
+                                         options.mean_span_length)
             mains.append(document)
         return self.collate([[self.documents[index] for index in row] for row in retrieved], mains,
                             options.max_sequence_length, retrieved)
 
-    def collate(self, retrieved_documents: list[list[Document]], mains: list[Document], max_sequence_length: int,
-                retrieved: list[list[int]]) -> Batch:
+    def collate(self, retrieved_documents: list[list[Document]], mains: list[Document],
+                max_sequence_length: int, retrieved: list[list[int]]) -> Batch:
         """Build ``</doc> m_1 </doc> .. m_K </doc> x </doc>`` per example, right-padded into a Batch.
 
         The leading ``</doc>`` makes every document token a prediction target,
@@ -153,13 +162,15 @@ class RetrievalCorpus:
         separator = torch.tensor([self.vocabulary.separator_id])
         structure = torch.tensor([PART_STRUCTURE])
         sequences = []
-        for documents, main, row in zip(retrieved_documents, mains, retrieved):
+        for documents, main, row in zip(retrieved_documents, mains, retrieved, strict=True):
             documents = list(documents)
             main_length = len(main) + 1
-            while documents and 1 + sum(len(document) + 1 for document in documents) + main_length > max_sequence_length:
+            while (documents and 1 + sum(len(document) + 1 for document in documents) + main_length
+                   > max_sequence_length):
                 documents.pop()
                 row.pop()
-            ids, parts, roles = [separator], [structure], [torch.tensor([ROLE_MAIN if not documents else ROLE_RETRIEVED])]
+            first_role = ROLE_MAIN if not documents else ROLE_RETRIEVED
+            ids, parts, roles = [separator], [structure], [torch.tensor([first_role])]
             for document in documents:
                 ids += [document.token_ids, separator]
                 parts += [document.parts, structure]
@@ -187,12 +198,14 @@ class RetrievalCorpus:
 
     def evaluation_batch(self, texts: list[str], images: torch.Tensor, codes: torch.Tensor, query_part: str,
                          retrieved_count: int, options: SequenceOptions, generator: torch.Generator) -> Batch:
-        """Plain (unmasked) held-out documents, each with ``retrieved_count`` documents retrieved by ``query_part``."""
+        """Plain (unmasked) held-out documents, each with ``retrieved_count`` documents retrieved
+        by ``query_part``."""
         counts = [retrieved_count] * len(texts)
         # Evaluation queries are clean: query dropout is a training-time regulariser.
         clean = SequenceOptions(**{**options.__dict__, "query_dropout": 0.0})
         retrieved = self.retrieve(texts, images, [query_part] * len(texts), counts, clean, generator)
-        mains = [format_document(self.vocabulary, text, code) for text, code in zip(texts, codes)]
+        mains = [format_document(self.vocabulary, text, code)
+                 for text, code in zip(texts, codes, strict=True)]
         return self.collate([[self.documents[index] for index in row] for row in retrieved], mains,
                             options.max_sequence_length, retrieved)
 

@@ -76,7 +76,7 @@ class CM3Vocabulary:
 
     @classmethod
     def from_corpus(cls, corpus: list[str], image_codebook_size: int,
-                    text_vocabulary_size: int = DEFAULT_TEXT_VOCABULARY_SIZE) -> "CM3Vocabulary":
+                    text_vocabulary_size: int = DEFAULT_TEXT_VOCABULARY_SIZE) -> CM3Vocabulary:
         return cls(train_text_tokenizer(corpus, text_vocabulary_size), image_codebook_size)
 
     def __len__(self) -> int:
@@ -117,7 +117,7 @@ class CM3Vocabulary:
     def encode_image(self, codes: torch.Tensor) -> list[int]:
         """codes: (h, w) or (h*w,) int VQ indices -> vocabulary ids, raster order."""
         flat = codes.reshape(-1).tolist()
-        if flat and not (0 <= min(flat) and max(flat) < self.image_codebook_size):
+        if flat and not (min(flat) >= 0 and max(flat) < self.image_codebook_size):
             raise ValueError(f"image codes must be in [0, {self.image_codebook_size}), "
                              f"got range [{min(flat)}, {max(flat)}]")
         return [self.image_offset + code for code in flat]
@@ -132,7 +132,7 @@ class CM3Vocabulary:
                            "image_codebook_size": self.image_codebook_size})
 
     @classmethod
-    def from_json(cls, text: str) -> "CM3Vocabulary":
+    def from_json(cls, text: str) -> CM3Vocabulary:
         from tokenizers import Tokenizer
 
         payload = json.loads(text)
