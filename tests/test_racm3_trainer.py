@@ -208,3 +208,24 @@ def test_generator_on_gpu_uses_mkfast_attention_and_trains_in_bf16(tmp_path):
                             output_dir=str(tmp_path), progress=False)
     records = Trainer(model, corpus, config, SequenceOptions(max_sequence_length=128)).train()
     assert len(records) == 3 and all(math.isfinite(record["loss"]) for record in records)
+
+
+def test_gradient_accumulation_takes_consecutive_global_batches(tmp_path, monkeypatch):
+    """Micro-step m of step s trains on global batch s * accumulation + m: the same data order as
+    a run without accumulation, every batch once."""
+    corpus = _corpus()
+    drawn = []
+    original = corpus.training_batch
+
+    def recording(indices, options, generator):
+        drawn.append(list(indices))
+        return original(indices, options, generator)
+
+    monkeypatch.setattr(corpus, "training_batch", recording)
+    torch.manual_seed(0)
+    model = build_generator(len(corpus.vocabulary), TINY, corpus.vocabulary.pad_id)
+    config = TrainingConfig(steps=2, batch_size=4, gradient_accumulation=2, checkpoint_every=2,
+                            output_dir=str(tmp_path), progress=False)
+    rows = Trainer(model, corpus, config, SequenceOptions(max_sequence_length=128)).train()
+    assert drawn == [batch_example_indices(batch, 4, len(corpus), 0) for batch in range(4)]
+    assert [row["step"] for row in rows] == [0, 1] and all(math.isfinite(row["loss"]) for row in rows)
