@@ -6,14 +6,25 @@ import math
 import pytest
 import torch
 
-from mkfast.data.multiple_choice import (load_commonsense_qa, load_multiple_choice_jsonl, load_openbookqa,
-                                         load_piqa, write_multiple_choice_jsonl)
+from mkfast.data.multiple_choice import (
+    load_commonsense_qa,
+    load_multiple_choice_jsonl,
+    load_openbookqa,
+    load_piqa,
+    write_multiple_choice_jsonl,
+)
 from mkfast.mks2.evaluation import score_item
-from mkfast.mks2.losses import IGNORE_INDEX, next_token_cross_entropy, sequence_log_likelihoods, text_to_image_infonce
+from mkfast.mks2.losses import (
+    IGNORE_INDEX,
+    next_token_cross_entropy,
+    sequence_log_likelihoods,
+    text_to_image_infonce,
+)
 
 
 def test_infonce_equals_a_hand_computed_value_on_a_two_pair_batch():
-    # Text 0 is parallel to image 0 and orthogonal to image 1; text 1 is at 60 degrees to image 0, parallel to 1.
+    # Text 0 is parallel to image 0 and orthogonal to image 1; text 1 is at 60 degrees to image 0,
+    # parallel to 1.
     text = torch.tensor([[2.0, 0.0], [0.5, math.sqrt(3) / 2]])
     images = torch.tensor([[1.0, 0.0], [0.5, math.sqrt(3) / 2]])
     temperature = 0.5
@@ -29,7 +40,8 @@ def test_infonce_temperature_is_learnable_and_capped():
     text_to_image_infonce(text, images, logit_scale).backward()
     assert logit_scale.grad is not None and logit_scale.grad.abs() > 0
     capped = text_to_image_infonce(text, images, torch.tensor(50.0))
-    assert capped.item() == pytest.approx(text_to_image_infonce(text, images, torch.tensor(math.log(100))).item())
+    at_cap = text_to_image_infonce(text, images, torch.tensor(math.log(100)))
+    assert capped.item() == pytest.approx(at_cap.item())
 
 
 def test_infonce_rejects_mismatched_shapes():
@@ -80,5 +92,6 @@ def test_local_piqa_csqa_obqa_files_load_in_both_layouts(tmp_path):
         {"answerKey": "A", "question": "Who?", "choices": {"label": ["A", "B"], "text": ["p", "q"]}}])
     assert [item["answer"] for item in load_commonsense_qa(csqa)] == [1, 0]
     obqa = _write_jsonl(tmp_path / "obqa.jsonl", [
-        {"answerKey": "C", "question_stem": "Sun is", "choices": {"label": ["A", "B", "C"], "text": ["a", "b", "hot"]}}])
+        {"answerKey": "C", "question_stem": "Sun is",
+         "choices": {"label": ["A", "B", "C"], "text": ["a", "b", "hot"]}}])
     assert load_openbookqa(obqa)[0]["choices"][2] == "hot" and load_openbookqa(obqa)[0]["answer"] == 2

@@ -7,9 +7,18 @@ from helpers import assert_close
 from mkfast.data.digit_instructions import demo_vocabulary, word_level_tokenizer
 from mkfast.mks2.adapters import load_adapters, read_adapter_config, save_adapters
 from mkfast.mks2.build import SmallLlamaConfig, build_mks2, small_llama
-from mkfast.mks2.patching import (MOMES, VISUAL_MEMORY, add_visual_memory, decoder_layers, disable_momes,
-                                  enable_momes, patch_state, remove_visual_memory, router_probabilities,
-                                  visual_memories)
+from mkfast.mks2.patching import (
+    MOMES,
+    VISUAL_MEMORY,
+    add_visual_memory,
+    decoder_layers,
+    disable_momes,
+    enable_momes,
+    patch_state,
+    remove_visual_memory,
+    router_probabilities,
+    visual_memories,
+)
 from mkfast.mks2.samples import instruction_sample
 
 ODD_CONFIG = SmallLlamaConfig(vocab_size=40, hidden_size=36, intermediate_size=52, num_hidden_layers=3,
@@ -17,14 +26,15 @@ ODD_CONFIG = SmallLlamaConfig(vocab_size=40, hidden_size=36, intermediate_size=5
 
 
 def _perturb_adapters(model):
-    """Stage 1: a non-zero MVM fc2. Stage 2: non-zero LoRA and a non-uniform router (the MVM left as trained)."""
+    """Stage 1: a non-zero MVM fc2. Stage 2: non-zero LoRA and a non-uniform router (the MVM left as
+    trained)."""
     with torch.no_grad():
         if patch_state(model) == VISUAL_MEMORY:
             for memory in visual_memories(model):
                 memory.fc2.weight.normal_(std=0.2)
         for layer in decoder_layers(model):
             if patch_state(model) == MOMES:
-                for name, parameter in layer.mlp.named_parameters(recurse=False):
+                for parameter in layer.mlp.parameters(recurse=False):
                     parameter.normal_(std=0.1)
                 layer.mlp.router.weight.normal_(std=0.5)
                 layer.mlp.router.bias.normal_(std=0.5)
@@ -56,7 +66,8 @@ def test_layer_output_is_the_router_weighted_sum_of_the_two_experts():
     mome = decoder_layers(model)[0].mlp
     hidden = torch.randn(2, 5, 36)
     probabilities = router_probabilities(mome, hidden)
-    mixed = hidden + mome(hidden)  # what the transformers layer computes with post_attention_layernorm = Identity
+    # What the transformers layer computes with post_attention_layernorm = Identity.
+    mixed = hidden + mome(hidden)
     weight, bias = mome.router.weight.detach().clone(), mome.router.bias.detach().clone()
     experts = []
     for favoured in (0, 1):
@@ -121,7 +132,8 @@ def test_momes_adapters_round_trip_reproduces_logits_exactly(tmp_path):
     names = save_adapters(model, str(tmp_path))
     config_saved = read_adapter_config(str(tmp_path))
     assert config_saved["stage"] == MOMES and config_saved["lora_rank"] == 4
-    assert any("gate_proj_lora_A" in name for name in names) and any(".visual_memory.fc1" in name for name in names)
+    assert any("gate_proj_lora_A" in name for name in names)
+    assert any(".visual_memory.fc1" in name for name in names)
     assert not any(name.endswith("mlp.mlp.gate_proj.weight") for name in names)
     fresh = build_mks2(small_llama(config, tokenizer, seed=2), image_size=16)
     load_adapters(fresh, str(tmp_path))

@@ -1,4 +1,5 @@
-"""MKS2 patching of a Hugging Face Llama: identity at insertion, undo, refusal, freezing, adapters round trip."""
+"""MKS2 patching of a Hugging Face Llama: identity at insertion, undo, refusal, freezing, adapters round
+trip."""
 
 import pytest
 import torch
@@ -7,8 +8,13 @@ from helpers import assert_close
 from mkfast.data.digit_instructions import demo_vocabulary, word_level_tokenizer
 from mkfast.mks2.adapters import load_adapters, read_adapter_config, save_adapters
 from mkfast.mks2.build import SmallLlamaConfig, build_mks2, small_llama
-from mkfast.mks2.patching import (VISUAL_MEMORY, add_visual_memory, patch_state, remove_visual_memory,
-                                  visual_memories)
+from mkfast.mks2.patching import (
+    VISUAL_MEMORY,
+    add_visual_memory,
+    patch_state,
+    remove_visual_memory,
+    visual_memories,
+)
 from mkfast.mks2.samples import caption_sample
 
 # Odd sizes on purpose: hidden 36 gives an MVM inner size of 9, 3 layers, a 7-token batch of 2.
@@ -43,7 +49,8 @@ def test_fresh_visual_memory_leaves_logits_bit_identical():
 
 
 def test_visual_memory_computes_h_f_then_the_block_mlp():
-    """Layer output = h_F + MLP(post_norm(h_F)), h_F = h_s + MVM(norm(h_s)) (MKS2 eq. 1), checked on one layer."""
+    """Layer output = h_F + MLP(post_norm(h_F)), h_F = h_s + MVM(norm(h_s)) (MKS2 eq. 1), checked on one
+    layer."""
     model = small_llama(ODD_CONFIG)
     layer = model.model.layers[0]
     original_mlp, original_norm = layer.mlp, layer.post_attention_layernorm
@@ -96,20 +103,23 @@ def test_only_visual_memory_and_stage1_heads_are_trainable(tokenizer):
 
 
 def test_adapters_round_trip_reproduces_logits_exactly(tokenizer, tmp_path):
-    """Save the trained-looking adapters, build a fresh MKS2 on the same base, load: same logits bit for bit."""
-    config = SmallLlamaConfig(vocab_size=len(tokenizer), hidden_size=36, intermediate_size=52, num_hidden_layers=3,
-                              num_attention_heads=3, num_key_value_heads=1)
+    """Save the trained-looking adapters, build a fresh MKS2 on the same base, load: same logits bit for
+    bit."""
+    config = SmallLlamaConfig(vocab_size=len(tokenizer), hidden_size=36, intermediate_size=52,
+                              num_hidden_layers=3, num_attention_heads=3, num_key_value_heads=1)
     model = build_mks2(small_llama(config, tokenizer, seed=1), image_size=16)
     _randomize_visual_memory(model.language_model)
     with torch.no_grad():
         model.vision.projection.weight.normal_()
         model.vision.image_start.normal_()
-    samples = [caption_sample(tokenizer, "a handwritten digit seven", 0), caption_sample(tokenizer, "a digit", 1)]
+    samples = [caption_sample(tokenizer, "a handwritten digit seven", 0),
+               caption_sample(tokenizer, "a digit", 1)]
     images = torch.rand(2, 3, 16, 16)
     expected, _ = model.forward_logits(samples, images)
     names = save_adapters(model, str(tmp_path))
     assert read_adapter_config(str(tmp_path))["stage"] == VISUAL_MEMORY
-    assert not any(name.startswith("language_model.model.embed_tokens") or ".self_attn." in name for name in names)
+    assert not any(name.startswith("language_model.model.embed_tokens") or ".self_attn." in name
+                   for name in names)
     assert not any(name.startswith("vision.vision_model") for name in names)
     fresh = build_mks2(small_llama(config, tokenizer, seed=1), image_size=16)
     unloaded, _ = fresh.forward_logits(samples, images)

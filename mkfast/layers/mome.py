@@ -113,9 +113,11 @@ class MoMEFFN(nn.Module):
         if activation is not None:
             probe = torch.linspace(-4, 4, 17)
             if not torch.allclose(activation(probe), F.silu(probe)):
-                raise TypeError(f"MoMEFFN: mlp.act_fn must be SiLU (the fused op computes SwiGLU), got {activation!r}")
+                raise TypeError("MoMEFFN: mlp.act_fn must be SiLU (the fused op computes SwiGLU), "
+                                f"got {activation!r}")
         if not isinstance(getattr(norm, "weight", None), torch.Tensor):
-            raise TypeError(f"MoMEFFN: norm must be an RMSNorm module with a weight, got {type(norm).__name__}")
+            raise TypeError("MoMEFFN: norm must be an RMSNorm module with a weight, "
+                            f"got {type(norm).__name__}")
         weight = mlp.gate_proj.weight
         factory = dict(device=weight.device, dtype=weight.dtype)
         if norm.weight.device != weight.device:
@@ -135,7 +137,8 @@ class MoMEFFN(nn.Module):
             lora_A = nn.Parameter(torch.empty(rank, linear.in_features, **factory))
             nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))  # PEFT's init of lora_A
             self.register_parameter(f"{name}_lora_A", lora_A)
-            self.register_parameter(f"{name}_lora_B", nn.Parameter(torch.zeros(linear.out_features, rank, **factory)))
+            lora_B = nn.Parameter(torch.zeros(linear.out_features, rank, **factory))
+            self.register_parameter(f"{name}_lora_B", lora_B)
         self.router = nn.Linear(linear.out_features, NUM_EXPERTS, **factory)
 
     def _linear(self, name: str) -> nn.Linear:
@@ -178,7 +181,8 @@ class MoMEFFN(nn.Module):
             visual_norm_weight=self.visual_memory.norm.weight.to(dtype),
             fc1_weight=self.visual_memory.fc1.weight, fc2_weight=self.visual_memory.fc2.weight,
             router_weight=self.router.weight, router_bias=self.router.bias, lora_scale=self.scaling,
-            text_norm_eps=_norm_eps(self.norm, dtype), visual_norm_eps=_norm_eps(self.visual_memory.norm, dtype),
+            text_norm_eps=_norm_eps(self.norm, dtype),
+            visual_norm_eps=_norm_eps(self.visual_memory.norm, dtype),
             **lora,
         )
 

@@ -1,4 +1,5 @@
-"""Zero-shot multiple choice by log-likelihood (acc, acc_norm as lm-evaluation-harness defines them) and generation."""
+"""Zero-shot multiple choice by log-likelihood (acc, acc_norm as lm-evaluation-harness defines them) and
+generation."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def evaluate_multiple_choice(model: MKS2Model, tokenizer, items: list[dict]) -> 
 @torch.no_grad()
 def generate_text(model: MKS2Model, tokenizer, prompts: list[str], images: torch.Tensor | None = None,
                   num_beams: int = 1, max_new_tokens: int = 8) -> list[str]:
-    """Greedy (num_beams=1, text tasks) or beam search (num_beams=4, VQA) answers; images[i] goes with prompts[i]."""
+    """Greedy (num_beams=1, text tasks) or beam search (num_beams=4, VQA) answers; images[i] goes with
+    prompts[i]."""
     samples = [prompt_sample(tokenizer, prompt, index if images is not None else None)
                for index, prompt in enumerate(prompts)]
     new_tokens = model.generate(samples, images, max_new_tokens=max_new_tokens, num_beams=num_beams)

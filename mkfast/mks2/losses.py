@@ -23,8 +23,8 @@ def text_to_image_infonce(text_features: torch.Tensor, image_features: torch.Ten
     L_t2i = -(1/N) sum_i log( exp(sim(D_i, I_i)/tau) / sum_j exp(sim(D_i, I_j)/tau) ), sim = cosine.
     """
     if text_features.shape != image_features.shape or text_features.dim() != 2:
-        raise ValueError(f"text_to_image_infonce: text_features {tuple(text_features.shape)} and image_features "
-                         f"{tuple(image_features.shape)} must both be (N, D)")
+        raise ValueError(f"text_to_image_infonce: text_features {tuple(text_features.shape)} and "
+                         f"image_features {tuple(image_features.shape)} must both be (N, D)")
     similarity = F.normalize(text_features.float(), dim=-1) @ F.normalize(image_features.float(), dim=-1).T
     inverse_temperature = logit_scale.float().clamp(max=MAX_LOGIT_SCALE).exp()
     targets = torch.arange(similarity.shape[0], device=similarity.device)

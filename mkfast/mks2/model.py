@@ -13,14 +13,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mkfast.mks2.losses import (IGNORE_INDEX, INITIAL_TEMPERATURE, next_token_cross_entropy,
-                                sequence_log_likelihoods, text_to_image_infonce)
+from mkfast.mks2.losses import (
+    IGNORE_INDEX,
+    INITIAL_TEMPERATURE,
+    next_token_cross_entropy,
+    sequence_log_likelihoods,
+    text_to_image_infonce,
+)
 from mkfast.mks2.vision import VisionAdapter
 
 
 @dataclass
 class TokenSample:
-    """One sequence: token_ids start with BOS; loss_mask[t] says token t is a target; image_index into images."""
+    """One sequence: token_ids start with BOS; loss_mask[t] says token t is a target; image_index into
+    images."""
 
     token_ids: list[int]
     loss_mask: list[bool]
@@ -45,8 +51,9 @@ class MKS2Model(nn.Module):
 
     def assemble(self, samples: list[TokenSample], images: torch.Tensor | None = None,
                  padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Token samples (+ images (M, 3, H, W) or their ImageFeatures, which they index) -> inputs_embeds (B, S, D), attention_mask (B, S),
-        labels (B, S) with IGNORE_INDEX on non-targets, image positions and padding."""
+        """Token samples (+ images (M, 3, H, W) or their ImageFeatures, which they index) ->
+        inputs_embeds (B, S, D), attention_mask (B, S), labels (B, S) with IGNORE_INDEX on
+        non-targets, image positions and padding."""
         embedding = self.language_model.get_input_embeddings()
         device = embedding.weight.device
         image_blocks = None
@@ -56,7 +63,8 @@ class MKS2Model(nn.Module):
         pieces, label_rows = [], []
         for sample in samples:
             if not sample.token_ids or len(sample.loss_mask) != len(sample.token_ids):
-                raise ValueError("MKS2Model: each sample needs token_ids (starting with BOS) and a loss_mask as long")
+                raise ValueError("MKS2Model: each sample needs token_ids (starting with BOS) "
+                                 "and a loss_mask as long")
             ids = torch.tensor(sample.token_ids, device=device)
             labels = torch.where(torch.tensor(sample.loss_mask, device=device), ids, IGNORE_INDEX)
             token_embeds = embedding(ids)
@@ -73,8 +81,9 @@ class MKS2Model(nn.Module):
         inputs_embeds = pieces[0].new_zeros(batch, length, hidden)
         attention_mask = torch.zeros(batch, length, dtype=torch.long, device=device)
         labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=device)
-        for row, (piece, label_row) in enumerate(zip(pieces, label_rows)):
-            span = slice(0, piece.shape[0]) if padding_side == "right" else slice(length - piece.shape[0], length)
+        for row, (piece, label_row) in enumerate(zip(pieces, label_rows, strict=True)):
+            span = (slice(0, piece.shape[0]) if padding_side == "right"
+                    else slice(length - piece.shape[0], length))
             inputs_embeds[row, span] = piece
             attention_mask[row, span] = 1
             labels[row, span] = label_row
@@ -96,7 +105,8 @@ class MKS2Model(nn.Module):
         return sequence_log_likelihoods(logits, labels)
 
     def caption_features(self, caption_samples: list[TokenSample]) -> torch.Tensor:
-        """Text only: final hidden state at each caption's last token (</s>) -> head. (N, D_vision)."""
+        """Text only: final hidden state at each caption's last token (</s>) -> head.
+        (N, D_vision)."""
         inputs_embeds, attention_mask, _ = self.assemble(caption_samples)
         output = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                      output_hidden_states=True)
@@ -106,7 +116,8 @@ class MKS2Model(nn.Module):
         # The head trains in its own dtype (fp32), whatever the frozen Llama runs in (bf16 on a GPU).
         return self.text_to_image_head(last_hidden.to(self.text_to_image_head.weight.dtype))
 
-    def stage1_losses(self, caption_samples: list[TokenSample], images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def stage1_losses(self, caption_samples: list[TokenSample],
+                      images: torch.Tensor) -> dict[str, torch.Tensor]:
         """L_stage1 = L_c + L_t2i (SPEC, MKS2 stage 1).
 
         caption_samples[i] is "<s> caption </s>" with the caption tokens as targets and
@@ -120,26 +131,29 @@ class MKS2Model(nn.Module):
         retrieval = text_to_image_infonce(self.caption_features(text_only), global_features, self.logit_scale)
         return {"loss": captioning + retrieval, "captioning": captioning, "text_to_image": retrieval}
 
-    def stage2_losses(self, samples: list[TokenSample], images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def stage2_losses(self, samples: list[TokenSample],
+                      images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Instruction tuning: cross-entropy on the response tokens only (SPEC, MKS2 stage 2)."""
         loss = self.language_loss(samples, images)
         return {"loss": loss}
 
     @torch.no_grad()
-    def generate(self, samples: list[TokenSample], images: torch.Tensor | None = None, max_new_tokens: int = 16,
-                 num_beams: int = 1, **generate_kwargs) -> torch.Tensor:
+    def generate(self, samples: list[TokenSample], images: torch.Tensor | None = None,
+                 max_new_tokens: int = 16, num_beams: int = 1, **generate_kwargs) -> torch.Tensor:
         """Greedy (num_beams=1) or beam search through the language model's ``generate``.
 
-        samples hold the prompt tokens (BOS first); returns only the new tokens (B, <= max_new_tokens)."""
+        samples hold the prompt tokens (BOS first); returns only the new tokens
+        (B, <= max_new_tokens)."""
         inputs_embeds, attention_mask, _ = self.assemble(samples, images, padding_side="left")
         config = self.language_model.config
         return self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                            max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                                            pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id,
-                                            **generate_kwargs)
+                                            max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                            do_sample=False, pad_token_id=config.pad_token_id,
+                                            eos_token_id=config.eos_token_id, **generate_kwargs)
 
     def stage1_trainable(self) -> None:
-        """Stage 1: the MVMs (already trainable from add_visual_memory), projection, image tokens, head, tau."""
+        """Stage 1: the MVMs (already trainable from add_visual_memory), projection, image tokens, head,
+        tau."""
         for module in (self.vision.projection, self.text_to_image_head):
             module.requires_grad_(True)
         for parameter in (self.vision.image_start, self.vision.image_end, self.logit_scale):

@@ -37,10 +37,10 @@ class ImageFeatures:
     def __len__(self) -> int:
         return self.query_output.shape[0]
 
-    def __getitem__(self, indices) -> "ImageFeatures":
+    def __getitem__(self, indices) -> ImageFeatures:
         return ImageFeatures(self.query_output[indices], self.global_features[indices])
 
-    def to(self, device) -> "ImageFeatures":
+    def to(self, device) -> ImageFeatures:
         return ImageFeatures(self.query_output.to(device), self.global_features.to(device))
 
 
@@ -98,7 +98,7 @@ class VisionAdapter(nn.Module):
             globals_.append(vision_output.pooler_output)
         return ImageFeatures(torch.cat(queries), torch.cat(globals_))
 
-    def encode(self, images: "torch.Tensor | ImageFeatures") -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, images: torch.Tensor | ImageFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, H, W), or their precomputed ImageFeatures ->
         (soft tokens (B, Q, D_llm), global features (B, D_vision))."""
         features = images if isinstance(images, ImageFeatures) else self.frozen_features(images)
@@ -116,7 +116,8 @@ class VisionAdapter(nn.Module):
 def small_vision_adapter(language_hidden_size: int, image_size: int = 32, patch_size: int = 8,
                          hidden_size: int = 64, qformer_hidden_size: int = 64,
                          num_query_tokens: int = NUM_QUERY_TOKENS, seed: int = 0) -> VisionAdapter:
-    """A BLIP-2-shaped adapter built from small configs (tests and the digits demo: no weights to download)."""
+    """A BLIP-2-shaped adapter built from small configs (tests and the digits demo: no weights to
+    download)."""
     from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
 
     generator_state = torch.random.get_rng_state()
@@ -138,24 +139,28 @@ def small_vision_adapter(language_hidden_size: int, image_size: int = 32, patch_
 
 
 def _checkpoint_tensors(path: str) -> dict[str, torch.Tensor]:
-    """The vision model, Q-Former and query tokens from a local BLIP-2 safetensors checkpoint (sharded or not)."""
+    """The vision model, Q-Former and query tokens from a local BLIP-2 safetensors checkpoint (sharded or
+    not)."""
     from safetensors import safe_open
 
     index_path = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index_path):
         with open(index_path) as handle:
             weight_map = json.load(handle)["weight_map"]
-        files = sorted({file for name, file in weight_map.items() if name.startswith(CHECKPOINT_PREFIXES)})
+        files = sorted({file for name, file in weight_map.items()
+                        if name.startswith(CHECKPOINT_PREFIXES)})
     else:
         files = ["model.safetensors"]
     tensors = {}
     for file in files:
         with safe_open(os.path.join(path, file), framework="pt") as handle:
-            for name in handle.keys():
+            # safe_open handles are not iterable: keys() is their only listing.
+            for name in handle.keys():  # noqa: SIM118
                 if name.startswith(CHECKPOINT_PREFIXES):
                     tensors[name] = handle.get_tensor(name)
     if not tensors:
-        raise ValueError(f"VisionAdapter: no {CHECKPOINT_PREFIXES} tensors in the safetensors files of {path}")
+        raise ValueError(f"VisionAdapter: no {CHECKPOINT_PREFIXES} tensors in the safetensors files "
+                         f"of {path}")
     return tensors
 
 
@@ -169,7 +174,8 @@ def load_blip2_vision_adapter(path: str, language_hidden_size: int,
     from transformers import Blip2Config, Blip2QFormerModel, Blip2VisionModel
 
     if not os.path.isdir(path):
-        raise UsageError(f"load_blip2_vision_adapter: path {path!r} must be a local checkpoint directory")
+        raise UsageError(f"load_blip2_vision_adapter: path {path!r} must be a local checkpoint "
+                         "directory")
     config = Blip2Config.from_pretrained(path, local_files_only=True)
     vision_model = Blip2VisionModel(config.vision_config)
     qformer = Blip2QFormerModel(config.qformer_config)
@@ -178,8 +184,10 @@ def load_blip2_vision_adapter(path: str, language_hidden_size: int,
         state = {name[len(prefix):]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing:
-            raise ValueError(f"VisionAdapter: checkpoint {path} lacks {prefix}{missing[:3]}... ({len(missing)} tensors)")
+            raise ValueError(f"VisionAdapter: checkpoint {path} lacks {prefix}{missing[:3]}... "
+                             f"({len(missing)} tensors)")
     if "query_tokens" not in tensors:
         raise ValueError(f"VisionAdapter: checkpoint {path} has no query_tokens")
-    adapter = VisionAdapter(vision_model.eval(), qformer.eval(), tensors["query_tokens"], language_hidden_size)
+    adapter = VisionAdapter(vision_model.eval(), qformer.eval(), tensors["query_tokens"],
+                            language_hidden_size)
     return adapter.to(dtype)
