@@ -9,7 +9,7 @@ import sys
 import time
 
 from mkfast.audit import ptx, report, rules, sass, targets
-from mkfast.audit.triton_static import Launch, compile_launch, dots, record
+from mkfast.audit.triton_static import Launch, compile_launch, dots, record, wgmma_waits
 
 SM90_TARGET = "sm90a"
 
@@ -58,6 +58,7 @@ def analyse(launch: Launch, spans: dict[str, int], group: str, target_names: lis
         **base,
         **sass.record_fields(function, dynamic),
         "dots": _summarise_dots(dots(compiled.asm["ttgir"])),
+        "wgmma_wait_pendings": sorted(set(wgmma_waits(compiled.asm["ttgir"]))),
         # Local memory the PTX itself uses (a local array), not ptxas spills: both are LDL/STL in SASS.
         "ptx_local_accesses": len(re.findall(r"\b(?:ld|st)\.local\b", compiled.asm["ptx"])),
         "offsets": {"large_tensors": sorted(large), "findings": findings},

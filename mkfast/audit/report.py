@@ -14,7 +14,9 @@ RESULTS_DIRECTORY = os.path.join("benchmarks", "results", "sm90_static")
 FIELDS = """Columns: registers per thread; spill = bytes/thread of local-memory stores/loads in the SASS
 (ptxas spills), "in loop" when any sits inside a loop; smem = static + dynamic shared memory per block
 (the 1 KiB sm_90 reserves per block left out, as the 227 KiB limit leaves it out);
-dots = each tl.dot's lowering (wgmma / mma.sync / fma) and M x N x K, with its count in the TTGIR;
+dots = each tl.dot's lowering (wgmma / mma.sync / fma) and M x N x K, with its count in the TTGIR, and
+the wgmma waits' allowance (0 pending: the warps stop until every wgmma issued so far has finished,
+so the code after the wait cannot overlap them);
 loop MMAs = wgmma (HGMMA) + mma.sync (HMMA) instructions per iteration of each innermost loop holding
 any; async = cp.async (LDGSTS) and TMA/bulk-copy instructions; 64-bit = whether all address arithmetic
 on tensors spanning >= 2^31 elements is 64-bit or provably in int32 range ("n/a": no such tensor)."""
@@ -44,10 +46,14 @@ def compare_with_shortfalls(records: list[dict], versions: dict) -> dict:
 
 
 def _dots(record: dict) -> str:
-    return (
-        "; ".join(f"{dot['count']}x {dot['kind']} {dot['m']}x{dot['n']}x{dot['k']}" for dot in record["dots"])
-        or "-"
+    text = "; ".join(
+        f"{dot['count']}x {dot['kind']} {dot['m']}x{dot['n']}x{dot['k']}" for dot in record["dots"]
     )
+    if record.get("wgmma_wait_pendings"):
+        text += (
+            " (waits: " + ", ".join(str(pending) for pending in record["wgmma_wait_pendings"]) + " pending)"
+        )
+    return text or "-"
 
 
 def _loops(record: dict) -> str:

@@ -317,3 +317,12 @@ def dots(ttgir: str) -> list[dict]:
             }
         )
     return found
+
+
+_WGMMA_WAIT = re.compile(r"ttng\.warp_group_dot_wait .*\{pendings = (\d+) : i32\}")
+
+
+def wgmma_waits(ttgir: str) -> list[int]:
+    """The ``pendings`` of each wgmma wait in the TTGIR: 0 waits for every issued wgmma to finish
+    (no overlap with the code after it); N > 0 lets N run on while the warps do other work."""
+    return [int(match[1]) for match in _WGMMA_WAIT.finditer(ttgir)]
