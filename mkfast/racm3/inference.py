@@ -1,4 +1,5 @@
-"""RA-CM3 inference tasks (RA-CM3 "Inference"): text-to-image, image-to-text, infilling, k-shot classification.
+"""RA-CM3 inference tasks (RA-CM3 "Inference"): text-to-image, image-to-text, infilling, k-shot
+classification.
 
 Every task builds a CM3 prompt the way training saw sequences (retrieval.py's
 ``collate``): ``</doc> m_1 </doc> .. m_K </doc> x``, where m_i are retrieved
@@ -64,7 +65,8 @@ class ImageToTextResult:
 
 @dataclass
 class ClassificationResult:
-    """probabilities: (2,) of the labels; per_prompt: (P, 2), one row per prompt (P = 1 for a single prompt)."""
+    """probabilities: (2,) of the labels; per_prompt: (P, 2), one row per prompt (P = 1 for a single
+    prompt)."""
 
     probabilities: torch.Tensor
     per_prompt: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 2))
@@ -75,7 +77,8 @@ class ClassificationResult:
 
 
 class RACM3Inference:
-    """The trained pieces together: generator, corpus (vocabulary, encoder, memory, documents), VQ tokenizer."""
+    """The trained pieces together: generator, corpus (vocabulary, encoder, memory, documents), VQ
+    tokenizer."""
 
     def __init__(self, model, corpus: RetrievalCorpus, image_tokenizer,
                  threshold: float = RETRIEVAL_THRESHOLD):
@@ -85,7 +88,8 @@ class RACM3Inference:
         self.codes_per_side = int(corpus.codes.shape[-1])
         self.codes_per_image = self.codes_per_side * int(corpus.codes.shape[-2])
         special = self.vocabulary.special_ids
-        self.open_id, self.source_id, self.close_id = special[IMAGE_OPEN], special[IMAGE_SOURCE], special[IMAGE_CLOSE]
+        self.open_id, self.source_id, self.close_id = (special[IMAGE_OPEN], special[IMAGE_SOURCE],
+                                                       special[IMAGE_CLOSE])
 
     # ------------------------------------------------------------------ prompts and retrieval
     def retrieve(self, texts: list[str] | None = None, images: torch.Tensor | None = None, k: int = 2,
@@ -124,9 +128,11 @@ class RACM3Inference:
 
     # ------------------------------------------------------------------ text-to-image
     @torch.no_grad()
-    def text_to_image(self, caption: str, k: int = DEFAULT_RETRIEVED, num_samples: int = DEFAULT_IMAGE_SAMPLES,
-                      options: SamplingOptions | None = None, seed: int = 0, guidance_scale: float = 1.0,
-                      context_documents: list[Document] | None = None, use_cache: bool = True) -> TextToImageResult:
+    def text_to_image(self, caption: str, k: int = DEFAULT_RETRIEVED,
+                      num_samples: int = DEFAULT_IMAGE_SAMPLES, options: SamplingOptions | None = None,
+                      seed: int = 0, guidance_scale: float = 1.0,
+                      context_documents: list[Document] | None = None,
+                      use_cache: bool = True) -> TextToImageResult:
         """Retrieve k documents by the caption, sample ``num_samples`` images, rerank by CLIP score."""
         rows = [] if context_documents is not None else self.retrieve(texts=[caption], k=k)[0]
         context = self._context(rows, context_documents)
@@ -150,10 +156,13 @@ class RACM3Inference:
     # ------------------------------------------------------------------ image-to-text
     def rerank_captions(self, codes: torch.Tensor, candidates: list[str], context: list[int] | None = None,
                         ) -> tuple[list[str], list[float]]:
-        """Candidates sorted by perplexity of ``caption </doc>`` after the infilling prompt (lowest first)."""
-        prefix = torch.tensor((context or [self.vocabulary.separator_id]) + self._infill_caption_prefix(codes))
-        continuations = [self.vocabulary.encode_text(text) + [self.vocabulary.separator_id] for text in candidates]
-        values = [perplexity(values) for values in continuation_log_probabilities(self.model, prefix, continuations)]
+        """Candidates sorted by perplexity of ``caption </doc>`` after the infilling prompt (lowest
+        first)."""
+        separator = self.vocabulary.separator_id
+        prefix = torch.tensor((context or [separator]) + self._infill_caption_prefix(codes))
+        continuations = [self.vocabulary.encode_text(text) + [separator] for text in candidates]
+        values = [perplexity(values)
+                  for values in continuation_log_probabilities(self.model, prefix, continuations)]
         order = sorted(range(len(candidates)), key=lambda index: values[index])
         return [candidates[index] for index in order], [values[index] for index in order]
 
@@ -165,10 +174,12 @@ class RACM3Inference:
         """image (3, H, W) in [0, 1] -> the lowest-perplexity of ``num_captions`` sampled captions."""
         rows = [] if context_documents is not None else self.retrieve(images=image.unsqueeze(0), k=k)[0]
         context = self._context(rows, context_documents)
-        codes = self.image_tokenizer.encode(image.unsqueeze(0).to(next(self.image_tokenizer.parameters()).device))[0]
+        tokenizer_device = next(self.image_tokenizer.parameters()).device
+        codes = self.image_tokenizer.encode(image.unsqueeze(0).to(tokenizer_device))[0]
         prompt_ids = torch.tensor(context + self._infill_caption_prefix(codes.cpu())).unsqueeze(0)
-        tokens = generate(self.model, prompt_ids.expand(num_captions, -1), max_caption_tokens, options, seed=seed,
-                          allowed=self._text_ids_allowed(), stop_token_id=self.vocabulary.separator_id,
+        tokens = generate(self.model, prompt_ids.expand(num_captions, -1), max_caption_tokens, options,
+                          seed=seed, allowed=self._text_ids_allowed(),
+                          stop_token_id=self.vocabulary.separator_id,
                           pad_token_id=self.vocabulary.pad_id, min_new_tokens=1).cpu()
         candidates = list(dict.fromkeys(self.vocabulary.decode_text(row.tolist()) for row in tokens))
         ranked, values = self.rerank_captions(codes.cpu(), candidates, context)
@@ -188,8 +199,8 @@ class RACM3Inference:
         the image when there is no text.
         """
         if region.shape != codes.shape or region.dtype != torch.bool:
-            raise ValueError(f"infill_image: region must be a bool mask shaped like codes {tuple(codes.shape)}, "
-                             f"got {tuple(region.shape)} {region.dtype}")
+            raise ValueError("infill_image: region must be a bool mask shaped like codes "
+                             f"{tuple(codes.shape)}, got {tuple(region.shape)} {region.dtype}")
         spans = _masked_runs(region.reshape(-1))
         if not 1 <= len(spans) <= NUM_MASK_SENTINELS:
             raise ValueError(f"infill_image: region must form 1..{NUM_MASK_SENTINELS} runs in raster order, "
@@ -205,8 +216,10 @@ class RACM3Inference:
             body += image_ids[position:start] + [self.vocabulary.mask_id(index)]
             position = end
         body += image_ids[position:]
-        head = [self.open_id] + (self.vocabulary.encode_text(text) if text is not None else []) + [self.source_id]
-        prompt = self._context(rows, context_documents) + head + body + [self.close_id, self.vocabulary.infill_id]
+        caption_ids = self.vocabulary.encode_text(text) if text is not None else []
+        head = [self.open_id] + caption_ids + [self.source_id]
+        prompt = (self._context(rows, context_documents) + head + body
+                  + [self.close_id, self.vocabulary.infill_id])
         stream = DecodingStream(self.model, torch.tensor(prompt).unsqueeze(0).expand(num_samples, -1))
         generator = torch.Generator(device=stream.device).manual_seed(seed)
         image_only = torch.arange(len(self.vocabulary), device=stream.device) >= self.vocabulary.image_offset
@@ -229,14 +242,17 @@ class RACM3Inference:
     @torch.no_grad()
     def label_probabilities(self, query_codes: torch.Tensor, demonstrations: list[Document],
                             labels: tuple[str, str] = NONSENSE_LABELS) -> torch.Tensor:
-        """One prompt: (2,) p(label) normalised over the labels; p(label) = p(label text ``</doc>`` | prompt)."""
+        """One prompt: (2,) p(label) normalised over the labels; p(label) = p(label text ``</doc>`` |
+        prompt)."""
         prefix = torch.tensor(self.context_ids(demonstrations) + self._infill_caption_prefix(query_codes))
-        continuations = [self.vocabulary.encode_text(label) + [self.vocabulary.separator_id] for label in labels]
+        continuations = [self.vocabulary.encode_text(label) + [self.vocabulary.separator_id]
+                         for label in labels]
         log_likelihoods = torch.stack([values.double().sum() for values in
                                        continuation_log_probabilities(self.model, prefix, continuations)])
         return torch.softmax(log_likelihoods, dim=0)
 
-    def classify_ensemble(self, query_codes: torch.Tensor, demonstration_pairs: list[tuple[Document, Document]],
+    def classify_ensemble(self, query_codes: torch.Tensor,
+                          demonstration_pairs: list[tuple[Document, Document]],
                           labels: tuple[str, str] = NONSENSE_LABELS) -> ClassificationResult:
         """RA-CM3's k-shot: k one-shot prompts (one demonstration per label each), probabilities averaged."""
         if not demonstration_pairs:

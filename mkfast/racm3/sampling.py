@@ -112,7 +112,8 @@ class DecodingStream:
 
     def __init__(self, model, prompt_ids: torch.Tensor, use_cache: bool = True):
         if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
-            raise ValueError(f"DecodingStream: prompt_ids must be (B, T) with T >= 1, got {tuple(prompt_ids.shape)}")
+            raise ValueError("DecodingStream: prompt_ids must be (B, T) with T >= 1, "
+                             f"got {tuple(prompt_ids.shape)}")
         self.model, self.use_cache = model, use_cache
         self.device = next(model.parameters()).device
         self.token_ids = prompt_ids.to(self.device)
@@ -239,7 +240,8 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, options: Samp
             rule = constraint.allowed(device)
             mask = rule if mask is None else mask & rule
         if stop_token_id is not None and step < min_new_tokens:
-            mask = torch.ones(batch, logits.shape[-1], dtype=torch.bool, device=device) if mask is None else mask.clone()
+            mask = (torch.ones(batch, logits.shape[-1], dtype=torch.bool, device=device) if mask is None
+                    else mask.clone())
             mask[:, stop_token_id] = False
         tokens = sample_next(logits, options, generator, mask)
         tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
