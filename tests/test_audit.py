@@ -237,3 +237,37 @@ def test_shortfall_table_is_compared_both_ways(monkeypatch):
     assert fixed["stale"] == [["k", "c", "spill-in-loop", figure, "no longer fails"]]
     other_version = report.compare_with_shortfalls([record], {"triton": "3.6.0"})  # the row is 3.8's
     assert other_version["unlisted"] == [["k", "c", "spill-in-loop", figure]] and not other_version["stale"]
+
+
+LOOP_LISTING = """
+    ld.param.b32 %r9, [k_param_2];
+    ld.param.b32 %r10, [k_param_3];
+    ld.param.b64 %rd1, [k_param_0];
+    mov.b32 %r1, 0;
+$L__loop:
+    mul.lo.s32 %r5, %r1, %r10;
+    mul.wide.s32 %rd2, %r5, 2;
+    add.s64 %rd3, %rd1, %rd2;
+    ld.global.b16 %rs1, [ %rd3 + 0 ];
+    ld.global.b32 %r20, [ %rd1 + 0 ];
+    mul.lo.s32 %r21, %r20, %r10;
+    mul.wide.s32 %rd4, %r21, 2;
+    add.s64 %rd5, %rd1, %rd4;
+    ld.global.b16 %rs2, [ %rd5 + 0 ];
+    add.s32 %r1, %r1, 64;
+    setp.lt.s32 %p1, %r1, %r9;
+    @%p1 bra $L__loop;
+"""
+
+
+def test_loop_counters_are_bounded_by_their_test_and_loaded_indices_are_not():
+    # position (< 768 + 64) * stride: in range for stride 2^20, past int32 for 2^22; a loaded
+    # index times the stride can never be bounded: an "unbounded product" either way.
+    def statuses(stride):
+        findings = ptx.offset_findings(
+            LOOP_LISTING, {0: "Source"}, {2: 768, 3: stride}, (1, 1, 1), 128, {"Source"}
+        )
+        return sorted((finding["instruction"].split()[1], finding["status"]) for finding in findings)
+
+    assert statuses(2**20) == [("%r21,", "unbounded product")]
+    assert statuses(2**22) == [("%r21,", "unbounded product"), ("%r5,", "overflow")]
