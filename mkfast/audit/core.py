@@ -72,9 +72,25 @@ def run_audit(groups: list[str] | None = None, log=None) -> dict:
     started = time.time()
     chosen = [target for target in targets.targets() if groups is None or target.group in groups]
     by_key: dict[str, dict] = {}
-    notes = []
+    notes, failed = [], []
     for target in chosen:
-        launches, stopped = record(target.launch)
+        try:
+            launches, stopped = record(target.launch)
+        except Exception as error:  # a launcher that no longer runs is a finding; audit the others
+            message = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+            failed.append(
+                {
+                    "kernel": target.name,
+                    "group": target.group,
+                    "config": "launcher",
+                    "constants": {},
+                    "targets": [target.name],
+                    "autotune_configs": 1,
+                    "language": "triton",
+                    "error": f"the launcher failed under the audit: {message}",
+                }
+            )
+            continue
         if stopped:
             notes.append(f"{target.name}: {stopped}; {len(launches)} launches recorded before it")
         for launch in launches:
@@ -90,7 +106,7 @@ def run_audit(groups: list[str] | None = None, log=None) -> dict:
                     entry["spans"][name] = tensor.span_elements
                     if tensor.span_elements >= ptx.LARGE_TENSOR_ELEMENTS:
                         entry["launch"] = launch  # the offsets are read with the large launch's values
-    records = []
+    records = failed
     for entry in by_key.values():
         launch = entry["launch"]
         log(f"compiling {launch.name} [{launch.config}] for sm_90a")

@@ -6,6 +6,7 @@
   64-bit-offsets  no 32-bit address arithmetic that wraps at the audited shapes, nor a 32-bit
                   multiply of an unbounded value by an integer argument, on a tensor spanning
                   >= 2^31 elements (ptx.py)
+  compiles        the launcher runs under the audit and the kernel compiles for sm_90a
 
 A config the autotuner can skip (it refuses a kernel over the shared-memory limit with
 OutOfResources and benchmarks the others) is not held to the rules: it is marked
@@ -21,8 +22,6 @@ H100_SHARED_MEMORY_BYTES = 227 * 1024  # per block, opt-in maximum (cudaDevAttrM
 # counts it in a kernel's static shared memory, the 227 KiB a block may use excludes it.
 SM90_RESERVED_SHARED_BYTES = 1024
 WGMMA_MIN_M = 64  # a warpgroup MMA computes 64 rows: a narrower dot cannot use it
-
-RULES = ("spill-in-loop", "wgmma", "shared-memory", "64-bit-offsets")
 
 
 def shared_memory(static_bytes: int, dynamic_bytes: int) -> dict[str, int]:
