@@ -28,23 +28,34 @@ import os
 import torch
 
 import mkfast
-from .common import (Measurement, command_line, cpu_threads, interleaved_timings, peak_memory_mb,
-                               resolve_device, run_suite)
+
+from .common import (
+    Measurement,
+    command_line,
+    cpu_threads,
+    interleaved_timings,
+    peak_memory_mb,
+    resolve_device,
+    run_suite,
+)
 
 # ~1B Llama-architecture generator (head dim 128, the attention target's), CM3 vocabulary
 # of 32k text tokens + 8192 image codes; RA-CM3 trains at 4096 tokens per sequence.
 RACM3_GPU = {"hidden": 2048, "layers": 16, "heads": 16, "intermediate": 5632, "vocab": 40192,
              "batch": 1, "sequence": 4096}
-RACM3_CPU = {"hidden": 128, "layers": 2, "heads": 4, "intermediate": 344, "vocab": 2048, "batch": 1, "sequence": 512}
+RACM3_CPU = {"hidden": 128, "layers": 2, "heads": 4, "intermediate": 344, "vocab": 2048,
+             "batch": 1, "sequence": 512}
 RACM3_CPU_QUICK = {**RACM3_CPU, "sequence": 128}
 # Llama-2-7B layer sizes (4 of its 32 layers keep one step within seconds), 4096 tokens per step.
 MKS2_GPU = {"hidden": 4096, "layers": 4, "heads": 32, "intermediate": 11008, "vocab": 32000,
             "batch": 4, "sequence": 1024}
-MKS2_CPU = {"hidden": 256, "layers": 2, "heads": 4, "intermediate": 688, "vocab": 1000, "batch": 2, "sequence": 128}
+MKS2_CPU = {"hidden": 256, "layers": 2, "heads": 4, "intermediate": 688, "vocab": 1000,
+            "batch": 2, "sequence": 128}
 MKS2_CPU_QUICK = {**MKS2_CPU, "sequence": 32}
 # Quick on a GPU (the demo's kernels stage): the same architectures a few times smaller, so a
 # pass is seconds, not the minutes of building a 1B model and four 7B layers twice.
-RACM3_GPU_QUICK = {**RACM3_GPU, "hidden": 1024, "layers": 2, "heads": 8, "intermediate": 2816, "sequence": 1024}
+RACM3_GPU_QUICK = {**RACM3_GPU, "hidden": 1024, "layers": 2, "heads": 8, "intermediate": 2816,
+                   "sequence": 1024}
 MKS2_GPU_QUICK = {**MKS2_GPU, "layers": 1, "batch": 1, "sequence": 512}
 # main(cases="target") is the GPU sizes above with fewer repetitions (benchmarks/gpu_check.py);
 # cases="tiny" the smallest models that still run every code path (its dry run).
@@ -84,7 +95,8 @@ def _training_step(model, tokens: torch.Tensor, device: torch.device):
 
 def _tokens(shape: dict, device: torch.device) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
-    return torch.randint(0, shape["vocab"], (shape["batch"], shape["sequence"]), generator=generator).to(device)
+    tokens = torch.randint(0, shape["vocab"], (shape["batch"], shape["sequence"]), generator=generator)
+    return tokens.to(device)
 
 
 @contextlib.contextmanager
@@ -174,11 +186,13 @@ def _run(quick: bool, device: torch.device, output_root: str | None, cases: str 
              f"1-minute load average {os.getloadavg()[0]:.1f} when the run started")
     racm3 = racm3_measurements(racm3_shape, device, dtype, warmup_rounds, repetitions)
     run_suite("e2e_racm3", racm3, device, baseline="sdpa", output_root=output_root,
-              notes=f"RA-CM3 generator training step (forward + backward + AdamW), every parameter trained; {where}.")
+              notes="RA-CM3 generator training step (forward + backward + AdamW), every parameter trained; "
+                    f"{where}.")
     mks2 = mks2_measurements(mks2_shape, device, dtype, warmup_rounds, repetitions)
     run_suite("e2e_mks2", mks2, device, baseline="peft-style", output_root=output_root,
-              notes=(f"MKS2 stage-2 training step (forward + backward + AdamW of LoRA rank {LORA_RANK} and the "
-                     f"routers; the Llama and the visual memory frozen), SDPA attention in every row; {where}."))
+              notes=(f"MKS2 stage-2 training step (forward + backward + AdamW of LoRA rank {LORA_RANK} "
+                     "and the routers; the Llama and the visual memory frozen), SDPA attention in every "
+                     f"row; {where}."))
     for measurement in racm3 + mks2:
         print(f"{measurement.case} {measurement.provider}: {measurement.median_ms:.1f} ms/step, "
               f"{measurement.rates()['tokens']:.0f} tokens/s", flush=True)

@@ -16,10 +16,11 @@ import functools
 
 import torch
 
-from .common import Measurement, command_line, cpu_threads, measure, resolve_device, run_suite
 from mkfast.racm3.generator import GeneratorConfig, build_generator
 from mkfast.racm3.sampling import ImageCodeConstraint, SamplingOptions, generate
 from mkfast.racm3.vocabulary import IMAGE_CLOSE, IMAGE_OPEN, IMAGE_SOURCE, CM3Vocabulary
+
+from .common import Measurement, command_line, cpu_threads, measure, resolve_device, run_suite
 
 # The demo's generator (hidden 128, 4 layers); RoPE needs no table size, 2048 covers K=2 16x16 images.
 BENCH_GENERATOR = GeneratorConfig(max_sequence_length=2048)
@@ -29,7 +30,8 @@ CAPTION = "a handwritten digit seven"
 
 def setup(codes_per_image: int, samples: int, retrieved: int, device: torch.device):
     """(model, vocabulary, prompt_ids (samples, T)) shared by both providers."""
-    vocabulary = CM3Vocabulary.from_corpus([CAPTION, "a handwritten digit two"], CODEBOOK, text_vocabulary_size=280)
+    vocabulary = CM3Vocabulary.from_corpus([CAPTION, "a handwritten digit two"], CODEBOOK,
+                                           text_vocabulary_size=280)
     torch.manual_seed(0)
     model = build_generator(len(vocabulary), BENCH_GENERATOR, vocabulary.pad_id, device=device).eval()
     special = vocabulary.special_ids
@@ -65,16 +67,19 @@ def _run(quick: bool, device: torch.device, output_root: str | None) -> None:
     measurements = []
     for codes_per_image, samples, retrieved in cases:
         model, vocabulary, prompt = setup(codes_per_image, samples, retrieved, device)
-        case = {"codes": codes_per_image, "samples": samples, "K": retrieved, "prompt_tokens": prompt.shape[1]}
+        case = {"codes": codes_per_image, "samples": samples, "K": retrieved,
+                "prompt_tokens": prompt.shape[1]}
         for provider, use_cache in (("kv cache", True), ("recompute prefix", False)):
             run = functools.partial(sample_image, model, vocabulary, prompt, codes_per_image, use_cache)
             timings = measure(run, device, warmup=1, repetitions=2 if quick else 3)
-            measurements.append(Measurement(case, provider, timings, work={"tokens": samples * codes_per_image}))
+            measurements.append(Measurement(case, provider, timings,
+                                            work={"tokens": samples * codes_per_image}))
             print(f"{case}: {provider} {measurements[-1].rates()['tokens']:.0f} image codes/s", flush=True)
     notes = ("Image sampling (temperature 1, image-code constraint) with the demo-sized generator "
              "(hidden 128, 4 layers, random weights), one call = samples x (codes + '>') new tokens; "
              "tokens/s counts the image codes.")
-    run_suite("generation", measurements, device, baseline="recompute prefix", notes=notes, output_root=output_root)
+    run_suite("generation", measurements, device, baseline="recompute prefix", notes=notes,
+              output_root=output_root)
 
 
 if __name__ == "__main__":

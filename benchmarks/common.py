@@ -19,8 +19,8 @@ import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -159,7 +159,8 @@ def command_line(main: Callable[..., None], description: str | None = None) -> N
     shapes, what benchmarks/gpu_check.py measures on a GPU) or ``tiny`` (smallest shapes on any
     device, that script's dry run).
     """
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
     parser.add_argument("--cases", choices=CASE_SETS, help="target: the targets' shapes; tiny: smallest")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -340,7 +341,8 @@ def compare(results_a: str, results_b: str) -> str:
         lines = [
             f"## {record_a['suite']}",
             "",
-            f"A: {record_a['device']} @ {record_a['commit']} · B: {record_b['device']} @ {record_b['commit']}",
+            f"A: {record_a['device']} @ {record_a['commit']} · "
+            f"B: {record_b['device']} @ {record_b['commit']}",
             "",
             "| case | provider | A ms | B ms | A/B |",
             "|---|---|---:|---:|---:|",

@@ -12,7 +12,7 @@ import warnings
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load() -> str | None:
     """Import ``mkfast._C`` (which registers torch.ops.mkfast.*); None or why not."""
     try:

@@ -6,7 +6,8 @@ import warnings
 
 
 def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend, or None (with a warning) where matplotlib is missing."""
+    """matplotlib.pyplot on the file-only Agg backend, or None (with a warning) where matplotlib is
+    missing."""
     try:
         import matplotlib
     except ImportError:

@@ -11,7 +11,11 @@ from mkfast.backend import BackendUnavailableError, OpDispatcher, requested_back
 def toy_dispatcher():
     dispatcher = OpDispatcher("toy_op_for_tests")
     dispatcher.register("reference")(lambda: "reference")
-    dispatcher.register("cpu", lambda device: None if device.type == "cpu" else "cpu tensors only")(lambda: "cpu")
+
+    def cpu_only(device):
+        return None if device.type == "cpu" else "cpu tensors only"
+
+    dispatcher.register("cpu", cpu_only)(lambda: "cpu")
     dispatcher.register("triton", lambda device: "triton is switched off in this test")(lambda: "triton")
     return dispatcher
 
@@ -43,9 +47,8 @@ def test_forced_backend_that_cannot_run_raises_with_reason(toy_dispatcher):
 
 
 def test_unknown_backend_names_are_refused(monkeypatch):
-    with pytest.raises(ValueError, match="use_backend: backend must be one of"):
-        with mkfast.use_backend("fast"):
-            pass
+    with pytest.raises(ValueError, match="use_backend: backend must be one of"), mkfast.use_backend("fast"):
+        pass
     monkeypatch.setenv("MKFAST_BACKEND", "gpu")
     with pytest.raises(ValueError, match="MKFAST_BACKEND"):
         requested_backend()
