@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -89,7 +89,8 @@ def check_int32_values(op: str, name: str, tensor: torch.Tensor) -> None:
     info = torch.iinfo(torch.int32)
     low, high = int(tensor.min()), int(tensor.max())
     if low < info.min or high > info.max:
-        raise ValueError(f"{op}: {name} must fit in int32 [{info.min}, {info.max}], got values in [{low}, {high}]")
+        raise ValueError(f"{op}: {name} must fit in int32 [{info.min}, {info.max}], "
+                         f"got values in [{low}, {high}]")
 
 
 def check_no_grad(op: str, hint: str, **tensors: torch.Tensor | None) -> None:
