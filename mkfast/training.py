@@ -51,6 +51,7 @@ from mkfast.files import (  # noqa: F401  (fault_hook, atomic_torch_save: this m
     fault_point,
     remove_temporaries,
 )
+from mkfast.progress import progress_bar
 
 CHECKPOINT_PATTERN = "checkpoint_{step:08d}.pt"
 CHECKPOINT_RE = re.compile(r"checkpoint_(\d{8})\.pt$")
@@ -344,8 +345,6 @@ class Trainer:
 
     def train(self, resume: bool = True) -> list[dict]:
         """Run up to config.steps; returns this call's rows ({"stage", "step", metrics...})."""
-        from tqdm import tqdm
-
         config = self.config
         if self.rank == 0:
             os.makedirs(config.output_dir, exist_ok=True)
@@ -353,8 +352,8 @@ class Trainer:
         if not (resume and self.resume()) and self.rank == 0:
             self._start_fresh()
         rows = []
-        progress = tqdm(total=config.steps, initial=self.step, desc=self.stage,
-                        disable=not config.progress or self.rank != 0, leave=False)
+        progress = progress_bar(total=config.steps, initial=self.step, desc=self.stage,
+                                enabled=config.progress and self.rank == 0)
         while self.step < config.steps:
             row = {"stage": self.stage, "step": self.step} | self.train_step()
             rows.append(row)
