@@ -24,8 +24,8 @@ import contextlib
 import contextvars
 import importlib.util
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 

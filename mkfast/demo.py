@@ -27,7 +27,7 @@ import math
 import os
 import time
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -99,7 +99,8 @@ def benchmark_speedups(results_root: str) -> dict[str, dict[str, float]]:
         baseline = record.get("baseline")
         by_case: dict[str, dict[str, float]] = {}
         for row in record["measurements"]:
-            by_case.setdefault(json.dumps(row["case"], sort_keys=True), {})[row["provider"]] = row["median_ms"]
+            case = json.dumps(row["case"], sort_keys=True)
+            by_case.setdefault(case, {})[row["provider"]] = row["median_ms"]
         ratios: dict[str, list[float]] = {}
         for providers in by_case.values():
             if baseline in providers:
@@ -107,7 +108,8 @@ def benchmark_speedups(results_root: str) -> dict[str, dict[str, float]]:
                     if provider != baseline:
                         ratios.setdefault(provider, []).append(providers[baseline] / milliseconds)
         speedups[f"{record['suite']} vs {baseline}"] = {
-            provider: math.exp(sum(map(math.log, values)) / len(values)) for provider, values in ratios.items()
+            provider: math.exp(sum(map(math.log, values)) / len(values))
+            for provider, values in ratios.items()
         }
     return speedups
 
@@ -169,7 +171,8 @@ def claims_table(claims: list[dict]) -> str:
     """One aligned line per claim: paper, claim, arms, gain, interval, verdict."""
     keys = ("paper", "claim", "arms", "measured", "interval", "verdict")
     widths = [max(len(str(claim.get(key, ""))) for claim in claims) for key in keys]
-    return "\n".join("  ".join(f"{str(claim.get(key, '')):<{width}}" for key, width in zip(keys, widths, strict=True))
+    return "\n".join("  ".join(f"{str(claim.get(key, '')):<{width}}"
+                               for key, width in zip(keys, widths, strict=True))
                      for claim in claims)
 
 
@@ -213,7 +216,8 @@ def _run_stages(output_dir: str, quick: bool, stages: list[str] | None, device: 
         if isinstance(results[name], dict):
             results[name]["seconds"] = round(time.perf_counter() - stage_started, 1)
         outcome = "FAILED" if name in failed else "done"
-        say(f"== demo stage {number}/{len(names)}: {name} {outcome} in {time.perf_counter() - stage_started:.0f} s")
+        elapsed = time.perf_counter() - stage_started
+        say(f"== demo stage {number}/{len(names)}: {name} {outcome} in {elapsed:.0f} s")
     results["seconds"] = round(time.perf_counter() - started, 1)
     # Each stage reports its papers' claims (mkfast.claims rows); the headline shows them first.
     claims = [claim for name in names if isinstance(results.get(name), dict)

@@ -25,8 +25,9 @@ def init_from_environment(use_cuda: bool) -> tuple[int, int]:
             local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             if torch.cuda.device_count() < local_processes:
                 # NCCL refuses two ranks on one GPU; say so before it fails inside a collective.
-                raise RuntimeError(f"{local_processes} processes per node but {torch.cuda.device_count()} visible "
-                                   "GPU(s): start one process per GPU, or hide the GPUs (CUDA_VISIBLE_DEVICES=) "
+                visible = torch.cuda.device_count()
+                raise RuntimeError(f"{local_processes} processes per node but {visible} visible GPU(s): "
+                                   "start one process per GPU, or hide the GPUs (CUDA_VISIBLE_DEVICES=) "
                                    "to train on the CPU with gloo")
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
@@ -109,7 +110,8 @@ def full_training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> t
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     options = _state_dict_options()
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, optimizer, options=options))
 
 
 def load_full_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,

@@ -17,6 +17,7 @@ from mkfast.racm3.demo import GPU_FULL as RACM3_GPU_FULL
 from mkfast.racm3.demo import QUICK as RACM3_QUICK
 from mkfast.racm3.demo import demo_sizes
 
+
 @pytest.mark.slow
 # Deprecations reached through our own calls into transformers, torch or open_clip are errors here.
 @pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
@@ -43,7 +44,8 @@ def test_quick_demo_runs_every_stage_and_writes_its_outputs(tmp_path, capsys):
     for number, stage in enumerate(("environment", "racm3", "racm3_inference", "mks2", "kernels"), start=1):
         assert f"== demo stage {number}/5: {stage} done in" in printed, stage
     # The printed table carries the comparisons the demo exists for.
-    for row in ("RA-CM3 held-out image-token loss, no retrieval", "MKS2 held-out text questions acc, baseline",
+    for row in ("RA-CM3 held-out image-token loss, no retrieval",
+                "MKS2 held-out text questions acc, baseline",
                 "benchmark speedup over the baseline (geomean), topk_dedup vs torch · mkfast"):
         assert row in printed, row
 

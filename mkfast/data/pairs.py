@@ -1,4 +1,5 @@
-"""Image-text pairs from disk: a folder with a captions JSONL, or webdataset tar shards (img2dataset's format).
+"""Image-text pairs from disk: a folder with a captions JSONL, or webdataset tar shards (img2dataset's
+format).
 
 Folder layout: ``<folder>/captions.jsonl`` with one ``{"image": "relative/path.png",
 "caption": "..."}`` per line. Webdataset shards: tar files where the members of
@@ -58,7 +59,8 @@ def load_image_folder(folder: str, image_size: int = 256, captions_file: str = C
                 continue
             record = json.loads(line)
             if "image" not in record or "caption" not in record:
-                raise ValueError(f"{captions_file} line {line_number}: needs 'image' and 'caption', got {sorted(record)}")
+                raise ValueError(f"{captions_file} line {line_number}: needs 'image' and 'caption', "
+                                 f"got {sorted(record)}")
             with Image.open(os.path.join(folder, record["image"])) as image:
                 images.append(image_to_tensor(image, image_size))
             captions.append(record["caption"])
@@ -67,7 +69,8 @@ def load_image_folder(folder: str, image_size: int = 256, captions_file: str = C
     return _split(images, captions, folder)
 
 
-def load_webdataset_shards(pattern: str, image_size: int = 256, limit: int | None = None) -> ImageCaptionSplit:
+def load_webdataset_shards(pattern: str, image_size: int = 256,
+                           limit: int | None = None) -> ImageCaptionSplit:
     """Pairs from tar shards matching ``pattern`` (a glob), samples keyed by member name without extension.
 
     The caption is the ``.txt`` member, or the ``caption`` field of the ``.json`` member.
@@ -86,7 +89,8 @@ def load_webdataset_shards(pattern: str, image_size: int = 256, limit: int | Non
                 samples.setdefault(key, {})[extension.lower()] = archive.extractfile(member).read()
         for key in sorted(samples):
             sample = samples[key]
-            image_bytes = next((sample[extension] for extension in IMAGE_EXTENSIONS if extension in sample), None)
+            image_bytes = next((sample[extension] for extension in IMAGE_EXTENSIONS if extension in sample),
+                               None)
             caption = sample[".txt"].decode("utf-8").strip() if ".txt" in sample else None
             if caption is None and ".json" in sample:
                 caption = json.loads(sample[".json"]).get("caption")

@@ -21,23 +21,26 @@ from mkfast.mks2.vision import ImageFeatures
 class CaptionData:
     """images: (N, 3, H, W) or their precomputed ImageFeatures; captions: N strings."""
 
-    images: "torch.Tensor | ImageFeatures"
+    images: torch.Tensor | ImageFeatures
     captions: list[str]
 
 
 @dataclass
 class InstructionData:
-    """prompts/responses: N strings ("[INST] ... [/INST]", answer); image_indices[i] indexes images or is None."""
+    """prompts/responses: N strings ("[INST] ... [/INST]", answer).
+
+    image_indices[i] indexes images, or is None for a text-only instruction.
+    """
 
     prompts: list[str]
     responses: list[str]
     image_indices: list[int | None]
-    images: "torch.Tensor | ImageFeatures | None" = None
+    images: torch.Tensor | ImageFeatures | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def text_only(self) -> "InstructionData":
+    def text_only(self) -> InstructionData:
         keep = [index for index, image in enumerate(self.image_indices) if image is None]
         return InstructionData([self.prompts[i] for i in keep], [self.responses[i] for i in keep],
                                [None] * len(keep), None)
@@ -75,7 +78,7 @@ def stage2_loss_fn(model: MKS2Model, tokenizer, data: InstructionData, batch_siz
 
 
 def prepare_stage2(model: MKS2Model, rank: int = 8, alpha: float = 16, seed: int = 0) -> MKS2Model:
-    """Enable MoMEs (if not already; LoRA A initialised from ``seed``) and leave only LoRA + router trainable."""
+    """Enable MoMEs (if not already; LoRA A initialised from ``seed``); only LoRA + router stay trainable."""
     if patch_state(model.language_model) != MOMES:
         with seeded(seed):
             enable_momes(model.language_model, rank=rank, alpha=alpha)
