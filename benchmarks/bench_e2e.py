@@ -62,7 +62,7 @@ MKS2_GPU_QUICK = {**MKS2_GPU, "layers": 1, "batch": 1, "sequence": 512}
 RACM3_TINY = {"hidden": 64, "layers": 1, "heads": 2, "intermediate": 172, "vocab": 512, "batch": 1,
               "sequence": 64}
 MKS2_TINY = {**RACM3_TINY, "vocab": 256, "sequence": 16}
-LORA_RANK, LORA_ALPHA = 8, 16  # SPEC.md, Stage 2
+LORA_RANK, LORA_ALPHA = 8, 16  # docs/methods.md, MKS2 stage 2
 CPU_THREADS = 1  # see benchmarks.common.cpu_threads
 
 

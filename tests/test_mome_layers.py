@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 from torch import nn
 
 import mkfast
-from helpers import assert_close
 from mkfast.layers.mome import MoMEFFN
 from mkfast.layers.visual_memory import RMSNorm, VisualMemory
 
@@ -53,7 +53,8 @@ def test_mome_freezes_wrapped_modules_and_trains_only_lora_and_router():
     layer = make_layer()
     trainable = {name for name, parameter in layer.named_parameters() if parameter.requires_grad}
     projections = ["gate_proj", "up_proj", "down_proj", "fc1", "fc2"]
-    assert trainable == {f"{p}_lora_{part}" for p in projections for part in "AB"} | {"router.weight", "router.bias"}
+    lora = {f"{p}_lora_{part}" for p in projections for part in "AB"}
+    assert trainable == lora | {"router.weight", "router.bias"}
     assert set(layer.adapter_state_dict()) == trainable
     assert layer.gate_proj_lora_A.shape == (4, 40) and layer.down_proj_lora_B.shape == (40, 4)
 
@@ -70,7 +71,7 @@ def test_fused_forward_and_grads_match_the_peft_style_composition(shape):
     assert_close(fused, composed)
     fused_grads = torch.autograd.grad(fused, [x, *trainable], grad_output)
     composed_grads = torch.autograd.grad(composed, [x, *trainable], grad_output)
-    for fused_grad, composed_grad in zip(fused_grads, composed_grads):
+    for fused_grad, composed_grad in zip(fused_grads, composed_grads, strict=True):
         assert_close(fused_grad, composed_grad)
     frozen = [parameter for parameter in layer.parameters() if not parameter.requires_grad]
     assert all(parameter.grad is None for parameter in frozen)
@@ -145,8 +146,8 @@ def test_triton_layer_on_batched_tokens_matches_the_composition(dtype):
     assert_close(fused, composed, scale=scale)
     fused_grads = torch.autograd.grad(fused, [x, *trainable], grad_output)
     composed_grads = torch.autograd.grad(composed, [x, *trainable], grad_output)
-    for name, fused_grad, composed_grad in zip(["x", *[n for n, p in layer.named_parameters() if p.requires_grad]],
-                                               fused_grads, composed_grads):
+    names = ["x", *[n for n, p in layer.named_parameters() if p.requires_grad]]
+    for name, fused_grad, composed_grad in zip(names, fused_grads, composed_grads, strict=True):
         assert_close(fused_grad, composed_grad, scale=scale * max(1.0, composed_grad.abs().max().item() / 4),
                      message=f"grad of {name}")
 
@@ -160,7 +161,7 @@ def test_non_contiguous_input_gives_the_contiguous_result():
 
 
 def test_triton_backend_saves_at_least_40_percent_less_than_the_peft_composition():
-    """The issue's memory target, counted exactly: saved activations do not depend on the device."""
+    """docs/performance.md's memory target, counted exactly: saved activations do not depend on the device."""
     layer = make_layer(hidden_size=64, intermediate_size=172, rank=8)
     x = torch.randn(16, 64, requires_grad=True)
     with mkfast.use_backend("triton"):

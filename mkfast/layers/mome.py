@@ -1,6 +1,6 @@
 """MoMEFFN: MKS2 stage 2's soft mixture of the text expert (LoRA-MLP) and visual expert (LoRA-MVM).
 
-MKS2 (SPEC.md, "Stage 2"): the block's MLP and its visual memory are frozen,
+MKS2 (docs/methods.md, eqs. M5-M7): the block's MLP and its visual memory are frozen,
 LoRA is added to their five projections, and a token-level router mixes them:
 ``h_M = S_1 * h_VE + S_2 * h_TE`` with ``S = softmax(W_s x + b_s)``. The router
 sees x_t = the block's post-attention RMSNorm of h_s (what the MLP sees).

@@ -1,6 +1,6 @@
 """VisualMemory: MKS2's Modular Visual Memory (MVM), a small FFN inside every block.
 
-MKS2 (SPEC.md, "Modular Visual Memory"): ``h_F = h_s + MVM(Norm(h_s))`` with a
+MKS2 (docs/methods.md, eq. M2): ``h_F = h_s + MVM(Norm(h_s))`` with a
 two-layer feed-forward network of inner size hidden/4. This module is
 ``MVM(Norm(x))`` without the residual: the caller (the patched block) adds it.
 """

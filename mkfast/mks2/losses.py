@@ -16,7 +16,7 @@ MAX_LOGIT_SCALE = math.log(100.0)
 
 def text_to_image_infonce(text_features: torch.Tensor, image_features: torch.Tensor,
                           logit_scale: torch.Tensor) -> torch.Tensor:
-    """Text-to-image InfoNCE with in-batch negatives (SPEC, MKS2 stage 1, L_t2i).
+    """Text-to-image InfoNCE with in-batch negatives (docs/methods.md, eq. M4).
 
     text_features: (N, D) projected hidden states of each caption's last token;
     image_features: (N, D) the matching images' global features; logit_scale: () = log(1 / tau).

@@ -118,7 +118,7 @@ class MKS2Model(nn.Module):
 
     def stage1_losses(self, caption_samples: list[TokenSample],
                       images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """L_stage1 = L_c + L_t2i (SPEC, MKS2 stage 1).
+        """L_stage1 = L_c + L_t2i (docs/methods.md, eq. M3).
 
         caption_samples[i] is "<s> caption </s>" with the caption tokens as targets and
         image_index i; L_c conditions on the image, L_t2i reads the caption alone (the
@@ -133,7 +133,7 @@ class MKS2Model(nn.Module):
 
     def stage2_losses(self, samples: list[TokenSample],
                       images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Instruction tuning: cross-entropy on the response tokens only (SPEC, MKS2 stage 2)."""
+        """Instruction tuning: cross-entropy on the response tokens only (docs/methods.md, MKS2 stage 2)."""
         loss = self.language_loss(samples, images)
         return {"loss": loss}
 

@@ -16,7 +16,10 @@ def caption_sample(tokenizer, caption: str, image_index: int | None = None) -> T
 
 
 def instruction_sample(tokenizer, prompt: str, response: str, image_index: int | None = None) -> TokenSample:
-    """"<s> [INST] prompt [/INST] response </s>": loss on the response and </s> only (SPEC, stage 2)."""
+    """"<s> [INST] prompt [/INST] response </s>": loss on the response and </s> only.
+
+    docs/methods.md, MKS2 stage 2 (instruction tuning).
+    """
     prompt_ids = [tokenizer.bos_token_id] + _words(tokenizer, prompt)
     response_ids = _words(tokenizer, response) + [tokenizer.eos_token_id]
     return TokenSample(prompt_ids + response_ids, [False] * len(prompt_ids) + [True] * len(response_ids),

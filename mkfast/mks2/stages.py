@@ -1,6 +1,6 @@
 """The two MKS2 stages as loss functions over in-memory data, for the Trainer.
 
-Stage 1 (SPEC, "visual information storage"): L_c + L_t2i on image-caption pairs,
+Stage 1 (docs/methods.md, eq. M3): L_c + L_t2i on image-caption pairs,
 only the MVMs + projection + InfoNCE head train. Stage 2 ("MoMEs"): response-only
 cross-entropy on text-only and image-text instructions, only LoRA + router train.
 """

@@ -1,6 +1,6 @@
 """The vision side of MKS2: frozen BLIP-2 ViT + Q-Former -> 32 soft tokens -> a trainable projection.
 
-SPEC (MKS2, "Images enter as 32 soft tokens"): the frozen BLIP-2 image encoder and
+MKS2 (docs/methods.md: images enter as 32 soft tokens): the frozen BLIP-2 image encoder and
 Q-Former give ``num_query_tokens`` (32) vectors per image; a learnable linear layer maps
 them into the LLM's embedding space, and two learnable embeddings <img-start> /
 <img-end> bracket them. The image's global feature for the stage-1 InfoNCE is the
@@ -18,7 +18,7 @@ from torch import nn
 
 from mkfast.errors import UsageError
 
-# BLIP-2's Q-Former uses 32 learned queries (BLIP-2 paper, Sec. 3.1; SPEC "32 soft tokens").
+# BLIP-2's Q-Former uses 32 learned queries (BLIP-2 paper, Sec. 3.1; docs/methods.md).
 NUM_QUERY_TOKENS = 32
 # The <img-start>/<img-end> embeddings start at the scale of a Llama embedding row (init std 0.02).
 IMAGE_TOKEN_INIT_STD = 0.02

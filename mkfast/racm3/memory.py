@@ -1,6 +1,6 @@
 """RA-CM3's retrieval memory: document embeddings + ids, searched with topk_dedup.
 
-RA-CM3 (SPEC.md, "Retriever"): a dense MIPS index over unit-norm CLIP embeddings
+RA-CM3 (docs/methods.md, eq. R1): a dense MIPS index over unit-norm CLIP embeddings
 of documents; the K retrieved documents are taken walking down the ranked list,
 skipping any whose score with the query, or with a document already taken, is
 above 0.9. ``Memory.search`` does that exactly with :func:`mkfast.ops.topk_dedup`;
