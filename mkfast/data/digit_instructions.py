@@ -1,4 +1,6 @@
-"""Instructions and multiple-choice questions generated from the digits demo set (MKS2 demo).
+"""Instructions and multiple-choice questions from the digits set for `mkfast train mks2-*` and the
+shipped multiple-choice set; the tokenizer helpers serve the MKS2 demo too, whose data design
+(a colour no text states) is mkfast.data.colour_digits.
 
 What the images teach: how much ink each digit takes (its mean pixel value over the
 training images), a fact no caption states. Stage-2 text-only instructions ask
@@ -37,7 +39,8 @@ def text_instructions(ink: list[float]) -> list[tuple[str, str]]:
     pairs = []
     for first, second in itertools.permutations(train_digits, 2):
         winner = first if ink[first] > ink[second] else second
-        pairs.append((INSTRUCTION_TEMPLATE.format(prompt=more_ink_prompt(first, second)), DIGIT_NAMES[winner]))
+        prompt = INSTRUCTION_TEMPLATE.format(prompt=more_ink_prompt(first, second))
+        pairs.append((prompt, DIGIT_NAMES[winner]))
     for first, second in itertools.product(range(10), repeat=2):
         if first + second <= 9:
             prompt = f"what is {DIGIT_NAMES[first]} plus {DIGIT_NAMES[second]} ?"
@@ -68,7 +71,8 @@ def held_out_questions(ink: list[float]) -> list[dict]:
             continue
         question = INSTRUCTION_TEMPLATE.format(prompt=more_ink_prompt(first, second))
         choices = [DIGIT_NAMES[first], DIGIT_NAMES[second]]
-        items.append({"question": question, "choices": choices, "answer": 0 if ink[first] > ink[second] else 1})
+        answer = 0 if ink[first] > ink[second] else 1
+        items.append({"question": question, "choices": choices, "answer": answer})
     return items
 
 
@@ -87,11 +91,12 @@ def word_level_tokenizer(vocabulary: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.WordLevel({word: index for index, word in enumerate(vocabulary)}, unk_token="<unk>"))
+    word_ids = {word: index for index, word in enumerate(vocabulary)}
+    core = Tokenizer(models.WordLevel(word_ids, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
 
 
 
@@ -116,7 +121,8 @@ def digits_instruction_set(split: ImageCaptionSplit, ink: list[float], image_ins
 
 def multiple_choice_set(ink: list[float]) -> list[dict]:
     """The shipped set (mkfast/data/mks2_digits_multiple_choice.jsonl, 165 items): every ordered ink pair
-    (90, the held-out digits included), then sums (a <= b) and differences of digit names, four choices each."""
+    (90, the held-out digits included), then sums (a <= b) and differences of digit names, four choices
+    each."""
     items = []
     for first, second in itertools.permutations(range(10), 2):
         items.append({"question": INSTRUCTION_TEMPLATE.format(prompt=more_ink_prompt(first, second)),
@@ -125,7 +131,8 @@ def multiple_choice_set(ink: list[float]) -> list[dict]:
     rng = random.Random(0)
     for first, second in itertools.product(range(10), repeat=2):
         for word, value in (("plus", first + second), ("minus", first - second)):
-            if not 0 <= value <= 9 or (word == "minus" and second == 0) or (word == "plus" and first > second):
+            repeated = (word == "minus" and second == 0) or (word == "plus" and first > second)
+            if not 0 <= value <= 9 or repeated:
                 continue
             wrong = rng.sample([digit for digit in range(10) if digit != value], 3)
             choices = [value] + wrong

@@ -359,9 +359,9 @@ def _run_demo(output_dir: str, quick: bool, seed: int, device: torch.device, set
         "seconds": {"total": time.perf_counter() - started},
     }
     if not probe_reads:
-        summary["note"] = ("the linear probe does not read the held-out classes' colour from the MVM on text "
-                           "above chance: stage 1 stored no usable colour signal, so the stage-2 comparison "
-                           "cannot show the paper's effect here")
+        summary["note"] = ("the linear probe does not read the held-out classes' colour from the model with "
+                           "MVMs on text above chance: stage 1 stored no colour signal stage 2 could use, so "
+                           "the stage-2 comparison cannot show the paper's effect here")
     with open(os.path.join(output_dir, "results.json"), "w") as handle:
         json.dump(summary, handle, indent=2, default=str)
     return summary
