@@ -173,11 +173,13 @@ def data_digest(data: InstructionData) -> str:
 
 
 @torch.no_grad()
-def text_features(model: MKS2Model, tokenizer, texts: list[str], names: list[str]) -> torch.Tensor:
+def text_features(model: MKS2Model, tokenizer, texts: list[str],
+                  names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 2 * H): the last hidden state of the model with its MVMs at the token of names[i] and at the
-    </s> closing texts[i] (stage 1's read-out token), the text alone through the model (no image).
-    The frozen base is the same in every arm: what differs between arms is what the MVMs add."""
-    rows = []
+    </s> closing texts[i] (stage 1's read-out token), the text alone through the model (no image);
+    (N, D_vision): stage 1's InfoNCE head on the </s> state. The frozen base is the same in every
+    arm: what differs between arms is what the MVMs (and the head) add."""
+    rows, head_rows = [], []
     for text, name in zip(texts, names, strict=True):
         sample = caption_sample(tokenizer, text)
         name_position = sample.token_ids.index(tokenizer.convert_tokens_to_ids(name))
@@ -185,25 +187,30 @@ def text_features(model: MKS2Model, tokenizer, texts: list[str], names: list[str
         hidden = model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                       output_hidden_states=True).hidden_states[-1][0]
         rows.append(torch.cat([hidden[name_position], hidden[-1]]).float().cpu())
-    return torch.stack(rows)
+        head_rows.append(model.text_to_image_head(hidden[-1].to(model.text_to_image_head.weight.dtype)).cpu())
+    return torch.stack(rows), torch.stack(head_rows).float()
 
 
 def probe_held_out_colour(model: MKS2Model, tokenizer, split) -> dict:
     """A logistic-regression probe (scikit-learn's defaults) fitted on the training classes' text
-    features, scored on the held-out classes' (chance 0.5: two colours, balanced)."""
+    features, scored on the held-out classes' (chance 0.5: two colours, balanced). held_out_acc reads
+    the hidden states (the precondition for stage 2, which reads them too); head_held_out_acc reads
+    the InfoNCE head's output (a diagnostic: stage 2 never sees the head)."""
     from sklearn.linear_model import LogisticRegression
 
     def features(digits):
         texts = [template.format(name=DIGIT_NAMES[digit]) for digit in digits for template in PROBE_TEMPLATES]
         names = [DIGIT_NAMES[digit] for digit in digits for _ in PROBE_TEMPLATES]
         colours = [split.colour_of[digit] for digit in digits for _ in PROBE_TEMPLATES]
-        return text_features(model, tokenizer, texts, names).numpy(), colours
+        return *(part.numpy() for part in text_features(model, tokenizer, texts, names)), colours
 
-    train_x, train_y = features(split.training_classes)
-    test_x, test_y = features(split.held_out)
+    train_x, train_head, train_y = features(split.training_classes)
+    test_x, test_head, test_y = features(split.held_out)
     probe = LogisticRegression(max_iter=5000).fit(train_x, train_y)
+    head_probe = LogisticRegression(max_iter=5000).fit(train_head, train_y)
     return {"train_acc": float(probe.score(train_x, train_y)),
-            "held_out_acc": float(probe.score(test_x, test_y))}
+            "held_out_acc": float(probe.score(test_x, test_y)),
+            "head_held_out_acc": float(head_probe.score(test_head, test_y))}
 
 
 @torch.no_grad()
@@ -339,6 +346,8 @@ def _run_demo(output_dir: str, quick: bool, seed: int, device: torch.device, set
     for arm in ARMS:  # the headline's key: the mean over runs
         results[arm]["held_out_text_questions"]["acc"] = results[arm]["held_out_text_questions"]["mean"]
     probe = {arm: _summary_of([run["probe"][arm]["held_out_acc"] for run in runs]) for arm in STAGE1_ARMS}
+    head_probe = {arm: _summary_of([run["probe"][arm]["head_held_out_acc"] for run in runs])
+                  for arm in STAGE1_ARMS}
     probe_low = probe["mks2"]["interval"][0]
     probe_reads = probe_low > 0.5 if probe_low == probe_low else probe["mks2"]["mean"] > 0.5
     held_out_items = [item for index in range(len(runs)) for item in held_out_questions(colour_split(index))]
@@ -353,7 +362,7 @@ def _run_demo(output_dir: str, quick: bool, seed: int, device: torch.device, set
         "model": model_config.__dict__, "chance_accuracy": 0.5,
         "constant_answer_accuracy": {colour: constant_answer_accuracy(held_out_items, colour)
                                      for colour in COLOUR_NAMES},
-        "probe": probe, "probe_reads_held_out_colour": bool(probe_reads),
+        "probe": probe, "probe_reads_held_out_colour": bool(probe_reads), "head_probe": head_probe,
         "results": results, "claims": _claims(runs),
         "runs": [{key: value for key, value in run.items() if key != "rows"} for run in runs],
         "seconds": {"total": time.perf_counter() - started},
