@@ -142,7 +142,8 @@ def main(quick: bool = False, device: str | None = None, output_root: str | None
         del index, memory
     run_suite("topk_dedup", measurements, device, baseline="torch",
               notes=(f"{dtype} memory, unit-norm random rows, threshold {THRESHOLD}; rates count one read of "
-                     "the memory. Providers interleaved call by call; median of the repetitions. "
+                     "the memory. Providers interleaved call by call; median of 3 repetitions "
+                     "(the JSON keeps each). "
                      "torch and faiss take a 4k pool then filter in Python (no widening)."),
               output_root=output_root)
 

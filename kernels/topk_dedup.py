@@ -5,11 +5,12 @@ lower index first), walk the list skipping rows with q·m > threshold or m·m_s 
 threshold for a row s already taken, stop at k.
 
 Plan of one call:
-  1. `_topk_dedup_scan_kernel`, grid (query blocks, splits of the memory): scores
-     tile by tile with tl.dot (fp32 accumulation, never written to memory), each
-     eligible score (<= threshold, not excluded) packed into an int64 key that
-     orders like the ranked list, and the best `pool` keys per query kept in
-     registers. N = 1e7 never needs a (b, N) score matrix: only (b, splits, pool) keys.
+  1. `_topk_dedup_scan_kernel`, grid (query blocks of 16, or 64 from 64 queries on,
+     x splits of the memory): scores tile by tile with tl.dot (fp32 accumulation,
+     never written to memory); the best `pool` eligible rows (<= threshold, not
+     excluded) per query kept in registers as int64 keys that order like the ranked
+     list, a row entering only if its score beats the pool's worst (one compare).
+     N = 1e7 never needs a (b, N) score matrix: only (b, splits, pool) keys.
   2. merge the splits' keys with torch.topk (exact: keys are unique);
   3. `_topk_dedup_walk_kernel`, one program per query: the candidates' pool x pool
      Gram matrix with tl.dot, then the greedy walk over it;
@@ -25,9 +26,16 @@ import torch
 import triton
 import triton.language as tl
 
-# tl.dot needs every dimension >= 16. 16 queries per program keeps the (16, pool)
-# int64 running keys in registers for pool <= 128.
+# tl.dot needs every dimension >= 16; a Hopper wgmma computes 64 rows per warpgroup.
+# From WIDE_BATCH queries on, programs take WIDE_BLOCK_QUERIES queries, so the memory
+# is streamed once per 64 queries on wgmma (16-query blocks streamed it 16 times at
+# b=256, on mma.sync); fewer queries take 16-row blocks (a 64-row block would be mostly padding).
 BLOCK_QUERIES = 16
+WIDE_BLOCK_QUERIES = 64
+WIDE_BATCH = 64
+# Warps per scan program: one warpgroup for a 16-query block, two for a 64-query block
+# (halves the registers per thread that the (64, pool) running keys and the score tile take).
+SCAN_WARPS = {BLOCK_QUERIES: 4, WIDE_BLOCK_QUERIES: 8}
 BLOCK_ROWS = 64
 BLOCK_DIM = 64
 # The walk holds a pool x pool fp32 Gram matrix in registers: 128 x 128 = 64 KiB
@@ -42,6 +50,8 @@ PROGRAMS_PER_SM = 4
 INTERPRETER_SPLITS = 3
 # "No candidate" key, below every real key. A constexpr: jit code may read only constexpr globals.
 INT64_MIN = tl.constexpr(-(2**63))
+# "No row" in the selection's row reductions; the launcher keeps rows below it.
+NO_ROW = tl.constexpr(2**31 - 1)
 
 
 @triton.jit
@@ -51,6 +61,15 @@ def _ranked_keys(scores, rows):
     ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
     low_half = tl.full(rows.shape, 0xFFFFFFFF, tl.int64)
     return (ordered.to(tl.int64) << 32) | (low_half - rows.to(tl.int64))
+
+
+@triton.jit
+def _decoded_keys(keys):
+    """(score, row) of keys made by _ranked_keys; the inverse on both halves."""
+    ordered = (keys >> 32).to(tl.int32)
+    scores = tl.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+    rows = (tl.full(keys.shape, 0xFFFFFFFF, tl.int64) - (keys & 0xFFFFFFFF)).to(tl.int32)
+    return scores, rows
 
 
 @triton.jit
@@ -87,25 +106,34 @@ def _topk_dedup_scan_kernel(
                 memory_tile = memory_tile.to(tl.float32)
             # "ieee": no TF32 for fp32 inputs, so scores match the fp32 reference.
             scores += tl.dot(query_tile, tl.trans(memory_tile), input_precision="ieee")
+        # -0.0 ranks as +0.0 (the reference compares values; keys compare bits).
+        scores = tl.where(scores == 0.0, 0.0, scores)
         in_range = row_mask[None, :] & query_mask[:, None]
         nan_seen = tl.maximum(nan_seen, tl.max(((scores != scores) & in_range).to(tl.int32), axis=1))
         eligible = (scores <= threshold) & in_range  # NaN is never eligible; the launcher raises for it
         for slot in range(exclude_width):
             excluded = tl.load(exclude_ptr + query_offsets * exclude_width + slot, mask=query_mask, other=-1)
             eligible = eligible & (row_offsets[None, :] != excluded[:, None])
-        keys = tl.where(eligible, _ranked_keys(scores, row_offsets[None, :]), INT64_MIN)
-        # Insert this tile's keys that beat the pool's worst, best first. Once the
-        # pool is warm most tiles have none, so the loop usually runs 0 times.
+        # Selection in registers, as FAISS's BlockSelect: one compare per score against the
+        # pool's worst (decoded from its key) rejects almost every row once the pool is warm;
+        # the rows that beat it are inserted best first. No (queries, rows) int64 key tile.
         worst = tl.min(best, axis=1)
-        improving = tl.sum((keys > worst[:, None]).to(tl.int32), axis=1)
-        steps = tl.minimum(tl.max(improving, axis=0), POOL)
+        worst_score, worst_row = _decoded_keys(worst)
+        has_room = worst == INT64_MIN
+        ranks_before_worst = (scores > worst_score[:, None]) | (
+            (scores == worst_score[:, None]) & (row_offsets[None, :] < worst_row[:, None]))
+        improving = eligible & (has_room[:, None] | ranks_before_worst)
+        steps = tl.minimum(tl.max(tl.sum(improving.to(tl.int32), axis=1), axis=0), POOL)
         for _ in range(steps):
-            candidate = tl.max(keys, axis=1)
+            top_score = tl.max(tl.where(improving, scores, float("-inf")), axis=1)
+            at_top = improving & (scores == top_score[:, None])
+            top_row = tl.min(tl.where(at_top, row_offsets[None, :], NO_ROW), axis=1)
+            candidate = tl.where(top_row != NO_ROW, _ranked_keys(top_score, top_row), INT64_MIN)
             worst = tl.min(best, axis=1)
             worst_position = tl.argmin(best, axis=1)
             replace = (pool_offsets[None, :] == worst_position[:, None]) & (candidate > worst)[:, None]
             best = tl.where(replace, candidate[:, None], best)
-            keys = tl.where(keys == candidate[:, None], INT64_MIN, keys)
+            improving = improving & (row_offsets[None, :] != top_row[:, None])
     out_offsets = (query_offsets[:, None].to(tl.int64) * num_splits + split) * POOL + pool_offsets[None, :]
     tl.store(keys_out_ptr + out_offsets, best, mask=query_mask[:, None])
     tl.store(nan_out_ptr + query_offsets * num_splits + split, nan_seen.to(tl.int8), mask=query_mask)
@@ -173,7 +201,8 @@ def top_pool_keys(queries, memory, pool, threshold, exclude):
     and (b,) bool, True where a score of the query is NaN."""
     batch, dim = queries.shape
     num_rows = memory.shape[0]
-    query_blocks = triton.cdiv(batch, BLOCK_QUERIES)
+    block_queries = WIDE_BLOCK_QUERIES if batch >= WIDE_BATCH else BLOCK_QUERIES
+    query_blocks = triton.cdiv(batch, block_queries)
     splits = _num_splits(num_rows, query_blocks, queries.device)
     rows_per_split = triton.cdiv(triton.cdiv(num_rows, splits), BLOCK_ROWS) * BLOCK_ROWS
     splits = triton.cdiv(num_rows, rows_per_split)
@@ -185,7 +214,8 @@ def top_pool_keys(queries, memory, pool, threshold, exclude):
         queries, memory, exclude_rows, keys, nan_seen,
         batch, num_rows, dim, exclude_width, rows_per_split, splits, threshold,
         queries.stride(0), memory.stride(0),
-        POOL=pool, BLOCK_QUERIES=BLOCK_QUERIES, BLOCK_ROWS=BLOCK_ROWS, BLOCK_DIM=BLOCK_DIM,
+        POOL=pool, BLOCK_QUERIES=block_queries, BLOCK_ROWS=BLOCK_ROWS, BLOCK_DIM=BLOCK_DIM,
+        num_warps=SCAN_WARPS[block_queries],
         UPCAST_MEMORY=queries.dtype != memory.dtype,
     )
     return torch.topk(keys.view(batch, splits * pool), pool, dim=1, sorted=True).values, nan_seen.bool().any(1)
@@ -200,8 +230,8 @@ def topk_dedup_triton(queries, memory, k, threshold, exclude, exhaustive_fallbac
     is the exception raised for a query with a NaN score.
     """
     batch, num_rows = queries.shape[0], memory.shape[0]
-    if num_rows >= 2**32 - 1:
-        raise ValueError(f"topk_dedup: the triton backend keys rows below 2^32 - 1, got N={num_rows}")
+    if num_rows >= 2**31 - 1:
+        raise ValueError(f"topk_dedup: the triton backend indexes rows below 2^31 - 1, got N={num_rows}")
     scores = torch.full((batch, k), float("-inf"), dtype=torch.float32, device=queries.device)
     indices = torch.full((batch, k), -1, dtype=torch.int64, device=queries.device)
     if batch == 0 or num_rows == 0:

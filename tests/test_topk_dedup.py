@@ -56,9 +56,12 @@ def _assert_matches_reference(backend, queries, memory, k, threshold=0.9, exclud
 
 
 @pytest.mark.parametrize("backend,dtype", CPU_BACKEND_DTYPES)
-@pytest.mark.parametrize("num_rows,dim,batch,k", [(700, 64, 4, 8), (333, 37, 1, 5), (10, 24, 3, 16), (5, 8, 2, 3)])
+@pytest.mark.parametrize("num_rows,dim,batch,k",
+                         [(700, 64, 4, 8), (333, 37, 1, 5), (10, 24, 3, 16), (5, 8, 2, 3),
+                          pytest.param(400, 40, 70, 6, marks=pytest.mark.slow)])
 def test_backend_matches_reference_walk_with_planted_duplicates(backend, dtype, num_rows, dim, batch, k):
-    # Shapes: d not a multiple of 16 (37, 24), b = 1, N < k (10 < 16), N barely above k.
+    # Shapes: d not a multiple of 16 (37, 24), b = 1, N < k (10 < 16), N barely above k,
+    # b = 70 (Triton's 64-query blocks, one of them ragged).
     memory = _memory_with_near_duplicates(num_rows, dim, dtype)
     queries = _queries_near_rows(memory, batch)
     indices = _assert_matches_reference(backend, queries, memory, k)
@@ -224,7 +227,8 @@ TIE_BATCHES = [("cpu", range(1, 131)), ("reference", (1, 17, 130)), ("triton", (
 
 
 @pytest.mark.parametrize("backend,batches", TIE_BATCHES)
-@pytest.mark.parametrize("num_rows,dim", [(7, 13), (300, 37), pytest.param(2000, 768, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("num_rows,dim",
+                         [(7, 13), (300, 37), pytest.param(2000, 768, marks=pytest.mark.slow)])
 def test_identical_rows_tie_in_index_order_on_every_backend_and_batch_size(backend, batches, num_rows, dim):
     # A GEMM rounds identical rows differently by their position and the batch size: 7 copies came
     # back [4, 5, 6] for a query alone and [0, 1, 2] in a batch of 130, and backends disagreed.
@@ -291,7 +295,8 @@ def test_numpy_integer_k_and_outputs_without_grad(backend):
 def test_triton_backend_refuses_bf16_cpu_tensors():
     # The interpreter multiplies bf16 bit patterns as integers: scores of ~1e9-1e32 came back.
     memory = torch.randn(20, 16)
-    with mkfast.use_backend("triton"), pytest.raises(BackendUnavailableError, match="cannot run bf16 CPU tensors"):
+    with mkfast.use_backend("triton"), \
+            pytest.raises(BackendUnavailableError, match="cannot run bf16 CPU tensors"):
         topk_dedup(memory[:2].bfloat16(), memory.bfloat16(), 3)
     with mkfast.use_backend("triton"), pytest.raises(BackendUnavailableError, match="memory torch.bfloat16"):
         topk_dedup(memory[:2], memory.bfloat16(), 3)
@@ -330,14 +335,17 @@ scan = {"queries_ptr": "*bf16", "memory_ptr": "*bf16", "exclude_ptr": "*i64", "k
 walk = {"keys_ptr": "*i64", "memory_ptr": "*bf16", "scores_out_ptr": "*fp32", "indices_out_ptr": "*i64",
         "short_out_ptr": "*i8", "dim": "i32", "k": "i32", "threshold": "fp32", "stride_memory": "i32",
         "POOL": "constexpr", "BLOCK_DIM": "constexpr"}
-cases = [(90, "bf16", "bf16", 128, False), (80, "fp16", "fp16", 32, False), (90, "fp32", "fp32", 32, False),
-         (90, "fp32", "fp16", 32, True)]
-for arch, query_dtype, dtype, pool, upcast in cases:
-    constants = {"POOL": pool, "BLOCK_QUERIES": kernels.BLOCK_QUERIES, "BLOCK_ROWS": kernels.BLOCK_ROWS,
+narrow, wide = kernels.BLOCK_QUERIES, kernels.WIDE_BLOCK_QUERIES
+cases = [(90, "bf16", "bf16", 128, False, narrow), (80, "fp16", "fp16", 32, False, narrow),
+         (90, "fp32", "fp32", 32, False, narrow), (90, "fp32", "fp16", 32, True, narrow),
+         (90, "bf16", "bf16", 32, False, wide), (80, "fp16", "fp16", 128, False, wide)]
+for arch, query_dtype, dtype, pool, upcast, block_queries in cases:
+    constants = {"POOL": pool, "BLOCK_QUERIES": block_queries, "BLOCK_ROWS": kernels.BLOCK_ROWS,
                  "BLOCK_DIM": kernels.BLOCK_DIM, "UPCAST_MEMORY": upcast}
     source = ASTSource(kernels._topk_dedup_scan_kernel, dict(scan, queries_ptr="*" + query_dtype,
                                                                memory_ptr="*" + dtype), constexprs=constants)
-    assert "cubin" in triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm
+    options = {"num_warps": kernels.SCAN_WARPS[block_queries]}
+    assert "cubin" in triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm
     source = ASTSource(kernels._topk_dedup_walk_kernel, dict(walk, memory_ptr="*" + dtype),
                        constexprs={"POOL": pool, "BLOCK_DIM": kernels.BLOCK_DIM})
     options = {"num_warps": kernels.WALK_WARPS}

@@ -32,7 +32,12 @@ import numbers
 
 import torch
 
-from mkfast.backend import BackendUnavailableError, OpDispatcher, native_unavailable_reason, triton_unavailable_reason
+from mkfast.backend import (
+    BackendUnavailableError,
+    OpDispatcher,
+    native_unavailable_reason,
+    triton_unavailable_reason,
+)
 from mkfast.ops._checks import FLOAT_DTYPES, check_positive_int, check_same_size, check_tensor
 
 # RA-CM3's redundancy threshold (docs/methods.md, "Retriever", diversity): the default here and
@@ -167,7 +172,8 @@ def _validate(queries, memory, k, threshold, exclude) -> tuple[int, float]:
     if threshold is None:
         threshold = math.inf
     elif isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
-        raise TypeError(f"{OP}: threshold must be a float or None (no filter), got {type(threshold).__name__}")
+        raise TypeError(
+            f"{OP}: threshold must be a float or None (no filter), got {type(threshold).__name__}")
     elif math.isnan(threshold):
         raise ValueError(f"{OP}: threshold must be a number or None (no filter), got nan")
     if exclude is not None:
