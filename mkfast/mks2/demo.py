@@ -269,7 +269,9 @@ def _run_one(settings: dict, output_dir: str, seed: int, split, tokenizer, model
     probe = {arm: probe_held_out_colour(models[arm], tokenizer, split) for arm in STAGE1_ARMS}
 
     language_model = apply_inst_lora(pretrained_base(), seed=seed)
-    models["baseline"] = MKS2Model(language_model, small_vision_adapter(model_config.hidden_size, seed=seed))
+    # The vision adapter is never used by the text-only baseline; MKS2Model wants one.
+    models["baseline"] = MKS2Model(language_model,
+                                   small_vision_adapter(model_config.hidden_size, seed=seed)).to(device)
     models["baseline"].freeze_outside_language_model()
     for arm in STAGE1_ARMS:
         prepare_stage2(models[arm], rank=LORA_RANK, alpha=LORA_ALPHA, seed=seed)
