@@ -211,7 +211,9 @@ void scan_row_ranges(int64_t num_rows, int64_t ranges, std::vector<CandidatePool
   std::vector<std::vector<char>> range_nan(static_cast<size_t>(ranges), std::vector<char>(batch, 0));
   at::parallel_for(0, ranges, 1, [&](int64_t begin, int64_t end) {
     for (int64_t range = begin; range < end; ++range) {
-      scan_range(num_rows * range / ranges, num_rows * (range + 1) / ranges, range_pools[range], range_nan[range]);
+      const int64_t first = num_rows * range / ranges;
+      const int64_t last = num_rows * (range + 1) / ranges;
+      scan_range(first, last, range_pools[range], range_nan[range]);
     }
   });
   pools.swap(range_pools[0]);
@@ -253,7 +255,8 @@ void scan_exact(
   const scalar_t* memory_data = memory.data_ptr<scalar_t>();
   const float* query_data = batch_queries.data_ptr<float>();
   scan_row_ranges(num_rows, ranges_for(num_rows, batch), pools, nan_seen,
-                  [&](int64_t first, int64_t last, std::vector<CandidatePool>& local, std::vector<char>& local_nan) {
+                  [&](int64_t first, int64_t last, std::vector<CandidatePool>& local,
+                      std::vector<char>& local_nan) {
     std::vector<float> buffer(std::is_same_v<scalar_t, float> ? 0 : static_cast<size_t>(dim));
     for (int64_t r = first; r < last; ++r) {
       const float* row = row_as_fp32(memory_data + r * dim, dim, buffer);
@@ -348,7 +351,8 @@ void scan_with_bf16_prefilter(
   const float* query_norm_data = query_norms.data_ptr<float>();
   const double relative = relative_bound(dim);
   scan_row_ranges(num_rows, ranges_for(num_rows, batch), pools, nan_seen,
-                  [&](int64_t first, int64_t last, std::vector<CandidatePool>& local, std::vector<char>& local_nan) {
+                  [&](int64_t first, int64_t last, std::vector<CandidatePool>& local,
+                      std::vector<char>& local_nan) {
     std::vector<float> buffer(std::is_same_v<scalar_t, float> ? 0 : static_cast<size_t>(dim));
     std::vector<float> bounds(static_cast<size_t>(batch));
     at::Tensor block_bf16 = at::empty({std::min(kPrefilterRowsPerBlock, last - first), dim},
@@ -373,7 +377,8 @@ void scan_with_bf16_prefilter(
           if (pool.full() && estimate + bounds[q] < pool.worst().score) continue;
           if (row == nullptr) row = row_as_fp32(memory_data + (start + r) * dim, dim, buffer);
           const float score = score_dot(query_data + q * dim, row, dim);
-          if (!offer(pool, score, start + r, threshold, exclude_data + pending[q] * exclude_width, exclude_width)) {
+          const int64_t* excluded = exclude_data + pending[q] * exclude_width;
+          if (!offer(pool, score, start + r, threshold, excluded, exclude_width)) {
             local_nan[q] = 1;
           }
         }

@@ -5,7 +5,7 @@
 //   1. scores of a chunk with one cuBLAS GEMM, fp32 output (fp16/bf16 inputs are
 //      multiplied as they are, accumulating in fp32);
 //   2. `_segment_top_keys_kernel`: one block per (query, segment of 4096 rows)
-//      turns eligible scores (score <= threshold, not excluded) into 64-bit keys
+//      flags NaN scores (the call then fails as the reference does), turns eligible scores (score <= threshold, not excluded) into 64-bit keys
 //      that order like the ranked list (score desc, then index asc), drops keys
 //      not better than the query's current pool-th best, and bitonic-sorts the
 //      rest in shared memory, keeping the best `pool`;
@@ -91,7 +91,8 @@ __device__ void block_sort_descending(uint64_t* keys) {
 __global__ void _segment_top_keys_kernel(const float* __restrict__ scores, int64_t rows, int64_t row_start,
                                          float threshold, const int64_t* __restrict__ exclude,
                                          int64_t exclude_width, const uint64_t* __restrict__ floor_keys,
-                                         int64_t pool, uint64_t* __restrict__ out, int64_t segments) {
+                                         int64_t pool, uint64_t* __restrict__ out, int64_t segments,
+                                         int* __restrict__ nan_flags) {
   __shared__ uint64_t keys[kSortSize];
   const int64_t query = blockIdx.x;
   const int64_t segment = blockIdx.y;
@@ -104,6 +105,7 @@ __global__ void _segment_top_keys_kernel(const float* __restrict__ scores, int64
     uint64_t key = 0;
     if (row < rows) {
       const float score = row_scores[row];
+      if (isnan(score)) nan_flags[query] = 1;  // every writer stores 1: the race is benign
       const int64_t index = row_start + row;
       bool eligible = score <= threshold;  // false for NaN too
       for (int64_t e = 0; eligible && e < exclude_width; ++e) eligible = excluded[e] != index;
@@ -199,8 +201,9 @@ at::Tensor chunk_scores(const at::Tensor& queries, const at::Tensor& memory, int
 }
 
 // The best `pool` eligible keys per query, sorted: (b, pool) int64 holding uint64 keys.
+// nan_flags: (b,) int32, set to 1 for a query with a NaN score.
 at::Tensor top_keys(const at::Tensor& queries, const at::Tensor& memory, int64_t pool, float threshold,
-                    const at::Tensor& exclude) {
+                    const at::Tensor& exclude, at::Tensor& nan_flags) {
   const int64_t batch = queries.size(0);
   const int64_t num_rows = memory.size(0);
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -224,7 +227,7 @@ at::Tensor top_keys(const at::Tensor& queries, const at::Tensor& memory, int64_t
     keys.select(1, segments).copy_(running);
     _segment_top_keys_kernel<<<dim3(batch, segments), kSortThreads, 0, stream>>>(
         scores.data_ptr<float>(), rows, start, threshold, exclude_data, exclude_width,
-        as_keys(running) + (pool - 1), pool, as_keys(keys), segments);
+        as_keys(running) + (pool - 1), pool, as_keys(keys), segments, nan_flags.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     int64_t width = (segments + 1) * pool;
     at::Tensor merged = keys;
@@ -245,7 +248,7 @@ at::Tensor top_keys(const at::Tensor& queries, const at::Tensor& memory, int64_t
 
 // Every eligible row per query, ranked (the exact fallback past kMaxPool): (b, N) keys.
 at::Tensor all_ranked_keys(const at::Tensor& queries, const at::Tensor& memory, double threshold,
-                           const at::Tensor& exclude) {
+                           const at::Tensor& exclude, at::Tensor& nan_flags) {
   const int64_t num_rows = memory.size(0);
   at::Tensor scores = at::empty({queries.size(0), num_rows}, queries.options().dtype(at::kFloat));
   const int64_t rows_per_chunk = std::max<int64_t>(kSortSize, kScoreBlockBytes / (4 * queries.size(0)));
@@ -253,6 +256,7 @@ at::Tensor all_ranked_keys(const at::Tensor& queries, const at::Tensor& memory, 
     const int64_t rows = std::min(rows_per_chunk, num_rows - start);
     scores.narrow(1, start, rows).copy_(chunk_scores(queries, memory, start, rows));
   }
+  nan_flags.bitwise_or_(at::isnan(scores).any(1).to(at::kInt));
   at::Tensor eligible = scores.to(at::kDouble).le(threshold);  // exact comparison, NaN is not eligible
   if (exclude.defined() && exclude.size(1) > 0) {
     // Padding and out-of-range ids go to a spare last column; every write is `true`,
@@ -307,8 +311,16 @@ std::tuple<at::Tensor, at::Tensor> topk_dedup_cuda(const at::Tensor& queries, co
     const bool exhaustive = pool > kMaxPool;
     const at::Tensor pending_queries = queries.index_select(0, pending).contiguous();
     const at::Tensor pending_exclude = exclude_rows.defined() ? exclude_rows.index_select(0, pending) : at::Tensor();
-    const at::Tensor candidates = exhaustive ? all_ranked_keys(pending_queries, memory_rows, threshold, pending_exclude)
-                                             : top_keys(pending_queries, memory_rows, pool, threshold_f32, pending_exclude);
+    at::Tensor nan_flags = at::zeros({pending.numel()}, queries.options().dtype(at::kInt));
+    const at::Tensor candidates =
+        exhaustive ? all_ranked_keys(pending_queries, memory_rows, threshold, pending_exclude, nan_flags)
+                   : top_keys(pending_queries, memory_rows, pool, threshold_f32, pending_exclude, nan_flags);
+    // A NaN score cannot be ranked: the reference's error (one sync, as the widening loop has anyway).
+    const at::Tensor nan_queries = pending.masked_select(nan_flags.to(at::kBool));
+    TORCH_CHECK_VALUE(nan_queries.numel() == 0, "topk_dedup: a score of query ",
+                      nan_queries.numel() > 0 ? nan_queries.min().item<int64_t>() : -1,
+                      " is NaN (NaN in queries or memory, or inf times 0): NaN rows cannot be ranked; "
+                      "remove or fix them");
     const int64_t width = candidates.size(1);
     const int64_t count = pending.numel();
     at::Tensor pending_scores = at::full({count, k}, -std::numeric_limits<float>::infinity(), scores.options());
