@@ -132,13 +132,12 @@ def markdown(result: dict) -> str:
         )
         lines += ["", "Targets: " + "; ".join(targets), ""]
     comparison = result["shortfalls"]
-    lines += [
-        "## Known shortfalls (mkfast/audit/shortfalls.py)",
-        "",
-        "| kernel | config | rule | measured | reason |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [f"| {' | '.join(row)} |" for row in comparison["listed"]]
+    lines += ["## Known shortfalls (mkfast/audit/shortfalls.py)", ""]
+    if comparison["listed"]:
+        lines += ["| kernel | config | rule | measured | reason |", "|---|---|---|---|---|"]
+        lines += [f"| {' | '.join(row)} |" for row in comparison["listed"]]
+    elif not comparison["unlisted"]:
+        lines += ["None: every audited kernel meets every rule."]
     if comparison["unlisted"]:
         lines += ["", "**Violations not in the shortfall table:**", ""]
         lines += [f"- {' / '.join(row)}" for row in comparison["unlisted"]]
