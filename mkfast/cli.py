@@ -13,6 +13,7 @@ from mkfast.demo import STAGES as DEMO_STAGES
 from mkfast.environment import environment_report
 from mkfast.errors import EXIT_INTERRUPTED, EXIT_RUNTIME_ERROR, EXIT_USAGE_ERROR, UsageError
 
+
 class _Parser(argparse.ArgumentParser):
     """argparse errors as one line, ``mkfast: error: train racm3: argument --steps: ...`` (exit 2).
 
@@ -69,23 +70,29 @@ def _run(argv: list[str]) -> None:
     demo = commands.add_parser("demo", help="the whole project on the embedded digits set")
     demo.add_argument("--quick", action="store_true", help="tiny settings (under 3 minutes on 2 CPU cores)")
     demo.add_argument("--output-dir", default="demo_out")
-    demo.add_argument("--stages", nargs="*", choices=list(DEMO_STAGES), help="a subset of the stages, in order")
+    demo.add_argument("--stages", nargs="*", choices=list(DEMO_STAGES),
+                      help="a subset of the stages, in order")
     demo.add_argument("--device", choices=DEMO_DEVICES, default="auto",
                       help="auto: the GPU when there is one (fused kernels, larger settings), else the CPU")
-    bench = commands.add_parser("bench", help="run kernel benchmarks; results under benchmarks/results/<device>/")
+    demo.add_argument("--quiet", action="store_true",
+                      help="no stage lines or progress bars, only the summary")
+    bench = commands.add_parser("bench",
+                                help="run kernel benchmarks; results under benchmarks/results/<device>/")
     bench.add_argument("suites", nargs="*", help="suite names (default: all)")
-    bench.add_argument("--quick", action="store_true", help="small shapes, few repetitions (results to demo_out/)")
+    bench.add_argument("--quick", action="store_true",
+                       help="small shapes, few repetitions (results to demo_out/)")
     bench.add_argument("--output-root", help="results root (default benchmarks/results)")
     bench.add_argument("--compare", nargs=2, metavar=("RESULTS_A", "RESULTS_B"),
                        help="show two result folders (e.g. benchmarks/results/h100 .../h200) side by side")
+    from mkfast import audit
     from mkfast.mks2 import commands as mks2_commands
 
-    from mkfast import audit
-
-    audit.add_arguments(commands.add_parser("audit", help="every kernel's sm_90a machine code, read (no GPU)"))
+    audit.add_arguments(commands.add_parser("audit",
+                                            help="every kernel's sm_90a machine code, read (no GPU)"))
     train_targets = commands.add_parser("train", help="train a model stage").add_subparsers(dest="target",
                                                                                            required=True)
-    eval_targets = commands.add_parser("eval", help="evaluate a model").add_subparsers(dest="target", required=True)
+    eval_targets = commands.add_parser("eval", help="evaluate a model").add_subparsers(dest="target",
+                                                                                      required=True)
     mks2_commands.add_train_parsers(train_targets)
     from mkfast.racm3 import commands as racm3_commands
 
@@ -109,7 +116,7 @@ def _run(argv: list[str]) -> None:
         except RuntimeError as error:
             raise SystemExit(str(error)) from None
         outcome = run_demo(arguments.output_dir, quick=arguments.quick, stages=arguments.stages,
-                           device=arguments.device)
+                           device=arguments.device, quiet=arguments.quiet)
         if outcome["failed"]:
             raise SystemExit(1)
     elif arguments.command == "bench" and arguments.compare:
