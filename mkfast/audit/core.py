@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import dataclasses
+import importlib
 import json
+import multiprocessing
+import os
 import re
 import sys
 import time
@@ -65,6 +70,40 @@ def analyse(launch: Launch, spans: dict[str, int], group: str, target_names: lis
     }
 
 
+MAX_WORKERS = 8  # compiles run in parallel processes: ptxas and the readings are single-threaded
+
+
+def _resolve(kernel: str):
+    """The JITFunction ``module:name`` names (an autotuned or heuristics kernel wraps it in .fn)."""
+    from triton.runtime.jit import JITFunction
+
+    module, name = kernel.rsplit(":", 1)
+    found = getattr(importlib.import_module(module), name)
+    while not isinstance(found, JITFunction):
+        found = found.fn
+    return found
+
+
+def _analyse_detached(launch: Launch, spans: dict[str, int], group: str, target_names: list[str]) -> dict:
+    """analyse() in a worker process: the kernel is looked up again by name there."""
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
+    launch.jit_function = _resolve(launch.kernel)
+    return analyse(launch, spans, group, target_names)
+
+
+def _analyse_all(jobs: list[tuple], log) -> list[dict]:
+    """analyse() every job, in up to MAX_WORKERS spawned processes (one per core), in order."""
+    workers = min(len(jobs), os.cpu_count() or 1, MAX_WORKERS)
+    for launch, *_ in jobs:
+        log(f"compiling {launch.name} [{launch.config}] for sm_90a")
+    if workers <= 1:
+        return [analyse(*job) for job in jobs]
+    detached = [(dataclasses.replace(launch, jit_function=None), *rest) for launch, *rest in jobs]
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding Triton/MLIR state
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        return list(pool.map(_analyse_detached, *zip(*detached, strict=True)))
+
+
 def run_audit(groups: list[str] | None = None, log=None) -> dict:
     """Audit the targets of ``groups`` (default all). Returns {"records", "notes", "versions", "seconds"}."""
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))  # def-use walks over long PTX chains
@@ -95,22 +134,17 @@ def run_audit(groups: list[str] | None = None, log=None) -> dict:
             notes.append(f"{target.name}: {stopped}; {len(launches)} launches recorded before it")
         for launch in launches:
             entry = by_key.setdefault(
-                launch.key,
-                {"launch": launch, "group": target.group, "targets": [], "spans": {}, "primary": False},
+                launch.key, {"launch": launch, "group": target.group, "targets": [], "spans": {}}
             )
             if target.name not in entry["targets"]:
                 entry["targets"].append(target.name)
-            entry["primary"] |= not target.reach
             for name, tensor in launch.tensors.items():
                 if tensor.span_elements > entry["spans"].get(name, 0):
                     entry["spans"][name] = tensor.span_elements
                     if tensor.span_elements >= ptx.LARGE_TENSOR_ELEMENTS:
                         entry["launch"] = launch  # the offsets are read with the large launch's values
-    records = failed
-    for entry in by_key.values():
-        launch = entry["launch"]
-        log(f"compiling {launch.name} [{launch.config}] for sm_90a")
-        records.append(analyse(launch, entry["spans"], entry["group"], entry["targets"]))
+    jobs = [(entry["launch"], entry["spans"], entry["group"], entry["targets"]) for entry in by_key.values()]
+    records = failed + _analyse_all(jobs, log)
     if groups is None or "cuda" in groups:
         from mkfast.audit import cuda_static
 
