@@ -7,8 +7,8 @@
 //   2. `_segment_top_keys_kernel`: one block per (query, segment of 4096 rows)
 //      flags NaN scores (the call then fails as the reference does), turns eligible scores (score <= threshold, not excluded) into 64-bit keys
 //      that order like the ranked list (score desc, then index asc), drops keys
-//      not better than the query's current pool-th best, and bitonic-sorts the
-//      rest in shared memory, keeping the best `pool`;
+//      not better than the query's current pool-th best with one compare, and
+//      bitonic-sorts only the survivors in shared memory, keeping the best `pool`;
 //   3. `_merge_top_keys_kernel`: the same sort over groups of those keys plus the
 //      running pool, until one sorted pool of `pool` keys per query remains;
 //   4. `_walk_pool_kernel`: one warp per query walks its pool, testing each
@@ -50,7 +50,8 @@ constexpr int kWarp = 32;
 // (lower index = larger key). Key 0 means "no candidate": every real key has a
 // non-zero high half, because eligible scores are never NaN.
 __device__ __forceinline__ uint64_t make_key(float score, int64_t index) {
-  const uint32_t bits = __float_as_uint(score);
+  // -0.0 ranks as +0.0: the reference compares values, keys compare bits.
+  const uint32_t bits = __float_as_uint(score == 0.f ? 0.f : score);
   const uint32_t ordered = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
   return (static_cast<uint64_t>(ordered) << 32) | static_cast<uint64_t>(0xFFFFFFFFu - static_cast<uint32_t>(index));
 }
@@ -65,25 +66,38 @@ __device__ __forceinline__ int64_t key_index(uint64_t key) {
   return static_cast<int64_t>(0xFFFFFFFFu - static_cast<uint32_t>(key & 0xFFFFFFFFu));
 }
 
-// Sorts keys[0..kSortSize) descending; every thread of the block takes part.
-__device__ void block_sort_descending(uint64_t* keys) {
-  for (int size = 2; size <= kSortSize; size <<= 1) {
-    for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      for (int i = threadIdx.x; i < kSortSize; i += blockDim.x) {
-        const int partner = i ^ stride;
-        if (partner > i) {
-          const bool descending = (i & size) == 0;
-          const uint64_t a = keys[i];
-          const uint64_t b = keys[partner];
-          if ((a < b) == descending) {
-            keys[i] = b;
-            keys[partner] = a;
-          }
+// The smallest power of two >= count (at least 2), the length block_sort_descending sorts.
+__device__ __forceinline__ int sort_length(int count) {
+  int length = 2;
+  while (length < count) length <<= 1;
+  return length;
+}
+
+// Sorts keys[0..length) descending, length a power of two <= kSortSize. Each thread
+// takes compare-exchange pairs (i, i + stride), t-th pair i = 2t - t % stride, so
+// every thread works at every step (iterating over keys left half of them idle).
+__device__ void block_sort_descending(uint64_t* keys, int length) {
+  for (int width = 2; width <= length; width <<= 1) {
+    for (int stride = width >> 1; stride > 0; stride >>= 1) {
+      for (int pair = threadIdx.x; pair < length / 2; pair += blockDim.x) {
+        const int i = 2 * pair - (pair & (stride - 1));
+        const int partner = i + stride;
+        const bool descending = (i & width) == 0;
+        const uint64_t a = keys[i];
+        const uint64_t b = keys[partner];
+        if ((a < b) == descending) {
+          keys[i] = b;
+          keys[partner] = a;
         }
       }
       __syncthreads();
     }
   }
+}
+
+// Writes the best `pool` of keys[0..length) (sorted) to destination, zeros past length.
+__device__ void store_best(const uint64_t* keys, int length, int64_t pool, uint64_t* destination) {
+  for (int i = threadIdx.x; i < pool; i += blockDim.x) destination[i] = i < length ? keys[i] : 0;
 }
 
 // grid (b, segments). scores: (b, rows) of memory rows [row_start, row_start + rows).
@@ -94,37 +108,42 @@ __global__ void _segment_top_keys_kernel(const float* __restrict__ scores, int64
                                          int64_t pool, uint64_t* __restrict__ out, int64_t segments,
                                          int* __restrict__ nan_flags) {
   __shared__ uint64_t keys[kSortSize];
+  __shared__ int kept;
   const int64_t query = blockIdx.x;
   const int64_t segment = blockIdx.y;
   const float* row_scores = scores + query * rows;
   const int64_t* excluded = exclude_width > 0 ? exclude + query * exclude_width : nullptr;
   const uint64_t floor_key = floor_keys[query * pool];
-  int kept = 0;
+  if (threadIdx.x == 0) kept = 0;
+  __syncthreads();
+  // One compare against the running pool's worst key rejects most rows of a long
+  // memory; the few that beat it are compacted to the front of `keys`.
   for (int i = threadIdx.x; i < kSortSize; i += blockDim.x) {
     const int64_t row = segment * kSortSize + i;
-    uint64_t key = 0;
-    if (row < rows) {
-      const float score = row_scores[row];
-      if (isnan(score)) nan_flags[query] = 1;  // every writer stores 1: the race is benign
-      const int64_t index = row_start + row;
-      bool eligible = score <= threshold;  // false for NaN too
-      for (int64_t e = 0; eligible && e < exclude_width; ++e) eligible = excluded[e] != index;
-      if (eligible) {
-        const uint64_t candidate = make_key(score, index);
-        if (candidate > floor_key) key = candidate;
-      }
-    }
-    keys[i] = key;
-    kept += key != 0;
+    if (row >= rows) continue;
+    const float score = row_scores[row];
+    if (isnan(score)) nan_flags[query] = 1;  // every writer stores 1: the race is benign
+    const int64_t index = row_start + row;
+    bool eligible = score <= threshold;  // false for NaN too
+    for (int64_t e = 0; eligible && e < exclude_width; ++e) eligible = excluded[e] != index;
+    if (!eligible) continue;
+    const uint64_t candidate = make_key(score, index);
+    if (candidate > floor_key) keys[atomicAdd(&kept, 1)] = candidate;
   }
+  __syncthreads();
+  const int count = kept;
   uint64_t* destination = out + (query * segments + segment) * pool;
   // Most segments of a long memory hold nothing better than the running pool: skip their sort.
-  if (__syncthreads_or(kept) == 0) {
-    for (int i = threadIdx.x; i < pool; i += blockDim.x) destination[i] = 0;
+  if (count == 0) {
+    store_best(keys, 0, pool, destination);
     return;
   }
-  block_sort_descending(keys);
-  for (int i = threadIdx.x; i < pool; i += blockDim.x) destination[i] = keys[i];
+  // Sort only the survivors, padded to a power of two (the atomics left them in any order).
+  const int length = sort_length(count);
+  for (int i = count + threadIdx.x; i < length; i += blockDim.x) keys[i] = 0;
+  __syncthreads();
+  block_sort_descending(keys, length);
+  store_best(keys, length, pool, destination);
 }
 
 // grid (b, groups). in: (b, width) keys; out: (b, groups, pool), the best of each group of kSortSize.
@@ -133,14 +152,15 @@ __global__ void _merge_top_keys_kernel(const uint64_t* __restrict__ in, int64_t 
   __shared__ uint64_t keys[kSortSize];
   const int64_t query = blockIdx.x;
   const int64_t group = blockIdx.y;
-  for (int i = threadIdx.x; i < kSortSize; i += blockDim.x) {
-    const int64_t column = group * kSortSize + i;
-    keys[i] = column < width ? in[query * width + column] : 0;
+  const int64_t left = width - group * kSortSize;
+  const int columns = static_cast<int>(left < kSortSize ? left : kSortSize);
+  const int length = sort_length(columns);
+  for (int i = threadIdx.x; i < length; i += blockDim.x) {
+    keys[i] = i < columns ? in[query * width + group * kSortSize + i] : 0;
   }
   __syncthreads();
-  block_sort_descending(keys);
-  uint64_t* destination = out + (query * groups + group) * pool;
-  for (int i = threadIdx.x; i < pool; i += blockDim.x) destination[i] = keys[i];
+  block_sort_descending(keys, length);
+  store_best(keys, length, pool, out + (query * groups + group) * pool);
 }
 
 // grid (n); the ranked (score, index) lists of the fallback path as keys (0 where index < 0).
