@@ -158,3 +158,8 @@ def test_tiny_demo_trains_every_arm_on_the_same_instructions_and_reports_claims(
             run["results"][arm]["held_out"]["acc"] for run in summary["runs"]]
     assert set(summary["probe"]) == {"mks2", "shuffled_pairs", "no_stage1"}
     assert ("note" in summary) == (not summary["probe_reads_held_out_colour"])
+    # Every random draw comes from the run's seed: the global generator's state before does not matter.
+    torch.manual_seed(12345)
+    again = run_demo(str(tmp_path / "again"), settings={**settings, "repeat_seeds": ()})
+    assert again["runs"][0]["final_losses"] == summary["runs"][0]["final_losses"]
+    assert again["runs"][0]["probe"] == summary["runs"][0]["probe"]

@@ -55,7 +55,7 @@ from mkfast.mks2.build import SmallLlamaConfig, build_mks2, small_llama
 from mkfast.mks2.evaluation import choice_log_likelihoods, score_item
 from mkfast.mks2.inst_lora import apply_inst_lora
 from mkfast.mks2.model import MKS2Model
-from mkfast.mks2.patching import trainable_parameter_count
+from mkfast.mks2.patching import seeded, trainable_parameter_count
 from mkfast.mks2.samples import caption_sample
 from mkfast.mks2.stages import CaptionData, InstructionData, prepare_stage2, stage1_loss_fn, stage2_loss_fn
 from mkfast.mks2.trainer import Trainer, TrainerConfig
@@ -137,8 +137,9 @@ def pretrain_vision_encoder(vision, images: torch.Tensor, label_sets: list[torch
     generator = torch.Generator().manual_seed(seed)
     device = vision.query_tokens.device
     query_tokens = nn.Parameter(vision.query_tokens.clone())
-    heads = nn.ModuleList([nn.Linear(size, int(labels.max()) + 1) for labels in label_sets
-                           for size in (vision.global_feature_size, query_tokens.shape[-1])]).to(device)
+    with seeded(seed):  # the heads' initialisation depends on ``seed`` only, not on what ran before
+        heads = nn.ModuleList([nn.Linear(size, int(labels.max()) + 1) for labels in label_sets
+                               for size in (vision.global_feature_size, query_tokens.shape[-1])]).to(device)
     parameters = [query_tokens, *heads.parameters(), *vision.vision_model.parameters(),
                   *vision.qformer.parameters()]
     for parameter in parameters:
