@@ -36,7 +36,9 @@ def load_pipeline(run_dir: str, variant: str = "retrieval", cache_dir: str | Non
     train = run["train"]
     corpus = RetrievalCorpus(run["vocabulary"], run["encoder"], train.captions, train.images,
                              run["tokenizer"].encode(train.images))
-    return RACM3Inference(run["generators"][variant], corpus, run["tokenizer"])
+    # The demo calibrates the diversity filter's threshold to its encoder; sample with the same one.
+    return RACM3Inference(run["generators"][variant], corpus, run["tokenizer"],
+                          threshold=run["summary"]["threshold"])
 
 
 def add_eval_parsers(targets) -> None:
