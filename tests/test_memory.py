@@ -170,6 +170,7 @@ def _sharded_worker(rank, world_size, output_dir, pool):
         shutdown()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pool", [None, 2])
 def test_sharded_search_over_two_gloo_processes_equals_single_process(tmp_path, pool):
     # pool=2: the first candidates of each shard are mostly skipped rows, so the

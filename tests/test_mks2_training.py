@@ -167,6 +167,7 @@ def _gloo_worker(rank, world_size, init_file, output_dir):
     shutdown()
 
 
+@pytest.mark.slow
 def test_two_process_gloo_stage2_keeps_ranks_identical_and_fsdp2_matches(tmp_path):
     """Each rank draws different batches; averaged gradients keep the LoRA/router weights equal on both."""
     multiprocessing.spawn(_gloo_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)

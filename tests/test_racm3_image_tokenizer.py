@@ -99,6 +99,7 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
         load_taming_checkpoint(str(path), SMALL)
 
 
+@pytest.mark.slow
 def test_training_lowers_reconstruction_loss():
     torch.manual_seed(0)
     # Structured images (bars) so that there is something to learn in a few steps.

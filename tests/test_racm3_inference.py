@@ -367,6 +367,7 @@ def fake_demo_run(tmp_path_factory):
     return str(directory)
 
 
+@pytest.mark.slow
 def test_inference_demo_reports_every_configuration_claims_and_writes_the_grid(fake_demo_run, tmp_path):
     import os
 
@@ -392,6 +393,7 @@ def test_inference_demo_reports_every_configuration_claims_and_writes_the_grid(f
     assert os.path.exists(tmp_path / "text_to_image_grid.png") and os.path.exists(tmp_path / "inference_results.json")
 
 
+@pytest.mark.slow
 def test_generate_command_writes_results_and_pngs(fake_demo_run, tmp_path):
     import json
 

@@ -132,6 +132,7 @@ def _run_command(arguments, output_dir, nproc=1):
     return stdout
 
 
+@pytest.mark.slow
 def test_two_process_gloo_runs_ddp_and_fsdp2_alike_with_full_checkpoints(tmp_path):
     runs = {}
     for name, flags in (("ddp", []), ("fsdp", ["--fsdp"])):
