@@ -33,10 +33,6 @@ LAYERS = [
     # The package's public face: the ops, the layers' and MKS2's patch helpers (ops never import it).
     (r"mkfast$", 4),
 ]
-# Open, for the MoME op's owner: mkfast.ops.mome registers the backends and imports mome_fused's
-# implementations lazily, while mome_fused imports the weight and residual types from mome. Moving those
-# types to a module both import removes it; then delete it here (test_known_cycles_are_still_real fails).
-KNOWN_CYCLES = [["mkfast.ops.mome", "mkfast.ops.mome_fused"]]
 LAYER_NAMES = {0: "kernels", 1: "shared", 2: "ops", 3: "layers", 4: "models", 5: "commands", 6: "demo/CLI"}
 
 
@@ -158,13 +154,7 @@ def _module_cycles() -> list[list[str]]:
 
 
 def test_the_import_graph_has_no_cycle():
-    assert [cycle for cycle in _module_cycles() if cycle not in KNOWN_CYCLES] == []
-
-
-def test_known_cycles_are_still_real():
-    cycles = _module_cycles()
-    fixed = [cycle for cycle in KNOWN_CYCLES if cycle not in cycles]
-    assert fixed == [], "fixed: remove it from KNOWN_CYCLES"
+    assert _module_cycles() == []
 
 
 def test_kernels_import_nothing_of_mkfast_but_themselves():

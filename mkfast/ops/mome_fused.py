@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from mkfast.ops.mome import TEXT, VISUAL, MoMEResiduals, MoMEWeights, rms_norm
+from mkfast.ops.mome_weights import TEXT, VISUAL, MoMEResiduals, MoMEWeights, rms_norm
 
 
 # --------------------------------------------------------------------------- cpu backend
