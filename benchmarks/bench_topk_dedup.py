@@ -34,10 +34,13 @@ POOL_PER_K = 4
 CPU_CASES = [(100_000, batch, 8) for batch in (1, 64, 256)] + [(100_000, 64, k) for k in (2, 16)] + [
     (1_000_000, batch, 8) for batch in (1, 64)
 ]
-GPU_CASES = [(num_rows, batch, k) for num_rows in (1_000_000, 10_000_000) for batch in (1, 64, 256) for k in (8, 16)]
+GPU_CASES = [(num_rows, batch, k) for num_rows in (1_000_000, 10_000_000)
+             for batch in (1, 64, 256) for k in (8, 16)]
 QUICK_CASES = [(20_000, 1, 8), (20_000, 64, 8)]
-# main(cases=...): "target" is the GPU target's shape (N=1e7, d=768, k=8, b=1/64/256); "tiny" a dry run's.
-CASE_SETS = {"target": [(10_000_000, batch, 8) for batch in (1, 64, 256)], "tiny": [(2_000, 1, 8), (2_000, 4, 8)]}
+# main(cases=...): "target" is the GPU target's shape (N=1e7, d=768, k=8, b=1/64/256);
+# "tiny" a dry run's.
+CASE_SETS = {"target": [(10_000_000, batch, 8) for batch in (1, 64, 256)],
+             "tiny": [(2_000, 1, 8), (2_000, 4, 8)]}
 
 
 def setup(num_rows: int, dim: int, batch: int, dtype: torch.dtype, device: torch.device):
@@ -59,7 +62,7 @@ def python_filter(memory, pool_scores, pool_indices, k, threshold=THRESHOLD):
     results = []
     for query in range(pool_scores.shape[0]):
         taken: list[int] = []
-        for score, index in zip(pool_scores[query].tolist(), pool_indices[query].tolist()):
+        for score, index in zip(pool_scores[query].tolist(), pool_indices[query].tolist(), strict=True):
             if index < 0 or score > threshold:
                 continue
             row = memory[index].float()
@@ -95,7 +98,8 @@ def faiss_index(memory):
 
 
 def faiss_baseline(index, queries, memory, k, threshold=THRESHOLD):
-    pool_scores, pool_indices = index.search(queries.float().cpu().numpy(), min(POOL_PER_K * k, memory.shape[0]))
+    pool_scores, pool_indices = index.search(queries.float().cpu().numpy(),
+                                             min(POOL_PER_K * k, memory.shape[0]))
     return python_filter(memory, torch.from_numpy(pool_scores), torch.from_numpy(pool_indices), k, threshold)
 
 
@@ -130,7 +134,8 @@ def main(quick: bool = False, device: str | None = None, output_root: str | None
         index = faiss_index(memory) if has_faiss and num_rows * DIM * 4 <= 8 * 2**30 else None
         for _, batch, k in [case for case in cases if case[0] == num_rows]:
             # One memory per N, shared by its cases; queries seeded by b.
-            queries = F.normalize(torch.randn(batch, DIM, generator=torch.Generator().manual_seed(batch)), dim=-1)
+            generator = torch.Generator().manual_seed(batch)
+            queries = F.normalize(torch.randn(batch, DIM, generator=generator), dim=-1)
             queries = queries.to(device=device, dtype=dtype)
             case = {"N": num_rows, "d": DIM, "b": batch, "k": k, "dtype": str(dtype).removeprefix("torch.")}
             providers = _providers(queries, memory, k, index, device)

@@ -78,7 +78,7 @@ def _config(table: dict, head_dim: int, device: torch.device, dtype: torch.dtype
 @triton.jit
 def _dot(a, b, IS_FP32: tl.constexpr):
     # fp32 inputs: exact fp32 products (tl.dot would otherwise use tf32 on GPU).
-    if IS_FP32:
+    if IS_FP32:  # noqa: SIM108 - constexpr branch in @triton.jit, kept as a block
         result = tl.dot(a, b, input_precision="ieee")
     else:
         result = tl.dot(a, b)

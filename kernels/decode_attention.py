@@ -83,7 +83,7 @@ def _decode_kernel(
         k = tl.load(k_base + block_start * stride_ks + offs_n[None, :] * stride_ks
                     + offs_d[:, None] * stride_kd,
                     mask=col_valid[None, :] & d_valid[:, None], other=0.0)
-        if IS_FP32:
+        if IS_FP32:  # noqa: SIM108 - constexpr branch in @triton.jit, kept as a block
             scores = tl.dot(q, k, input_precision="ieee")
         else:
             scores = tl.dot(q, k)
@@ -150,7 +150,8 @@ def _decode_combine(PartialOut, PartialLse, Out, out_row, row_valid, row_mask, o
     tl.store(Out + out_row[:, None] * HEAD_DIM + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_mask)
 
 
-def _split_plan(batch: int, num_kv_heads: int, cache_length: int, device: torch.device) -> tuple[int, int, int]:
+def _split_plan(batch: int, num_kv_heads: int, cache_length: int,
+                device: torch.device) -> tuple[int, int, int]:
     """(num_splits, chunk_size, block_n) from static shapes only: no device sync."""
     if device.type == "cuda":
         block_n = BLOCK_N_GPU

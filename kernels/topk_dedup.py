@@ -100,7 +100,8 @@ def _topk_dedup_scan_kernel(
             dim_mask = dim_offsets < dim
             query_tile = tl.load(queries_ptr + query_offsets[:, None] * stride_query + dim_offsets[None, :],
                                  mask=query_mask[:, None] & dim_mask[None, :], other=0.0)
-            memory_tile = tl.load(memory_ptr + row_offsets[:, None].to(tl.int64) * stride_memory + dim_offsets[None, :],
+            memory_tile = tl.load(memory_ptr + row_offsets[:, None].to(tl.int64) * stride_memory
+                                  + dim_offsets[None, :],
                                   mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
             if UPCAST_MEMORY:
                 memory_tile = memory_tile.to(tl.float32)
@@ -218,7 +219,8 @@ def top_pool_keys(queries, memory, pool, threshold, exclude):
         num_warps=SCAN_WARPS[block_queries],
         UPCAST_MEMORY=queries.dtype != memory.dtype,
     )
-    return torch.topk(keys.view(batch, splits * pool), pool, dim=1, sorted=True).values, nan_seen.bool().any(1)
+    top_keys = torch.topk(keys.view(batch, splits * pool), pool, dim=1, sorted=True).values
+    return top_keys, nan_seen.bool().any(1)
 
 
 def topk_dedup_triton(queries, memory, k, threshold, exclude, exhaustive_fallback, nan_score_error):
@@ -245,14 +247,17 @@ def topk_dedup_triton(queries, memory, k, threshold, exclude, exhaustive_fallbac
     while len(pending):
         if pool > MAX_POOL:
             pending_exclude = None if exclude is None else exclude[pending]
-            fallback_scores, fallback_indices = exhaustive_fallback(queries[pending], memory, k, threshold, pending_exclude)
+            fallback_scores, fallback_indices = exhaustive_fallback(queries[pending], memory, k, threshold,
+                                                                    pending_exclude)
             scores[pending], indices[pending] = fallback_scores, fallback_indices
             break
         pending_exclude = None if exclude is None else exclude[pending].contiguous()
-        keys, nan_seen = top_pool_keys(queries[pending].contiguous(), memory, pool, threshold_fp32, pending_exclude)
+        keys, nan_seen = top_pool_keys(queries[pending].contiguous(), memory, pool, threshold_fp32,
+                                       pending_exclude)
         if bool(nan_seen.any()):
             raise nan_score_error(int(pending[nan_seen.nonzero()[0, 0]]))
-        pending_scores = torch.full((len(pending), k), float("-inf"), dtype=torch.float32, device=queries.device)
+        pending_scores = torch.full((len(pending), k), float("-inf"), dtype=torch.float32,
+                                    device=queries.device)
         pending_indices = torch.full((len(pending), k), -1, dtype=torch.int64, device=queries.device)
         short = torch.zeros(len(pending), dtype=torch.int8, device=queries.device)
         _topk_dedup_walk_kernel[(len(pending),)](

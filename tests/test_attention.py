@@ -55,7 +55,7 @@ def check_against_reference(backend, q, k, v, grad_out, *, causal, document_ids=
 
     assert out.dtype == q.dtype and out.shape == q.shape
     assert_close(out, expected, dtype=q.dtype, message="output")
-    for name, grad, expected_grad in zip("qkv", grads, expected_grads):
+    for name, grad, expected_grad in zip("qkv", grads, expected_grads, strict=True):
         assert grad.dtype == q.dtype
         assert_close(grad, expected_grad, dtype=q.dtype, scale=GRADIENT_SCALE, message=f"d{name}")
 

@@ -141,7 +141,8 @@ def test_opcheck(backend):
     with mkfast.use_backend(backend):
         run_opcheck(torch.ops.mkfast.decode_attention.default, (q, k_cache, v_cache, lengths, 0.25))
         run_opcheck(torch.ops.mkfast.decode_attention_into.default,
-                    (q, k_cache, v_cache, lengths, 0.25, decode_attention_workspace(q, k_cache), torch.empty_like(q)))
+                    (q, k_cache, v_cache, lengths, 0.25, decode_attention_workspace(q, k_cache),
+                     torch.empty_like(q)))
 
 
 BAD_INPUTS = [

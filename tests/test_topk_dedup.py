@@ -14,18 +14,20 @@ import numpy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, interpreter_dtypes, run_opcheck
 
 import mkfast
-from helpers import assert_close, interpreter_dtypes, run_opcheck
 from mkfast.backend import BackendUnavailableError
 from mkfast.ops import topk_dedup, topk_dedup_reference
 
 CPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (backend, dtype) pairs that run on CPU tensors. The interpreter has no bf16 arithmetic.
-CPU_BACKEND_DTYPES = [("cpu", dtype) for dtype in CPU_DTYPES] + [("triton", dtype) for dtype in interpreter_dtypes()]
+CPU_BACKEND_DTYPES = ([("cpu", dtype) for dtype in CPU_DTYPES]
+                      + [("triton", dtype) for dtype in interpreter_dtypes()])
 # A GPU machine whose build found no matching nvcc has only the Triton kernels to test.
 GPU_BACKENDS = [pytest.param("cuda", marks=pytest.mark.skipif(
-    not mkfast._extension.built_parts()["cuda"], reason="mkfast._C was built without its CUDA kernels")), "triton"]
+    not mkfast._extension.built_parts()["cuda"], reason="mkfast._C was built without its CUDA kernels")),
+    "triton"]
 
 
 def _memory_with_near_duplicates(num_rows, dim, dtype=torch.float32, duplicates=0.3):
@@ -80,7 +82,8 @@ def test_cpu_bf16_prefilter_batches_match_reference(dtype):
     direction = F.normalize(torch.randn(1, dim), dim=-1)
     fan = F.normalize(direction + 2e-3 * torch.randn(1500, dim), dim=-1)
     memory = torch.cat([_memory_with_near_duplicates(1500, dim), fan])[torch.randperm(3000)].to(dtype)
-    queries = torch.cat([F.normalize(direction + 0.6 * torch.randn(80, dim), dim=-1), _queries_near_rows(memory, 60)])
+    queries = torch.cat([F.normalize(direction + 0.6 * torch.randn(80, dim), dim=-1),
+                         _queries_near_rows(memory, 60)])
     exclude = torch.randint(-1, 3000, (140, 3))
     _assert_matches_reference("cpu", queries.to(dtype), memory, 8, exclude=exclude)
     _assert_matches_reference("cpu", queries.to(dtype), memory, 3, threshold=0.5)
@@ -99,7 +102,8 @@ def test_cpu_memory_spanning_several_blocks_and_threads(batch):
 def test_exact_ties_rank_lower_index_first(backend, dtype):
     # Entries are multiples of 1/4 in 16 dims: every product and partial sum is exact
     # in fp16/bf16/fp32, so scores tie bitwise in every backend and summation order.
-    base = torch.tensor([[0.25] * 16, [0.25] * 8 + [-0.25] * 8, [0.5] * 4 + [0.0] * 12, [0.0] * 12 + [0.5] * 4])
+    base = torch.tensor([[0.25] * 16, [0.25] * 8 + [-0.25] * 8,
+                         [0.5] * 4 + [0.0] * 12, [0.0] * 12 + [0.5] * 4])
     memory = base[torch.tensor([1, 0, 2, 1, 3, 0, 2, 3, 1, 0])].to(dtype)  # each base row 2-3 times
     queries = torch.tensor([[0.25] * 16, [0.5] * 4 + [0.25] * 12]).to(dtype)
     # Threshold 0.5: exact copies (self-product 1.0) are redundant, distinct base rows are not.
@@ -161,7 +165,9 @@ def test_exclude_removes_rows_per_query(backend, dtype):
     queries = _queries_near_rows(memory, 3, noise=0.5)
     _, plain = topk_dedup_reference(queries, memory, 4)
     # Exclude each query's first pick, plus padding and an index past the end.
-    exclude = torch.tensor([[plain[0, 0].item(), -1, 500], [plain[1, 0].item(), plain[1, 1].item(), -1], [-1, -1, -1]])
+    exclude = torch.tensor([[plain[0, 0].item(), -1, 500],
+                            [plain[1, 0].item(), plain[1, 1].item(), -1],
+                            [-1, -1, -1]])
     indices = _assert_matches_reference(backend, queries, memory, 4, exclude=exclude)
     assert plain[0, 0] not in indices[0] and plain[1, 1] not in indices[1]
     assert torch.equal(indices[2], plain[2])
@@ -328,10 +334,10 @@ from triton.compiler import ASTSource
 import mkfast.kernels.topk_dedup as kernels
 
 scan = {"queries_ptr": "*bf16", "memory_ptr": "*bf16", "exclude_ptr": "*i64", "keys_out_ptr": "*i64",
-        "nan_out_ptr": "*i8", "batch": "i32", "num_rows": "i32", "dim": "i32", "exclude_width": "i32", "rows_per_split": "i32",
-        "num_splits": "i32", "threshold": "fp32", "stride_query": "i32", "stride_memory": "i32",
-        "POOL": "constexpr", "BLOCK_QUERIES": "constexpr", "BLOCK_ROWS": "constexpr", "BLOCK_DIM": "constexpr",
-        "UPCAST_MEMORY": "constexpr"}
+        "nan_out_ptr": "*i8", "batch": "i32", "num_rows": "i32", "dim": "i32", "exclude_width": "i32",
+        "rows_per_split": "i32", "num_splits": "i32", "threshold": "fp32", "stride_query": "i32",
+        "stride_memory": "i32", "POOL": "constexpr", "BLOCK_QUERIES": "constexpr", "BLOCK_ROWS": "constexpr",
+        "BLOCK_DIM": "constexpr", "UPCAST_MEMORY": "constexpr"}
 walk = {"keys_ptr": "*i64", "memory_ptr": "*bf16", "scores_out_ptr": "*fp32", "indices_out_ptr": "*i64",
         "short_out_ptr": "*i8", "dim": "i32", "k": "i32", "threshold": "fp32", "stride_memory": "i32",
         "POOL": "constexpr", "BLOCK_DIM": "constexpr"}
@@ -393,6 +399,7 @@ def test_gpu_widening_to_the_exhaustive_path(backend):
     dim = 24
     query = F.normalize(torch.randn(2, dim), dim=-1)
     other = F.normalize(torch.randn(1, dim), dim=-1)
-    cluster = F.normalize(F.normalize(query[:1] + 1.2 * other, dim=-1) + 0.01 * torch.randn(3000, dim), dim=-1)
+    center = F.normalize(query[:1] + 1.2 * other, dim=-1)
+    cluster = F.normalize(center + 0.01 * torch.randn(3000, dim), dim=-1)
     memory = torch.cat([cluster, F.normalize(torch.randn(2000, dim), dim=-1)]).cuda()
     _assert_matches_reference(backend, query.cuda(), memory, 8)

@@ -22,13 +22,21 @@ import torch
 import torch.nn.functional as F
 
 from mkfast.backend import OpDispatcher, triton_unavailable_reason
-from mkfast.ops._checks import (FLOAT_DTYPES, check_finite_float, check_int32_values, check_no_grad,
-                                check_same_size, check_tensor, has_values)
+from mkfast.ops._checks import (
+    FLOAT_DTYPES,
+    check_finite_float,
+    check_int32_values,
+    check_no_grad,
+    check_same_size,
+    check_tensor,
+    has_values,
+)
 
 OP = "attention"
 INTEGER_DTYPES = (torch.int32, torch.int64)
 
-attention_backends = OpDispatcher(OP, auto_order={"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")})
+attention_backends = OpDispatcher(OP, auto_order={"cuda": ("triton", "reference"),
+                                                  "cpu": ("cpu", "reference")})
 
 
 # --------------------------------------------------------------------------- reference
@@ -129,7 +137,8 @@ def _cpu_mask(q, k, causal, document_ids, scale) -> tuple[bool, torch.Tensor | N
     if plain and not has_nan:
         return causal, None
     allowed = attention_allowed_mask(q.shape[2], k.shape[2], causal, document_ids, q.device)
-    return False, torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+    bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+    return False, bias.masked_fill(~allowed, float("-inf"))
 
 
 def _expand_heads(tensor: torch.Tensor, group: int) -> torch.Tensor:
@@ -245,11 +254,13 @@ def _validate(q, k, v, causal, document_ids, scale) -> None:
     check_tensor(OP, "k", k, ndim=4, layout=layout, dtypes=(q.dtype,), device=q.device)
     check_tensor(OP, "v", v, ndim=4, layout=layout, dtypes=(q.dtype,), device=q.device)
     if k.shape != v.shape:
-        raise ValueError(f"{OP}: k and v must have the same shape (B, Hkv, S, D), got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(f"{OP}: k and v must have the same shape (B, Hkv, S, D), "
+                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
     check_same_size(OP, "batch size (dim 0) like q's", q.shape[0], "k", k.shape[0])
     check_same_size(OP, "head dim (dim 3) like q's", q.shape[3], "k", k.shape[3])
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"{OP}: q's heads ({q.shape[1]}) must be a multiple of k's heads ({k.shape[1]}) (GQA)")
+        raise ValueError(f"{OP}: q's heads ({q.shape[1]}) must be a multiple of "
+                         f"k's heads ({k.shape[1]}) (GQA)")
     if q.shape[3] == 0 or q.shape[3] > 256:
         raise ValueError(f"{OP}: head dim D must be in 1..256, got {q.shape[3]}")
     if k.shape[2] < q.shape[2]:
@@ -258,11 +269,13 @@ def _validate(q, k, v, causal, document_ids, scale) -> None:
     if not isinstance(causal, bool):
         raise TypeError(f"{OP}: causal must be a bool, got {type(causal).__name__}")
     if document_ids is not None:
-        check_tensor(OP, "document_ids", document_ids, ndim=2, layout="(B, S)", dtypes=INTEGER_DTYPES, device=q.device)
+        check_tensor(OP, "document_ids", document_ids, ndim=2, layout="(B, S)", dtypes=INTEGER_DTYPES,
+                     device=q.device)
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"{OP}: document_ids needs S_q == S_kv, got S_q={q.shape[2]}, S_kv={k.shape[2]}")
         if tuple(document_ids.shape) != (q.shape[0], q.shape[2]):
-            raise ValueError(f"{OP}: document_ids must be (B, S) = {(q.shape[0], q.shape[2])}, got {tuple(document_ids.shape)}")
+            raise ValueError(f"{OP}: document_ids must be (B, S) = {(q.shape[0], q.shape[2])}, "
+                             f"got {tuple(document_ids.shape)}")
     if document_ids is not None:
         check_int32_values(OP, "document_ids", document_ids)
     if scale is not None:
@@ -330,7 +343,8 @@ decode_attention_backends = OpDispatcher(DECODE_OP, auto_order={"cuda": ("triton
 def decode_allowed_mask(cache_seqlens: torch.Tensor, new_tokens: int, cache_length: int) -> torch.Tensor:
     """(B, 1, T, L_max) bool: new token t of row b sees cache positions [0, len_b - T + t]."""
     positions = torch.arange(cache_length, device=cache_seqlens.device)
-    last_visible = cache_seqlens.long()[:, None] - new_tokens + torch.arange(new_tokens, device=cache_seqlens.device)
+    last_visible = (cache_seqlens.long()[:, None] - new_tokens
+                    + torch.arange(new_tokens, device=cache_seqlens.device))
     return (positions[None, None, :] <= last_visible[:, :, None])[:, None]
 
 
@@ -436,8 +450,9 @@ def _validate_decode(q, k_cache, v_cache, cache_seqlens, check_lengths: bool) ->
         # outside the cache or leave a new token with no key (silent garbage).
         shortest, longest = int(cache_seqlens.min()), int(cache_seqlens.max())
         if shortest < q.shape[2] or longest > k_cache.shape[2]:
-            raise ValueError(f"{DECODE_OP}: cache_seqlens must be in [T, L_max] = [{q.shape[2]}, {k_cache.shape[2]}] "
-                             f"(the T new tokens are already in the cache), got values in [{shortest}, {longest}]")
+            raise ValueError(f"{DECODE_OP}: cache_seqlens must be in [T, L_max] = [{q.shape[2]}, "
+                             f"{k_cache.shape[2]}] (the T new tokens are already in the cache), "
+                             f"got values in [{shortest}, {longest}]")
 
 
 def decode_attention(

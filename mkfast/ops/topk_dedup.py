@@ -179,7 +179,8 @@ def _validate(queries, memory, k, threshold, exclude) -> tuple[int, float]:
     elif math.isnan(threshold):
         raise ValueError(f"{OP}: threshold must be a number or None (no filter), got nan")
     if exclude is not None:
-        check_tensor(OP, "exclude", exclude, ndim=2, layout="(b, E)", dtypes=(torch.int64,), device=queries.device)
+        check_tensor(OP, "exclude", exclude, ndim=2, layout="(b, E)", dtypes=(torch.int64,),
+                     device=queries.device)
         check_same_size(OP, "rows (b) like queries'", queries.shape[0], "exclude", exclude.shape[0])
     return k, float(threshold)
 
