@@ -98,7 +98,8 @@ def test_training_corpus_trains_text_only_documents_without_retrieval_or_images(
     # Image documents still retrieve (K ~ U{0, 1, 2}, never themselves) over many draws.
     batch = corpus.training_batch(list(range(len(texts))) * 4, options, torch.Generator().manual_seed(1))
     examples = list(range(len(texts))) * 4
-    retrieved = [(example, row) for example, rows in zip(examples, batch.retrieved, strict=True) for row in rows]
+    retrieved = [(example, row) for example, rows in zip(examples, batch.retrieved, strict=True)
+                 for row in rows]
     assert retrieved and all(example != row for example, row in retrieved)
 
 

@@ -54,7 +54,8 @@ def model(vocabulary):
 def caption_prompt(vocabulary: CM3Vocabulary, caption: str, samples: int) -> torch.Tensor:
     """``</doc> <img alt= caption src=`` repeated over ``samples`` rows: (samples, T)."""
     special = vocabulary.special_ids
-    ids = [vocabulary.separator_id, special[IMAGE_OPEN], *vocabulary.encode_text(caption), special[IMAGE_SOURCE]]
+    ids = [vocabulary.separator_id, special[IMAGE_OPEN], *vocabulary.encode_text(caption),
+           special[IMAGE_SOURCE]]
     return torch.tensor(ids).unsqueeze(0).expand(samples, -1)
 
 
@@ -112,9 +113,9 @@ def test_top_k_one_equals_greedy(model, vocabulary):
 def test_image_constraint_always_yields_a_decodable_grid(model, vocabulary):
     from mkfast.racm3.image_tokenizer import VQGAN, VQGANConfig
 
-    tokenizer = VQGAN(VQGANConfig(resolution=8, base_channels=32, channel_multipliers=(1, 1), num_res_blocks=1,
-                                  attention_resolutions=(), z_channels=32, embedding_dim=8,
-                                  codebook_size=CODEBOOK)).eval()
+    tokenizer = VQGAN(VQGANConfig(resolution=8, base_channels=32, channel_multipliers=(1, 1),
+                                  num_res_blocks=1, attention_resolutions=(), z_channels=32,
+                                  embedding_dim=8, codebook_size=CODEBOOK)).eval()
     prompt = caption_prompt(vocabulary, CAPTIONS[3], samples=4)
     close_id = vocabulary.special_ids[IMAGE_CLOSE]
     for seed in range(3):
@@ -150,11 +151,14 @@ def test_guidance_scale_one_equals_plain_sampling(model, vocabulary):
     prompt = caption_prompt(vocabulary, CAPTIONS[4], samples=3)
     unconditional = caption_prompt(vocabulary, "", samples=3)  # "<img alt= src=": no caption
     options = SamplingOptions(temperature=1.0, top_p=0.9)
-    plain = generate(model, prompt, GRID + 1, options, seed=5, constraint=ImageCodeConstraint(vocabulary, GRID))
-    guided = generate(model, prompt, GRID + 1, options, seed=5, constraint=ImageCodeConstraint(vocabulary, GRID),
+    plain = generate(model, prompt, GRID + 1, options, seed=5,
+                     constraint=ImageCodeConstraint(vocabulary, GRID))
+    guided = generate(model, prompt, GRID + 1, options, seed=5,
+                      constraint=ImageCodeConstraint(vocabulary, GRID),
                       unconditional_prompt_ids=unconditional, guidance_scale=1.0)
     assert torch.equal(plain, guided)
-    stronger = generate(model, prompt, GRID + 1, options, seed=5, constraint=ImageCodeConstraint(vocabulary, GRID),
+    stronger = generate(model, prompt, GRID + 1, options, seed=5,
+                        constraint=ImageCodeConstraint(vocabulary, GRID),
                         unconditional_prompt_ids=unconditional, guidance_scale=4.0)
     assert not torch.equal(plain, stronger)
 
@@ -168,8 +172,8 @@ def test_guided_first_step_is_greedy_over_mixed_logits(model, vocabulary):
     scale = 3.0
     expected_logits = unconditioned + scale * (conditioned - unconditioned)
     torch.testing.assert_close(guided_logits(conditioned, unconditioned, scale), expected_logits)
-    first = generate(model, prompt, 1, SamplingOptions(temperature=0.0), unconditional_prompt_ids=unconditional,
-                     guidance_scale=scale)
+    first = generate(model, prompt, 1, SamplingOptions(temperature=0.0),
+                     unconditional_prompt_ids=unconditional, guidance_scale=scale)
     assert first.item() == int(expected_logits.argmax())
 
 
@@ -210,9 +214,9 @@ def pipeline(vocabulary, model):
     from mkfast.racm3.retrieval import RetrievalCorpus
 
     torch.manual_seed(2)
-    tokenizer = VQGAN(VQGANConfig(resolution=8, base_channels=32, channel_multipliers=(1, 1), num_res_blocks=1,
-                                  attention_resolutions=(), z_channels=32, embedding_dim=8,
-                                  codebook_size=CODEBOOK)).eval()
+    tokenizer = VQGAN(VQGANConfig(resolution=8, base_channels=32, channel_multipliers=(1, 1),
+                                  num_res_blocks=1, attention_resolutions=(), z_channels=32,
+                                  embedding_dim=8, codebook_size=CODEBOOK)).eval()
     encoder = MixedModalEncoder(build_small_clip(SmallCLIPConfig(vision_layers=1, text_layers=1))).eval()
     images = torch.rand(len(CAPTIONS), 3, 8, 8)
     corpus = RetrievalCorpus(vocabulary, encoder, CAPTIONS, images, tokenizer.encode(images))
@@ -238,7 +242,8 @@ def test_prompts_prepend_retrieved_documents_like_training(pipeline, vocabulary)
     documents = [pipeline.corpus.documents[row] for row in (2, 0)]
     ids = pipeline.context_ids(documents)
     separator = vocabulary.separator_id
-    expected = [separator] + documents[0].token_ids.tolist() + [separator] + documents[1].token_ids.tolist() + [separator]
+    expected = ([separator] + documents[0].token_ids.tolist() + [separator]
+                + documents[1].token_ids.tolist() + [separator])
     assert ids == expected
     assert pipeline.context_ids([]) == [separator]
 
@@ -266,7 +271,8 @@ def test_perplexity_reranking_picks_the_true_caption_among_candidates(pipeline, 
     true_caption = CAPTIONS[3]
     sequence = ([vocabulary.separator_id] + pipeline._infill_caption_prefix(codes)
                 + vocabulary.encode_text(true_caption) + [vocabulary.separator_id])
-    preferring = RACM3Inference(_train_to_prefer(pipeline.model, sequence), pipeline.corpus, pipeline.image_tokenizer)
+    preferring = RACM3Inference(_train_to_prefer(pipeline.model, sequence), pipeline.corpus,
+                                pipeline.image_tokenizer)
     candidates = [CAPTIONS[0], CAPTIONS[5], true_caption, CAPTIONS[2]]
     ranked, values = preferring.rerank_captions(codes, candidates)
     assert ranked[0] == true_caption
@@ -279,7 +285,8 @@ def test_perplexity_reranking_picks_the_true_caption_among_candidates(pipeline, 
 
 
 def test_image_to_text_with_retrieval_returns_text_candidates(pipeline):
-    result = pipeline.image_to_text(pipeline.corpus.images[0], k=2, num_captions=3, seed=1, max_caption_tokens=6)
+    result = pipeline.image_to_text(pipeline.corpus.images[0], k=2, num_captions=3, seed=1,
+                                    max_caption_tokens=6)
     assert 1 <= len(result.retrieved) <= 2
     assert 1 <= len(result.candidates) <= 3 and result.caption == result.candidates[0]
     assert all(isinstance(candidate, str) for candidate in result.candidates)
@@ -297,8 +304,8 @@ def test_infilling_changes_only_the_masked_region_and_uses_given_context(pipelin
     assert bool((filled[:, ~region] == codes[~region]).all())
     assert bool(((filled >= 0) & (filled < CODEBOOK)).all())
     assert not bool((filled[:, region] == filled[0, region]).all())  # samples differ at temperature 2
-    again, _ = pipeline.infill_image(codes, region, text=CAPTIONS[1], context_documents=context, num_samples=3,
-                                     seed=2, options=SamplingOptions(temperature=2.0))
+    again, _ = pipeline.infill_image(codes, region, text=CAPTIONS[1], context_documents=context,
+                                     num_samples=3, seed=2, options=SamplingOptions(temperature=2.0))
     assert torch.equal(filled, again)
     with pytest.raises(ValueError, match="region"):
         pipeline.infill_image(codes, torch.zeros_like(region), text=CAPTIONS[1])
@@ -390,7 +397,8 @@ def test_inference_demo_reports_every_configuration_claims_and_writes_the_grid(f
         "retrieval improves captioning on knowledge held only in memory",
         "k-shot in-context accuracy improves with k", "k-shot in-context accuracy beats chance"}
     assert all(row["seeds"] == 2 for row in summary["claims"])
-    assert os.path.exists(tmp_path / "text_to_image_grid.png") and os.path.exists(tmp_path / "inference_results.json")
+    assert os.path.exists(tmp_path / "text_to_image_grid.png")
+    assert os.path.exists(tmp_path / "inference_results.json")
 
 
 @pytest.mark.slow
@@ -438,7 +446,8 @@ def test_kv_cache_decoding_through_mkfast_decode_attention_matches_sdpa_on_cuda(
     config = GeneratorConfig(hidden_size=128, num_layers=2, num_heads=4, num_key_value_heads=2,
                              intermediate_size=256, max_sequence_length=2048, attention_implementation="sdpa")
     reference = build_generator(len(vocabulary), config, vocabulary.pad_id, device="cuda").eval()
-    ours = build_generator(len(vocabulary), GeneratorConfig(**{**config.__dict__, "attention_implementation": "mkfast"}),
+    ours_config = GeneratorConfig(**{**config.__dict__, "attention_implementation": "mkfast"})
+    ours = build_generator(len(vocabulary), ours_config,
                            vocabulary.pad_id, device="cuda").eval()
     ours.load_state_dict(reference.state_dict())
     prompt = caption_prompt(vocabulary, CAPTIONS[2], samples=4).cuda()
@@ -454,16 +463,16 @@ def test_kv_cache_decoding_through_mkfast_decode_attention_matches_sdpa_on_cuda(
 def test_bf16_sampling_of_a_32x32_grid_on_cuda(vocabulary):
     """RA-CM3's grid: exactly 1024 codes and '>' per sample, bf16 weights, 10 samples, with guidance."""
     big_vocabulary = CM3Vocabulary(vocabulary.text_tokenizer, 8192)
-    model = build_generator(len(big_vocabulary), GeneratorConfig(max_sequence_length=2048), big_vocabulary.pad_id,
-                            device="cuda").to(torch.bfloat16).eval()
+    model = build_generator(len(big_vocabulary), GeneratorConfig(max_sequence_length=2048),
+                            big_vocabulary.pad_id, device="cuda").to(torch.bfloat16).eval()
     prompt = caption_prompt(big_vocabulary, CAPTIONS[1], samples=10).cuda()
     unconditional = caption_prompt(big_vocabulary, "", samples=10).cuda()
     tokens = generate(model, prompt, 1025, SamplingOptions(temperature=1.0, top_k=100), seed=0,
-                      constraint=ImageCodeConstraint(big_vocabulary, 1024), unconditional_prompt_ids=unconditional,
-                      guidance_scale=3.0)
+                      constraint=ImageCodeConstraint(big_vocabulary, 1024),
+                      unconditional_prompt_ids=unconditional, guidance_scale=3.0)
     assert bool((tokens[:, :1024] >= big_vocabulary.image_offset).all())
     assert bool((tokens[:, 1024] == big_vocabulary.special_ids[IMAGE_CLOSE]).all())
     again = generate(model, prompt, 1025, SamplingOptions(temperature=1.0, top_k=100), seed=0,
-                     constraint=ImageCodeConstraint(big_vocabulary, 1024), unconditional_prompt_ids=unconditional,
-                     guidance_scale=3.0)
+                     constraint=ImageCodeConstraint(big_vocabulary, 1024),
+                     unconditional_prompt_ids=unconditional, guidance_scale=3.0)
     assert torch.equal(tokens, again)
