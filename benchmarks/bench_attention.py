@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_attention [--quick]
 
-Training cases (the issue's grid): B*S = 16k tokens, S in {1024, 2048, 4096},
+Training cases: B*S = 16k tokens, S in {1024, 2048, 4096},
 D in {64, 128} (H*D = 2048), masks "causal" and "3-documents" (three packed
 documents of unequal length, RA-CM3's 4096-token rows), forward and
 forward+backward. Decode cases: batch 1..64 over a full 4096-token cache.
@@ -31,11 +31,16 @@ import torch
 import torch.nn.functional as F
 
 import mkfast
-from .common import Measurement, command_line, cpu_threads, measure, peak_memory_mb, resolve_device, run_suite
-from mkfast.ops.attention import (attention_allowed_mask, attention_reference, decode_attention_reference,
-                                  decode_attention_workspace)
+from mkfast.ops.attention import (
+    attention_allowed_mask,
+    attention_reference,
+    decode_attention_reference,
+    decode_attention_workspace,
+)
 
-TOKENS_PER_BATCH = 16 * 1024  # the issue's B*S
+from .common import Measurement, command_line, cpu_threads, measure, peak_memory_mb, resolve_device, run_suite
+
+TOKENS_PER_BATCH = 16 * 1024  # B*S of every training case (docs/performance.md)
 MODEL_WIDTH = 2048  # H*D: 32 heads of 64 or 16 heads of 128
 # Three documents of unequal length per row, in fractions of S (a retrieved
 # image document, a short text one, the main document).

@@ -28,7 +28,7 @@ DIM = 768  # CLIP ViT-L/14 embeddings (SPEC.md, "Retriever")
 THRESHOLD = REDUNDANCY_THRESHOLD
 # Candidate pool of the baselines: 4k, what a user picks to leave room for skipped rows.
 POOL_PER_K = 4
-# (N, b, k) per device. CPU: the target cases (N=1e6, b in {1, 64}, k=8)
+# (N, b, k) per device. CPU: the CPU target cases of docs/performance.md (N=1e6, b in {1, 64}, k=8)
 # and the b / k grid at N=1e5, sized to finish in minutes on 2 shared cores
 # (N=1e6 at b=256 took too long to repeat there); GPU: up to N=1e7 in bf16 (15 GiB).
 CPU_CASES = [(100_000, batch, 8) for batch in (1, 64, 256)] + [(100_000, 64, k) for k in (2, 16)] + [
