@@ -227,6 +227,32 @@ def _key_span(query_block, batch, KeyBlockFirst, KeyBlockLast, num_query_blocks,
 
 
 @triton.jit
+def _query_program(DocumentIds, KeyBlockFirst, KeyBlockLast, num_heads, group, query_length, key_length,
+                   num_query_blocks, CAUSAL: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The query block this program owns (forward and dQ): its batch, heads, rows, the key blocks it
+    visits and its rows' document ids. Grid: (batch * heads, query blocks)."""
+    batch_head = tl.program_id(0)
+    query_block = tl.program_id(1)
+    if CAUSAL:  # the last query blocks see the most keys: launch them first
+        query_block = tl.num_programs(1) - 1 - query_block
+    batch = batch_head // num_heads
+    head = batch_head % num_heads
+    start_m = query_block * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_valid = rows < query_length
+    offset = key_length - query_length
+    doc_base = DocumentIds + batch.to(tl.int64) * key_length
+    start_n, full_end, end_n = _key_span(query_block, batch, KeyBlockFirst, KeyBlockLast, num_query_blocks,
+                                         offset, key_length, CAUSAL, HAS_DOCUMENTS, BLOCK_M, BLOCK_N)
+    query_docs = rows
+    if HAS_DOCUMENTS:
+        query_docs = tl.load(doc_base + rows, mask=row_valid, other=0)
+    return (batch_head, batch, head, head // group, start_m, rows, row_valid, offset, doc_base, start_n,
+            full_end, end_n, query_docs)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse, DocumentIds, KeyBlockFirst, KeyBlockLast,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -237,26 +263,11 @@ def _attn_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_DOCUMENTS: tl.constexpr, IS_FP32: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    batch_head = tl.program_id(0)
-    query_block = tl.program_id(1)
-    if CAUSAL:  # the last query blocks see the most keys: launch them first
-        query_block = tl.num_programs(1) - 1 - query_block
-    batch = batch_head // num_heads
-    head = batch_head % num_heads
-    kv_head = head // group
-    start_m = query_block * BLOCK_M
-    rows = start_m + tl.arange(0, BLOCK_M)
-    row_valid = rows < query_length
-    offset = key_length - query_length
-
+    (batch_head, batch, head, kv_head, start_m, rows, row_valid, offset, doc_base, start_n, full_end, end_n,
+     query_docs) = _query_program(DocumentIds, KeyBlockFirst, KeyBlockLast, num_heads, group, query_length,
+                                  key_length, num_query_blocks, CAUSAL, HAS_DOCUMENTS, BLOCK_M, BLOCK_N)
     q = _load_tile(Q, batch, head, start_m, query_length, stride_qb, stride_qh, stride_qs, stride_qd,
                    BLOCK_M, BLOCK_D, HEAD_DIM, USE_TMA)
-    doc_base = DocumentIds + batch.to(tl.int64) * key_length
-    start_n, full_end, end_n = _key_span(query_block, batch, KeyBlockFirst, KeyBlockLast, num_query_blocks,
-                                         offset, key_length, CAUSAL, HAS_DOCUMENTS, BLOCK_M, BLOCK_N)
-    query_docs = rows
-    if HAS_DOCUMENTS:
-        query_docs = tl.load(doc_base + rows, mask=row_valid, other=0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -455,17 +466,9 @@ def _attn_bwd_dq_kernel(
     CAUSAL: tl.constexpr, HAS_DOCUMENTS: tl.constexpr, IS_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    batch_head = tl.program_id(0)
-    query_block = tl.program_id(1)
-    if CAUSAL:  # heaviest first, as in the forward
-        query_block = tl.num_programs(1) - 1 - query_block
-    batch = batch_head // num_heads
-    head = batch_head % num_heads
-    kv_head = head // group
-    start_m = query_block * BLOCK_M
-    rows = start_m + tl.arange(0, BLOCK_M)
-    row_valid = rows < query_length
-    offset = key_length - query_length
+    (batch_head, batch, head, kv_head, start_m, rows, row_valid, offset, doc_base, start_n, full_end, end_n,
+     query_docs) = _query_program(DocumentIds, KeyBlockFirst, KeyBlockLast, num_heads, group, query_length,
+                                  key_length, num_query_blocks, CAUSAL, HAS_DOCUMENTS, BLOCK_M, BLOCK_N)
     q = _load_tile(Q, batch, head, start_m, query_length, stride_qb, stride_qh, stride_qs, stride_qd,
                    BLOCK_M, BLOCK_D, HEAD_DIM, False)
     grad_out = _load_tile(GradOut, batch, head, start_m, query_length, stride_gb, stride_gh, stride_gs,
@@ -473,12 +476,6 @@ def _attn_bwd_dq_kernel(
     row_base = batch_head.to(tl.int64) * query_length
     lse_log2 = tl.load(Lse + row_base + rows, mask=row_valid, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + row_base + rows, mask=row_valid, other=0.0)
-    doc_base = DocumentIds + batch.to(tl.int64) * key_length
-    start_n, full_end, end_n = _key_span(query_block, batch, KeyBlockFirst, KeyBlockLast, num_query_blocks,
-                                         offset, key_length, CAUSAL, HAS_DOCUMENTS, BLOCK_M, BLOCK_N)
-    query_docs = rows
-    if HAS_DOCUMENTS:
-        query_docs = tl.load(doc_base + rows, mask=row_valid, other=0)
 
     grad_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     grad_q = _attn_bwd_dq_inner(grad_q, q, grad_out, lse_log2, delta, rows, query_docs, K, V, doc_base, batch,
