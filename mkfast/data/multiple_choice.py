@@ -15,10 +15,12 @@ def _validate(item: dict, where: str) -> dict:
         if key not in item:
             raise ValueError(f"{where}: item has no {key!r}: {item}")
     choices, answer = item["choices"], item["answer"]
-    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(choice, str) for choice in choices):
+    all_strings = isinstance(choices, list) and all(isinstance(choice, str) for choice in choices)
+    if not all_strings or len(choices) < 2:
         raise ValueError(f"{where}: choices must be a list of at least two strings, got {choices!r}")
     if not isinstance(answer, int) or not 0 <= answer < len(choices):
-        raise ValueError(f"{where}: answer must be an index into choices (0..{len(choices) - 1}), got {answer!r}")
+        raise ValueError(f"{where}: answer must be an index into choices (0..{len(choices) - 1}), "
+                         f"got {answer!r}")
     return {"question": item["question"], "choices": choices, "answer": answer}
 
 
@@ -59,13 +61,15 @@ def load_piqa(path: str, labels_path: str | None = None) -> list[dict]:
             labels = [int(line) for line in handle if line.strip()]
         if len(labels) != len(records):
             raise ValueError(f"load_piqa: {len(labels)} labels for {len(records)} records")
-    return [_validate({"question": f"Question: {record['goal']}\nAnswer:", "choices": [record["sol1"], record["sol2"]],
+    return [_validate({"question": f"Question: {record['goal']}\nAnswer:",
+                       "choices": [record["sol1"], record["sol2"]],
                        "answer": int(labels[index] if labels is not None else record["label"])}, path)
             for index, record in enumerate(records)]
 
 
 def load_commonsense_qa(path: str) -> list[dict]:
-    """CommonsenseQA JSONL (original {"question": {"stem", "choices"}, "answerKey"} or datasets' flat layout)."""
+    """CommonsenseQA JSONL: the original {"question": {"stem", "choices"}, "answerKey"} or datasets'
+    flat layout."""
     items = []
     for record in read_jsonl(path):
         question = record["question"]
@@ -78,7 +82,8 @@ def load_commonsense_qa(path: str) -> list[dict]:
 
 
 def load_openbookqa(path: str) -> list[dict]:
-    """OpenBookQA JSONL (original {"question": {"stem", "choices"}} or datasets' {"question_stem", "choices"})."""
+    """OpenBookQA JSONL: the original {"question": {"stem", "choices"}} or datasets'
+    {"question_stem", "choices"}."""
     items = []
     for record in read_jsonl(path):
         if "question_stem" in record:
@@ -86,8 +91,8 @@ def load_openbookqa(path: str) -> list[dict]:
         else:
             stem, choices = record["question"]["stem"], record["question"]["choices"]
         labels, texts = _letter_choices(choices)
-        items.append(_validate({"question": stem, "choices": texts, "answer": labels.index(record["answerKey"])},
-                               path))
+        answer = labels.index(record["answerKey"])
+        items.append(_validate({"question": stem, "choices": texts, "answer": answer}, path))
     return items
 
 
