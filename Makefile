@@ -1,7 +1,7 @@
 # Two commands set everything up on a fresh machine (Python 3.11, no GPU needed):
 #   make demo       the main job on its embedded default
-#   make test       the fast test tier (everything not marked slow)
-#   make test-all   every test, the slow ones included (what CI runs)
+#   make test       ruff, then the fast test tier (everything not marked slow)
+#   make test-all   ruff, then every test, the slow ones included (what CI runs)
 # Both create or reuse the venv at .venv and install what they need into it.
 
 VENV ?= .venv
@@ -31,10 +31,10 @@ install: $(INSTALLED)
 demo: $(INSTALLED)
 	$(VENV)/bin/mkfast demo
 
-test: $(INSTALLED)
+test: $(INSTALLED) lint
 	$(PYTHON) -m pytest $(PYTEST_FLAGS) -m "not slow"
 
-test-all: $(INSTALLED)
+test-all: $(INSTALLED) lint
 	$(PYTHON) -m pytest $(PYTEST_FLAGS)
 
 lint: $(INSTALLED)
