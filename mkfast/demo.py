@@ -69,14 +69,53 @@ def _racm3_inference_stage(output_dir: str, quick: bool, device: torch.device) -
     from mkfast.racm3.inference_demo import run_inference_demo
 
     # The generators the racm3 stage trained (its directory is this one's sibling).
-    return run_inference_demo(os.path.join(os.path.dirname(output_dir), "racm3"), output_dir, quick=quick,
-                              device=device)
+    summary = run_inference_demo(os.path.join(os.path.dirname(output_dir), "racm3"), output_dir, quick=quick,
+                                 device=device)
+    return summary | _racm3_inference_report(summary)
+
+
+def _racm3_inference_report(summary: dict) -> dict:
+    """The report's figures and tables for the inference stage (see mkfast/report.py)."""
+    figures = [{"path": "racm3_inference/text_to_image_grid.png",
+                "caption": "Text to image, first seed, K=2 on memory-only digits: each row a prompt, its "
+                           "retrieved documents, then the samples (CLIP-reranked)"}]
+    configurations = [name for name in summary if isinstance(summary.get(name), dict)
+                      and "memory_only" in summary[name]]
+    judged = {"title": "Memory-only digits, judged by the independent classifier (mean over seeds)",
+              "columns": ["configuration", "text to image: best sample's class right",
+                          "captioning: class right"],
+              "rows": [[name, summary[name]["memory_only"]["text_to_image"].get("judge_accuracy_best", ""),
+                        summary[name]["memory_only"]["image_to_text"].get("class_accuracy", "")]
+                       for name in configurations]}
+    k_shot = summary.get("k_shot", {}).get("ensemble_accuracy", {})
+    curve = {"title": "k-shot classification between two memory-only digits (ensemble, chance 0.5)",
+             "columns": ["k", "accuracy (mean over seeds)"],
+             "rows": [[k, value] for k, value in k_shot.items()]}
+    first = (summary.get("per_seed") or [{}])[0]
+    examples = first.get("racm3_k2", {}).get("memory_only", {}).get("image_to_text", {}).get("examples", [])
+    captions = {"title": "Captions of memory-only digits, first seed, K=2 (the image's true caption first)",
+                "columns": ["true caption", "generated caption"], "rows": examples}
+    return {"figures": figures, "tables": [table for table in (judged, curve, captions) if table["rows"]]}
 
 
 def _mks2_stage(output_dir: str, quick: bool, device: torch.device) -> dict:
     from mkfast.mks2.demo import run_demo
 
-    return run_demo(output_dir, quick=quick, device=device)
+    summary = run_demo(output_dir, quick=quick, device=device)
+    return summary | _mks2_report(summary)
+
+
+def _mks2_report(summary: dict) -> dict:
+    """Per seed/split run: each arm's held-out accuracy and the probe, for the report page."""
+    runs = summary.get("runs", [])
+    arms = list(runs[0]["results"]) if runs else []
+    rows = [[run["seed"], ", ".join(map(str, run.get("held_out_classes", []))),
+             *[run["results"][arm]["held_out"]["acc"] for arm in arms],
+             run.get("probe", {}).get("mks2", {}).get("held_out_acc", "")] for run in runs]
+    table = {"title": "Held-out colour questions per run (chance 0.5)",
+             "columns": ["seed", "held-out digits", *arms, "probe (MKS2 arm)"], "rows": rows}
+    return {"figures": [{"path": "mks2/loss.png", "caption": "Training loss per stage and arm, first run"}],
+            "tables": [table] if rows else []}
 
 
 def _kernels_stage(output_dir: str, quick: bool, device: torch.device) -> dict:

@@ -22,7 +22,7 @@ SECTIONS = [
     ("RA-CM3: inference", ["racm3_inference"],
      "Images sampled from captions beside their prompts and the documents retrieved for them."),
     ("MKS2: visual memory and the mixture of experts", ["mks2"],
-     "Training losses of stage 1, stage 2 and the baseline, per training seed."),
+     "Training losses of each stage and arm (first run), then each run's held-out accuracy per arm."),
     ("Kernels on this device", ["benchmarks"],
      "Each suite's speedup over its baseline (a quick pass; the full suites are `make bench`)."),
 ]
@@ -86,7 +86,9 @@ def claims_table(claims: list[dict]) -> str:
 
 
 def summary_rows_table(rows: list[tuple[str, str]]) -> str:
-    body = "".join(f"<tr><td>{html.escape(label)}</td><td class='number'>{html.escape(value)}</td></tr>"
+    # Numbers stay on one line; a sentence (a stage's note) wraps like text.
+    body = "".join(f"<tr><td>{html.escape(label)}</td>"
+                   f"<td{' class=number' if len(value) < 24 else ''}>{html.escape(value)}</td></tr>"
                    for label, value in rows)
     return f"<table><tr><th>what</th><th>measured</th></tr>{body}</table>"
 

@@ -96,3 +96,23 @@ def test_result_folders_and_peaks_tell_the_h100_parts_apart(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert device_tag("cuda") == tag and tag in DEVICE_PEAKS
     assert device_tag("cpu") == "cpu"
+
+
+def test_stages_hand_the_report_their_tables():
+    from mkfast.demo import _mks2_report, _racm3_inference_report
+
+    held_out = {"held_out": {"acc": 0.75}}
+    run = {"seed": 0, "held_out_classes": [5, 6], "probe": {"mks2": {"held_out_acc": 0.6}},
+           "results": {"mks2": held_out, "baseline": {"held_out": {"acc": 0.5}}}}
+    mks2 = _mks2_report({"runs": [run]})
+    assert mks2["tables"][0]["columns"][2:] == ["mks2", "baseline", "probe (MKS2 arm)"]
+    assert mks2["tables"][0]["rows"] == [[0, "5, 6", 0.75, 0.5, 0.6]]
+    judged = {"memory_only": {"text_to_image": {"judge_accuracy_best": 0.2},
+                              "image_to_text": {"class_accuracy": 0.1}}}
+    examples = {"examples": [["a handwritten digit seven", "a digit one"]]}
+    inference = _racm3_inference_report({"racm3_k2": judged, "k_shot": {"ensemble_accuracy": {1: 0.5, 8: 0.7}},
+                                         "per_seed": [{"racm3_k2": {"memory_only": {"image_to_text": examples}}}]})
+    titles = [table["title"] for table in inference["tables"]]
+    assert len(titles) == 3 and titles[1].startswith("k-shot")
+    assert inference["tables"][1]["rows"] == [[1, 0.5], [8, 0.7]]
+    assert inference["figures"][0]["path"] == "racm3_inference/text_to_image_grid.png"
