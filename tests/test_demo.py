@@ -110,8 +110,9 @@ def test_stages_hand_the_report_their_tables():
     judged = {"memory_only": {"text_to_image": {"judge_accuracy_best": 0.2},
                               "image_to_text": {"class_accuracy": 0.1}}}
     examples = {"examples": [["a handwritten digit seven", "a digit one"]]}
-    inference = _racm3_inference_report({"racm3_k2": judged, "k_shot": {"ensemble_accuracy": {1: 0.5, 8: 0.7}},
-                                         "per_seed": [{"racm3_k2": {"memory_only": {"image_to_text": examples}}}]})
+    first_seed = {"racm3_k2": {"memory_only": {"image_to_text": examples}}}
+    k_shot = {"ensemble_accuracy": {1: 0.5, 8: 0.7}}
+    inference = _racm3_inference_report({"racm3_k2": judged, "k_shot": k_shot, "per_seed": [first_seed]})
     titles = [table["title"] for table in inference["tables"]]
     assert len(titles) == 3 and titles[1].startswith("k-shot")
     assert inference["tables"][1]["rows"] == [[1, 0.5], [8, 0.7]]
