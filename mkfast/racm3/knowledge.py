@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from mkfast.data.digits import DIGIT_NAMES, digit_caption
-from mkfast.racm3.documents import causally_mask, format_document
+from mkfast.racm3.documents import Document, format_document
 from mkfast.racm3.inference import NONSENSE_LABELS
 from mkfast.racm3.retrieval import RetrievalCorpus, SequenceOptions
 
@@ -53,31 +53,19 @@ class TrainingCorpus(RetrievalCorpus):
     def __len__(self) -> int:
         return len(self.texts) + len(self.text_only_documents)
 
-    def training_batch(self, example_indices: list[int], options: SequenceOptions,
-                       generator: torch.Generator):
+    def example_document(self, index: int) -> Document:
         count = len(self.texts)
-        batch_size = len(example_indices)
-        # The parent's draws in the parent's order: a batch of image documents only is the same.
-        masking_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        masking_generator = torch.Generator().manual_seed(masking_seed)
-        counts = torch.randint(0, options.max_retrieved + 1, (batch_size,), generator=generator).tolist()
-        query_parts = ["text" if bit else "image" for bit in torch.randint(0, 2, (batch_size,),
-                                                                           generator=generator).tolist()]
+        return self.documents[index] if index < count else self.text_only_documents[index - count]
+
+    def retrieval_queries(self, example_indices: list[int],
+                          counts: list[int]) -> tuple[list[int], list[int], list[int]]:
+        # Text-only examples retrieve nothing; their query row is a stand-in that is never encoded.
+        count = len(self.texts)
         counts = [retrieved if index < count else 0
                   for retrieved, index in zip(counts, example_indices, strict=True)]
-        rows = [min(index, count - 1) for index in example_indices]  # text-only rows: no query is encoded
-        retrieved = self.retrieve([self.texts[row] for row in rows], self.images[rows], query_parts, counts,
-                                  options, generator, exclude=[index if index < count else -1
-                                                               for index in example_indices])
-        mains = []
-        for index in example_indices:
-            document = self.documents[index] if index < count else self.text_only_documents[index - count]
-            if float(torch.rand((), generator=masking_generator)) < options.mask_probability:
-                document = causally_mask(document, self.vocabulary, masking_generator,
-                                         options.mean_span_length)
-            mains.append(document)
-        return self.collate([[self.documents[row] for row in row_ids] for row_ids in retrieved], mains,
-                            options.max_sequence_length, retrieved)
+        rows = [min(index, count - 1) for index in example_indices]
+        exclude = [index if index < count else -1 for index in example_indices]
+        return rows, counts, exclude
 
 
 def same_class_cosines(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

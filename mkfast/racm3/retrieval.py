@@ -127,6 +127,16 @@ class RetrievalCorpus:
         return [[index for index in row[:count] if index >= 0]
                 for row, count in zip(indices.tolist(), counts, strict=True)]
 
+    def example_document(self, index: int) -> Document:
+        """The document training example ``index`` trains on (before masking)."""
+        return self.documents[index]
+
+    def retrieval_queries(self, example_indices: list[int],
+                          counts: list[int]) -> tuple[list[int], list[int], list[int]]:
+        """(memory rows whose text or image is the query, documents to retrieve, row to exclude)
+        per example: here each example is its own memory row, never retrieved for itself."""
+        return list(example_indices), counts, list(example_indices)
+
     def training_batch(self, example_indices: list[int], options: SequenceOptions,
                        generator: torch.Generator) -> Batch:
         """RA-CM3 training sequences for memory rows ``example_indices``; all randomness from
@@ -139,12 +149,12 @@ class RetrievalCorpus:
         counts = torch.randint(0, options.max_retrieved + 1, (batch_size,), generator=generator).tolist()
         query_parts = ["text" if bit else "image" for bit in torch.randint(0, 2, (batch_size,),
                                                                            generator=generator).tolist()]
-        retrieved = self.retrieve([self.texts[index] for index in example_indices],
-                                  self.images[example_indices], query_parts, counts, options, generator,
-                                  exclude=example_indices)
+        rows, counts, exclude = self.retrieval_queries(example_indices, counts)
+        retrieved = self.retrieve([self.texts[row] for row in rows], self.images[rows], query_parts, counts,
+                                  options, generator, exclude=exclude)
         mains = []
         for index in example_indices:
-            document = self.documents[index]
+            document = self.example_document(index)
             if float(torch.rand((), generator=masking_generator)) < options.mask_probability:
                 document = causally_mask(document, self.vocabulary, masking_generator,
                                          options.mean_span_length)
