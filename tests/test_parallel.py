@@ -1,0 +1,28 @@
+"""mkfast.parallel: independent runs in worker processes give what running them here gives."""
+
+import pytest
+
+from mkfast.parallel import default_workers, run_in_processes
+
+
+def seeded_draw(seed: int, count: int) -> list[float]:
+    import torch
+
+    return torch.rand(count, generator=torch.Generator().manual_seed(seed)).tolist() + [
+        float(torch.get_num_threads())]
+
+
+def test_processes_match_in_order_and_use_one_thread():
+    arguments = [(seed, 3) for seed in (5, 1, 7)]
+    here = [seeded_draw(*pair)[:3] for pair in arguments]
+    results = run_in_processes(seeded_draw, arguments, workers=2)
+    assert [row[:3] for row in results] == here
+    assert all(row[3] == 1.0 for row in results)
+
+
+def test_one_worker_runs_here_and_bad_counts_fail():
+    assert run_in_processes(seeded_draw, [(0, 2)], workers=1)[0][:2] == seeded_draw(0, 2)[:2]
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        run_in_processes(seeded_draw, [(0, 2), (1, 2)], workers=0)
+    assert 1 <= default_workers(5) <= 5
+    assert default_workers(1) == 1
