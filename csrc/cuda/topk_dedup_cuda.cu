@@ -1,22 +1,33 @@
-// CUDA kernel of mkfast::topk_dedup_native: exact greedy top-k with redundancy
-// filtering (semantics in mkfast/ops/topk_dedup.py, which also validates inputs).
+// CUDA kernel of mkfast::topk_dedup_native: exact greedy top-k with redundancy filtering
+// (semantics in mkfast/ops/topk_dedup.py, which also validates inputs).
 //
-// Plan per call, memory streamed in chunks so no (b, N) score matrix exists:
-//   1. scores of a chunk with one cuBLAS GEMM, fp32 output (fp16/bf16 inputs are
-//      multiplied as they are, accumulating in fp32);
-//   2. `_segment_top_keys_kernel`: one block per (query, segment of 4096 rows)
-//      flags NaN scores (the call then fails as the reference does), turns eligible scores (score <= threshold, not excluded) into 64-bit keys
-//      that order like the ranked list (score desc, then index asc), drops keys
-//      not better than the query's current pool-th best with one compare, and
-//      bitonic-sorts only the survivors in shared memory, keeping the best `pool`;
-//   3. `_merge_top_keys_kernel`: the same sort over groups of those keys plus the
-//      running pool, until one sorted pool of `pool` keys per query remains;
-//   4. `_walk_pool_kernel`: one warp per query walks its pool, testing each
-//      candidate against the rows already taken (warp-parallel dot products);
-//   5. queries whose walk ran out of a full pool are redone with a 4x pool, and,
-//      past kMaxPool, with every eligible row (chunked scores, stable sort): the
-//      answer is always the greedy walk over the whole ranked list.
-// Written without a GPU at hand: compiled here, run by tests marked `cuda`.
+// Plan per call; no (b, N) score matrix exists on the main path:
+//   1. `_fused_scan_kernel`, grid (query blocks of kBlockQueries, or 1 query at b=1, x memory
+//      segments): each block streams its segment of rows once, computes the scores of its
+//      queries itself (CUDA cores, fp32, the order of topk_select.cuh: it depends on d
+//      alone, so identical rows tie exactly whatever their position, segment or batch) and
+//      keeps each query's best `pool` eligible keys (score <= threshold, not excluded) in
+//      shared memory; a row becomes a candidate only if its key beats the pool's worst,
+//      held in a register (one compare rejects almost every row once the pool is warm);
+//   2. `_merge_top_keys_kernel`: groups of the segments' keys bitonic-sorted, the best
+//      `pool` kept, until one sorted pool per query remains;
+//   3. `_walk_pool_kernel`: one warp per query walks its pool, testing each candidate
+//      against the rows already taken (warp-parallel dot products);
+//   4. queries whose walk ran out of a full pool are redone with a 4x pool, and, past
+//      kMaxPool, with every eligible row (the same scan kernel writing its scores, a stable
+//      sort): the answer is always the greedy walk over the whole ranked list.
+//
+// Bytes moved per query block (N rows of d elements of s bytes, b queries):
+//   this scan: N*d*s read through L2 per block of kBlockQueries queries (blocks of one
+//     segment are launched side by side, so HBM sees the memory about once while they
+//     stay together), plus b * segments * pool * 8 bytes of keys (~1 MB at b=64);
+//   the cuBLAS path it replaces: the memory read by the GEMM, then b*N*4 bytes of fp32
+//     scores written and read back: at N=1e7, d=768, bf16, b=64, 5.1 GB on top of the
+//     15.4 GB of memory.
+// The scan multiplies on CUDA cores (H100 SXM spec sheet: 67 TFLOP/s fp32 against 989 dense
+// bf16 on tensor cores): from a few dozen queries on it is compute-bound, above the HBM
+// floor; tensor cores are not used yet. Written without a GPU at hand: compiled here
+// (`mkfast audit --kernels cuda` reads its ptxas figures), run by the tests marked `cuda`.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 // c10 headers only: ATen/cuda/CUDAContext.h pulls in cuSPARSE/cuBLAS headers,
@@ -24,73 +35,176 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
 #include "topk_dedup_common.h"
+#include "topk_select.cuh"
 
 namespace mkfast {
 namespace {
 
-// Keys sorted per block: 4096 x 8 bytes = 32 KiB of static shared memory, under
-// the 48 KiB every architecture gives without opt-in.
+using topk::key_index;
+using topk::key_score;
+using topk::make_key;
+
+// Scan block: one memory row per thread per tile, kTileDims dims of the tile staged in
+// shared memory at a time as fp32. A row's stride of kTileDims + 4 words puts the float4
+// reads of 8 consecutive threads (one shared-memory wavefront) on distinct banks.
+constexpr int kScanThreads = 256;
+constexpr int kTileRows = kScanThreads;
+constexpr int kTileDims = 32;
+constexpr int kTileStride = kTileDims + 4;
+// Queries per scan block from 2 queries on: each thread keeps kBlockQueries x 4 partial
+// sums; every memory row loaded serves them all.
+constexpr int kBlockQueries = 8;
+// Scan blocks per SM the grid aims for (segments = this x SMs / query blocks).
+constexpr int kScanBlocksPerSm = 4;
+// The merge sorts groups of kSortSize keys: 32 KiB of static shared memory.
 constexpr int kSortSize = 4096;
 constexpr int kSortThreads = 512;
-// Largest pool the sort kernels handle: a merge pass must shrink its input
-// (groups of kSortSize keys become `pool` keys), so pool <= kSortSize / 4.
-constexpr int64_t kMaxPool = kSortSize / 4;
-// Bound on the fp32 score block of one chunk (b x rows): 256 MiB.
-constexpr int64_t kScoreBlockBytes = int64_t{256} << 20;
+// Largest pool: a merge pass must shrink its input (groups of kSortSize keys become `pool`
+// keys), so pool <= kSortSize / 4; and a scan block's pools (8 x 8 KiB at 512) plus its tiles
+// (37 KiB) must fit an A100's 163 KiB of shared memory, as 1024 (8 x 16 KiB) would not.
+constexpr int64_t kMaxPool = 512;
 constexpr int kWarp = 32;
 
-// Ranked-list order as unsigned keys: high 32 bits the score mapped to an
-// unsigned that orders like the float, low 32 bits the inverted row index
-// (lower index = larger key). Key 0 means "no candidate": every real key has a
-// non-zero high half, because eligible scores are never NaN.
-__device__ __forceinline__ uint64_t make_key(float score, int64_t index) {
-  // -0.0 ranks as +0.0: the reference compares values, keys compare bits.
-  const uint32_t bits = __float_as_uint(score == 0.f ? 0.f : score);
-  const uint32_t ordered = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-  return (static_cast<uint64_t>(ordered) << 32) | static_cast<uint64_t>(0xFFFFFFFFu - static_cast<uint32_t>(index));
+// std::min/max are host functions to nvcc without --expt-relaxed-constexpr.
+template <typename T>
+__device__ __forceinline__ T smaller(T a, T b) {
+  return b < a ? b : a;
 }
 
-__device__ __forceinline__ float key_score(uint64_t key) {
-  const uint32_t ordered = static_cast<uint32_t>(key >> 32);
-  const uint32_t bits = (ordered & 0x80000000u) ? (ordered ^ 0x80000000u) : ~ordered;
-  return __uint_as_float(bits);
+struct BlockSync {
+  __device__ __forceinline__ void operator()() const { __syncthreads(); }
+};
+
+// Four consecutive elements of a row as fp32, zeros past `valid`; one 8- or 16-byte load
+// when the row is aligned (fp32, fp16, bf16), element by element otherwise.
+template <typename scalar_t>
+__device__ __forceinline__ float4 load_four(const scalar_t* source, int valid, bool aligned) {
+  if constexpr (sizeof(scalar_t) == 4) {
+    if (aligned && valid == 4) return *reinterpret_cast<const float4*>(source);
+  } else if constexpr (sizeof(scalar_t) == 2) {
+    if (aligned && valid == 4) {
+      const uint2 raw = *reinterpret_cast<const uint2*>(source);
+      const auto element = [](uint32_t bits) {
+        return static_cast<float>(scalar_t(static_cast<uint16_t>(bits), scalar_t::from_bits()));
+      };
+      return make_float4(element(raw.x & 0xFFFFu), element(raw.x >> 16), element(raw.y & 0xFFFFu),
+                         element(raw.y >> 16));
+    }
+  }
+  float values[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) values[j] = j < valid ? static_cast<float>(source[j]) : 0.f;
+  return make_float4(values[0], values[1], values[2], values[3]);
 }
 
-__device__ __forceinline__ int64_t key_index(uint64_t key) {
-  return static_cast<int64_t>(0xFFFFFFFFu - static_cast<uint32_t>(key & 0xFFFFFFFFu));
+__device__ __forceinline__ bool is_excluded(const int64_t* excluded, int64_t width, int64_t index) {
+  for (int64_t e = 0; e < width; ++e) {
+    if (excluded[e] == index) return true;
+  }
+  return false;
 }
 
-// The smallest power of two >= count (at least 2), the length block_sort_descending sorts.
-__device__ __forceinline__ int sort_length(int count) {
-  int length = 2;
-  while (length < count) length <<= 1;
-  return length;
-}
+// grid (ceil(b / kQueries), segments). queries: (b, dim) fp32; memory: (N, dim).
+// kWriteScores: scores_out (b, N) receives every score (the exhaustive path) and nothing is
+// selected. Otherwise keys_out (b, segments, pool) receives each segment's best eligible keys,
+// sorted, 0 past the last; nan_flags[query] is set to 1 where a score is NaN.
+// Dynamic shared memory: the row and query tiles, then kQueries regions of region_length keys.
+template <typename scalar_t, int kQueries, bool kWriteScores>
+__global__ void __launch_bounds__(kScanThreads)
+    _fused_scan_kernel(const float* __restrict__ queries, const scalar_t* __restrict__ memory, int64_t batch,
+                       int64_t num_rows, int64_t dim, int64_t rows_per_segment, bool aligned, float threshold,
+                       const int64_t* __restrict__ exclude, int64_t exclude_width, int pool, int region_length,
+                       uint64_t* __restrict__ keys_out, int* __restrict__ nan_flags,
+                       float* __restrict__ scores_out) {
+  extern __shared__ __align__(16) unsigned char shared[];
+  float* row_tile = reinterpret_cast<float*>(shared);
+  float* query_tile = row_tile + kTileRows * kTileStride;
+  __shared__ uint64_t floors[kQueries];
+  __shared__ int counts[kQueries];
+  const topk::ScanPools pools{reinterpret_cast<uint64_t*>(query_tile + kQueries * kTileDims), floors, counts,
+                              kQueries, pool, region_length};
+  const BlockSync sync;
+  const int thread = threadIdx.x;
+  const int64_t first_query = static_cast<int64_t>(blockIdx.x) * kQueries;
+  const int queries_here = static_cast<int>(smaller<int64_t>(kQueries, batch - first_query));
+  const int64_t segment_start = static_cast<int64_t>(blockIdx.y) * rows_per_segment;
+  const int64_t segment_end = smaller(segment_start + rows_per_segment, num_rows);
+  if constexpr (!kWriteScores) topk::clear_pools(pools, thread, kScanThreads, sync);
 
-// Sorts keys[0..length) descending, length a power of two <= kSortSize. Each thread
-// takes compare-exchange pairs (i, i + stride), t-th pair i = 2t - t % stride, so
-// every thread works at every step (iterating over keys left half of them idle).
-__device__ void block_sort_descending(uint64_t* keys, int length) {
-  for (int width = 2; width <= length; width <<= 1) {
-    for (int stride = width >> 1; stride > 0; stride >>= 1) {
-      for (int pair = threadIdx.x; pair < length / 2; pair += blockDim.x) {
-        const int i = 2 * pair - (pair & (stride - 1));
-        const int partner = i + stride;
-        const bool descending = (i & width) == 0;
-        const uint64_t a = keys[i];
-        const uint64_t b = keys[partner];
-        if ((a < b) == descending) {
-          keys[i] = b;
-          keys[partner] = a;
-        }
+  for (int64_t tile_start = segment_start; tile_start < segment_end; tile_start += kTileRows) {
+    const int tile_rows = static_cast<int>(smaller<int64_t>(kTileRows, segment_end - tile_start));
+    float partial[kQueries][topk::kScoreLanes] = {};
+    for (int64_t dim_start = 0; dim_start < dim; dim_start += kTileDims) {
+      const int dims_here = static_cast<int>(smaller<int64_t>(kTileDims, dim - dim_start));
+      __syncthreads();  // every thread is done reading the previous tiles
+      for (int i = thread; i < kTileRows * (kTileDims / 4); i += kScanThreads) {
+        const int row = i / (kTileDims / 4);
+        const int column = (i % (kTileDims / 4)) * 4;
+        const int valid = row < tile_rows ? smaller(4, dims_here - column) : 0;
+        const scalar_t* source = memory + (tile_start + row) * dim + dim_start + column;
+        *reinterpret_cast<float4*>(row_tile + row * kTileStride + column) = load_four(source, valid, aligned);
+      }
+      for (int i = thread; i < kQueries * kTileDims; i += kScanThreads) {
+        const int query = i / kTileDims;
+        const int column = i % kTileDims;
+        query_tile[i] = query < queries_here && column < dims_here
+                            ? queries[(first_query + query) * dim + dim_start + column]
+                            : 0.f;
       }
       __syncthreads();
+      const float* row = row_tile + thread * kTileStride;
+#pragma unroll
+      for (int column = 0; column < kTileDims; column += topk::kScoreLanes) {
+        const float4 row_dims = *reinterpret_cast<const float4*>(row + column);
+        const float row_values[4] = {row_dims.x, row_dims.y, row_dims.z, row_dims.w};
+#pragma unroll
+        for (int query = 0; query < kQueries; ++query) {
+          const float4 query_dims = *reinterpret_cast<const float4*>(query_tile + query * kTileDims + column);
+          const float query_values[4] = {query_dims.x, query_dims.y, query_dims.z, query_dims.w};
+          topk::accumulate_dims(partial[query], query_values, row_values);
+        }
+      }
+    }
+
+    const int64_t index = tile_start + thread;
+#pragma unroll
+    for (int query = 0; query < kQueries; ++query) {
+      if (query >= queries_here || thread >= tile_rows) break;
+      const float score = topk::finish_score(partial[query]);
+      const int64_t query_row = first_query + query;
+      if constexpr (kWriteScores) {
+        scores_out[query_row * num_rows + index] = score;
+      } else {
+        if (isnan(score)) nan_flags[query_row] = 1;  // every writer stores 1: the race is benign
+        if (!(score <= threshold)) continue;         // NaN is never eligible
+        const uint64_t key = make_key(score, index);
+        if (key <= floors[query]) continue;  // one compare rejects almost every row
+        if (is_excluded(exclude + query_row * exclude_width, exclude_width, index)) continue;
+        topk::append_candidate(pools, query, key);
+      }
+    }
+    if constexpr (!kWriteScores) {
+      __syncthreads();
+      const bool flush = topk::must_flush(pools, kTileRows);
+      __syncthreads();  // every thread has read the counts before a flush or the next tile changes them
+      if (flush) topk::flush_pools(pools, thread, kScanThreads, sync);
+    }
+  }
+  if constexpr (!kWriteScores) {
+    topk::flush_pools(pools, thread, kScanThreads, sync);
+    for (int i = thread; i < queries_here * pool; i += kScanThreads) {
+      const int query = i / pool;
+      const int slot = i % pool;
+      keys_out[((first_query + query) * gridDim.y + blockIdx.y) * pool + slot] =
+          pools.regions[query * region_length + slot];
     }
   }
 }
@@ -98,52 +212,6 @@ __device__ void block_sort_descending(uint64_t* keys, int length) {
 // Writes the best `pool` of keys[0..length) (sorted) to destination, zeros past length.
 __device__ void store_best(const uint64_t* keys, int length, int64_t pool, uint64_t* destination) {
   for (int i = threadIdx.x; i < pool; i += blockDim.x) destination[i] = i < length ? keys[i] : 0;
-}
-
-// grid (b, segments). scores: (b, rows) of memory rows [row_start, row_start + rows).
-// floor_keys: the running pool's last key per query (stride `pool`); out: (b, segments, pool).
-__global__ void _segment_top_keys_kernel(const float* __restrict__ scores, int64_t rows, int64_t row_start,
-                                         float threshold, const int64_t* __restrict__ exclude,
-                                         int64_t exclude_width, const uint64_t* __restrict__ floor_keys,
-                                         int64_t pool, uint64_t* __restrict__ out, int64_t segments,
-                                         int* __restrict__ nan_flags) {
-  __shared__ uint64_t keys[kSortSize];
-  __shared__ int kept;
-  const int64_t query = blockIdx.x;
-  const int64_t segment = blockIdx.y;
-  const float* row_scores = scores + query * rows;
-  const int64_t* excluded = exclude_width > 0 ? exclude + query * exclude_width : nullptr;
-  const uint64_t floor_key = floor_keys[query * pool];
-  if (threadIdx.x == 0) kept = 0;
-  __syncthreads();
-  // One compare against the running pool's worst key rejects most rows of a long
-  // memory; the few that beat it are compacted to the front of `keys`.
-  for (int i = threadIdx.x; i < kSortSize; i += blockDim.x) {
-    const int64_t row = segment * kSortSize + i;
-    if (row >= rows) continue;
-    const float score = row_scores[row];
-    if (isnan(score)) nan_flags[query] = 1;  // every writer stores 1: the race is benign
-    const int64_t index = row_start + row;
-    bool eligible = score <= threshold;  // false for NaN too
-    for (int64_t e = 0; eligible && e < exclude_width; ++e) eligible = excluded[e] != index;
-    if (!eligible) continue;
-    const uint64_t candidate = make_key(score, index);
-    if (candidate > floor_key) keys[atomicAdd(&kept, 1)] = candidate;
-  }
-  __syncthreads();
-  const int count = kept;
-  uint64_t* destination = out + (query * segments + segment) * pool;
-  // Most segments of a long memory hold nothing better than the running pool: skip their sort.
-  if (count == 0) {
-    store_best(keys, 0, pool, destination);
-    return;
-  }
-  // Sort only the survivors, padded to a power of two (the atomics left them in any order).
-  const int length = sort_length(count);
-  for (int i = count + threadIdx.x; i < length; i += blockDim.x) keys[i] = 0;
-  __syncthreads();
-  block_sort_descending(keys, length);
-  store_best(keys, length, pool, destination);
 }
 
 // grid (b, groups). in: (b, width) keys; out: (b, groups, pool), the best of each group of kSortSize.
@@ -154,12 +222,12 @@ __global__ void _merge_top_keys_kernel(const uint64_t* __restrict__ in, int64_t 
   const int64_t group = blockIdx.y;
   const int64_t left = width - group * kSortSize;
   const int columns = static_cast<int>(left < kSortSize ? left : kSortSize);
-  const int length = sort_length(columns);
+  const int length = topk::sort_length(columns);
   for (int i = threadIdx.x; i < length; i += blockDim.x) {
     keys[i] = i < columns ? in[query * width + group * kSortSize + i] : 0;
   }
   __syncthreads();
-  block_sort_descending(keys, length);
+  topk::sort_regions_descending(keys, 1, length, threadIdx.x, blockDim.x, BlockSync{});
   store_best(keys, length, pool, out + (query * groups + group) * pool);
 }
 
@@ -211,71 +279,90 @@ uint64_t* as_keys(const at::Tensor& tensor) {
   return reinterpret_cast<uint64_t*>(tensor.data_ptr<int64_t>());
 }
 
-// fp32 scores (b, rows) of queries against memory rows [start, start + rows).
-at::Tensor chunk_scores(const at::Tensor& queries, const at::Tensor& memory, int64_t start, int64_t rows) {
-  const at::Tensor chunk = memory.narrow(0, start, rows);
-  if (queries.scalar_type() == chunk.scalar_type() && chunk.scalar_type() != at::kFloat) {
-    return at::mm(queries, chunk.t(), at::kFloat);  // half inputs, fp32 accumulation and output
-  }
-  return at::mm(queries.to(at::kFloat), chunk.to(at::kFloat).t());
+// How the scan splits the memory: enough blocks to fill the SMs, segments whole tiles.
+struct ScanGrid {
+  int64_t query_blocks;
+  int64_t segments;
+  int64_t rows_per_segment;
+};
+
+ScanGrid scan_grid(int64_t batch, int64_t num_rows, int queries_per_block) {
+  int device = 0;
+  int processors = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&processors, cudaDevAttrMultiProcessorCount, device));
+  const int64_t query_blocks = (batch + queries_per_block - 1) / queries_per_block;
+  const int64_t tiles = (num_rows + kTileRows - 1) / kTileRows;
+  const int64_t wanted = std::max<int64_t>(1, (int64_t{kScanBlocksPerSm} * processors) / query_blocks);
+  const int64_t segments = std::min<int64_t>({wanted, tiles, 65535});
+  const int64_t rows_per_segment = (tiles + segments - 1) / segments * kTileRows;
+  return {query_blocks, (num_rows + rows_per_segment - 1) / rows_per_segment, rows_per_segment};
+}
+
+// One launch of the scan. scores_out: (b, N) fp32 for kWriteScores, else null.
+template <typename scalar_t, int kQueries, bool kWriteScores>
+void launch_scan(const at::Tensor& queries, const at::Tensor& memory, const ScanGrid& grid, float threshold,
+                 const at::Tensor& exclude, int pool, uint64_t* keys_out, int* nan_flags, float* scores_out) {
+  TORCH_CHECK(grid.query_blocks <= std::numeric_limits<int32_t>::max(), "topk_dedup_native: too many queries");
+  const int region_length = kWriteScores ? 0 : topk::sort_length(pool + kTileRows);
+  const size_t shared = (kTileRows * kTileStride + kQueries * kTileDims) * sizeof(float) +
+                        size_t{kQueries} * region_length * sizeof(uint64_t);
+  const auto kernel = _fused_scan_kernel<scalar_t, kQueries, kWriteScores>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(shared)));
+  const int64_t dim = memory.size(1);
+  const scalar_t* memory_data = memory.data_ptr<scalar_t>();
+  const bool aligned = dim % 4 == 0 && reinterpret_cast<uintptr_t>(memory_data) % (4 * sizeof(scalar_t)) == 0;
+  const int64_t exclude_width = exclude.defined() ? exclude.size(1) : 0;
+  kernel<<<dim3(grid.query_blocks, grid.segments), kScanThreads, shared, c10::cuda::getCurrentCUDAStream()>>>(
+      queries.data_ptr<float>(), memory_data, queries.size(0), memory.size(0), dim, grid.rows_per_segment,
+      aligned, threshold, exclude.defined() ? exclude.data_ptr<int64_t>() : nullptr, exclude_width, pool,
+      region_length, keys_out, nan_flags, scores_out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // The best `pool` eligible keys per query, sorted: (b, pool) int64 holding uint64 keys.
-// nan_flags: (b,) int32, set to 1 for a query with a NaN score.
+// queries: (b, d) fp32. nan_flags: (b,) int32, set to 1 for a query with a NaN score.
+template <typename scalar_t>
 at::Tensor top_keys(const at::Tensor& queries, const at::Tensor& memory, int64_t pool, float threshold,
                     const at::Tensor& exclude, at::Tensor& nan_flags) {
   const int64_t batch = queries.size(0);
-  const int64_t num_rows = memory.size(0);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int queries_per_block = batch == 1 ? 1 : kBlockQueries;
+  const ScanGrid grid = scan_grid(batch, memory.size(0), queries_per_block);
   const auto key_options = queries.options().dtype(at::kLong);
-  int64_t rows_per_chunk = std::max<int64_t>(kSortSize, kScoreBlockBytes / (4 * batch) / kSortSize * kSortSize);
-  if (queries.scalar_type() != memory.scalar_type()) {
-    // chunk_scores copies mixed-dtype chunks to fp32: bound that copy like the score block.
-    const int64_t dim = std::max<int64_t>(1, memory.size(1));
-    rows_per_chunk = std::min(rows_per_chunk,
-                              std::max<int64_t>(kSortSize, kScoreBlockBytes / (4 * dim) / kSortSize * kSortSize));
+  at::Tensor merged = at::empty({batch, grid.segments, pool}, key_options);
+  int* flags = nan_flags.data_ptr<int>();
+  const int pool_size = static_cast<int>(pool);
+  if (queries_per_block == 1) {
+    launch_scan<scalar_t, 1, false>(queries, memory, grid, threshold, exclude, pool_size, as_keys(merged), flags,
+                                    nullptr);
+  } else {
+    launch_scan<scalar_t, kBlockQueries, false>(queries, memory, grid, threshold, exclude, pool_size,
+                                                as_keys(merged), flags, nullptr);
   }
-  at::Tensor running = at::zeros({batch, pool}, key_options);
-  const int64_t exclude_width = exclude.defined() ? exclude.size(1) : 0;
-  const int64_t* exclude_data = exclude.defined() ? exclude.data_ptr<int64_t>() : nullptr;
-  for (int64_t start = 0; start < num_rows; start += rows_per_chunk) {
-    const int64_t rows = std::min(rows_per_chunk, num_rows - start);
-    const at::Tensor scores = chunk_scores(queries, memory, start, rows).contiguous();
-    const int64_t segments = (rows + kSortSize - 1) / kSortSize;
-    // The chunk's segment tops, then the running pool in the last slot.
-    at::Tensor keys = at::empty({batch, segments + 1, pool}, key_options);
-    keys.select(1, segments).copy_(running);
-    _segment_top_keys_kernel<<<dim3(batch, segments), kSortThreads, 0, stream>>>(
-        scores.data_ptr<float>(), rows, start, threshold, exclude_data, exclude_width,
-        as_keys(running) + (pool - 1), pool, as_keys(keys), segments, nan_flags.data_ptr<int>());
+  int64_t width = grid.segments * pool;
+  while (width > pool) {
+    const int64_t groups = (width + kSortSize - 1) / kSortSize;
+    at::Tensor next = at::empty({batch, groups, pool}, key_options);
+    _merge_top_keys_kernel<<<dim3(batch, groups), kSortThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        as_keys(merged), width, pool, as_keys(next), groups);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    int64_t width = (segments + 1) * pool;
-    at::Tensor merged = keys;
-    while (true) {
-      const int64_t groups = (width + kSortSize - 1) / kSortSize;
-      at::Tensor next = at::empty({batch, groups, pool}, key_options);
-      _merge_top_keys_kernel<<<dim3(batch, groups), kSortThreads, 0, stream>>>(
-          as_keys(merged), width, pool, as_keys(next), groups);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      merged = next;
-      width = groups * pool;
-      if (groups == 1) break;
-    }
-    running = merged.view({batch, pool});
+    merged = next;
+    width = groups * pool;
   }
-  return running;
+  return merged.view({batch, pool});
 }
 
 // Every eligible row per query, ranked (the exact fallback past kMaxPool): (b, N) keys.
+// The scores come from the scan kernel, so they are the main path's to the bit.
+template <typename scalar_t>
 at::Tensor all_ranked_keys(const at::Tensor& queries, const at::Tensor& memory, double threshold,
                            const at::Tensor& exclude, at::Tensor& nan_flags) {
   const int64_t num_rows = memory.size(0);
   at::Tensor scores = at::empty({queries.size(0), num_rows}, queries.options().dtype(at::kFloat));
-  const int64_t rows_per_chunk = std::max<int64_t>(kSortSize, kScoreBlockBytes / (4 * queries.size(0)));
-  for (int64_t start = 0; start < num_rows; start += rows_per_chunk) {
-    const int64_t rows = std::min(rows_per_chunk, num_rows - start);
-    scores.narrow(1, start, rows).copy_(chunk_scores(queries, memory, start, rows));
-  }
+  const ScanGrid grid = scan_grid(queries.size(0), num_rows, kBlockQueries);
+  launch_scan<scalar_t, kBlockQueries, true>(queries, memory, grid, 0.f, at::Tensor(), 0, nullptr, nullptr,
+                                             scores.data_ptr<float>());
   nan_flags.bitwise_or_(at::isnan(scores).any(1).to(at::kInt));
   at::Tensor eligible = scores.to(at::kDouble).le(threshold);  // exact comparison, NaN is not eligible
   if (exclude.defined() && exclude.size(1) > 0) {
@@ -305,36 +392,21 @@ int64_t next_power_of_two(int64_t value) {
   return power;
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_dedup_cuda(const at::Tensor& queries, const at::Tensor& memory,
-                                                   int64_t k, double threshold,
-                                                   const std::optional<at::Tensor>& exclude) {
-  TORCH_CHECK(queries.dim() == 2 && memory.dim() == 2, "topk_dedup_native: queries and memory must be 2-D");
-  TORCH_CHECK(queries.size(1) == memory.size(1), "topk_dedup_native: queries and memory differ in last dim");
-  TORCH_CHECK(k > 0, "topk_dedup_native: k must be positive, got ", k);
-  TORCH_CHECK(memory.size(0) < (int64_t{1} << 32) - 1, "topk_dedup_native: CUDA keys hold row indices below 2^32 - 1");
-  const c10::cuda::CUDAGuard device_guard(queries.device());
-  const int64_t batch = queries.size(0);
+template <typename scalar_t>
+void topk_dedup_cuda_impl(const at::Tensor& queries_f32, const at::Tensor& memory, int64_t k, double threshold,
+                          const at::Tensor& exclude_rows, at::Tensor& scores, at::Tensor& indices) {
   const int64_t num_rows = memory.size(0);
-  at::Tensor scores = at::full({batch, k}, -std::numeric_limits<float>::infinity(), queries.options().dtype(at::kFloat));
-  at::Tensor indices = at::full({batch, k}, -1, queries.options().dtype(at::kLong));
-  if (batch == 0 || num_rows == 0) return {scores, indices};
-  TORCH_CHECK(batch <= std::numeric_limits<int32_t>::max(), "topk_dedup_native: too many queries for one grid");
-
-  at::Tensor exclude_rows;
-  if (exclude.has_value() && exclude->numel() > 0) exclude_rows = exclude->contiguous();
-  const at::Tensor memory_rows = memory.contiguous();
   const float threshold_f32 = threshold_as_fp32(threshold);
-
-  at::Tensor pending = at::arange(batch, queries.options().dtype(at::kLong));
+  at::Tensor pending = at::arange(queries_f32.size(0), queries_f32.options().dtype(at::kLong));
   int64_t pool = std::min(num_rows, next_power_of_two(2 * k + 16));
   while (pending.numel() > 0) {
     const bool exhaustive = pool > kMaxPool;
-    const at::Tensor pending_queries = queries.index_select(0, pending).contiguous();
+    const at::Tensor pending_queries = queries_f32.index_select(0, pending).contiguous();
     const at::Tensor pending_exclude = exclude_rows.defined() ? exclude_rows.index_select(0, pending) : at::Tensor();
-    at::Tensor nan_flags = at::zeros({pending.numel()}, queries.options().dtype(at::kInt));
+    at::Tensor nan_flags = at::zeros({pending.numel()}, queries_f32.options().dtype(at::kInt));
     const at::Tensor candidates =
-        exhaustive ? all_ranked_keys(pending_queries, memory_rows, threshold, pending_exclude, nan_flags)
-                   : top_keys(pending_queries, memory_rows, pool, threshold_f32, pending_exclude, nan_flags);
+        exhaustive ? all_ranked_keys<scalar_t>(pending_queries, memory, threshold, pending_exclude, nan_flags)
+                   : top_keys<scalar_t>(pending_queries, memory, pool, threshold_f32, pending_exclude, nan_flags);
     // A NaN score cannot be ranked: the reference's error (one sync, as the widening loop has anyway).
     const at::Tensor nan_queries = pending.masked_select(nan_flags.to(at::kBool));
     TORCH_CHECK_VALUE(nan_queries.numel() == 0, "topk_dedup: a score of query ",
@@ -345,12 +417,10 @@ std::tuple<at::Tensor, at::Tensor> topk_dedup_cuda(const at::Tensor& queries, co
     const int64_t count = pending.numel();
     at::Tensor pending_scores = at::full({count, k}, -std::numeric_limits<float>::infinity(), scores.options());
     at::Tensor pending_indices = at::full({count, k}, -1, indices.options());
-    at::Tensor short_flags = at::zeros({count}, queries.options().dtype(at::kBool));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory_rows.scalar_type(), "topk_dedup_cuda", [&] {
-      _walk_pool_kernel<scalar_t><<<count, kWarp, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          as_keys(candidates), width, memory_rows.data_ptr<scalar_t>(), memory_rows.size(1), k, threshold_f32,
-          pending_scores.data_ptr<float>(), pending_indices.data_ptr<int64_t>(), short_flags.data_ptr<bool>());
-    });
+    at::Tensor short_flags = at::zeros({count}, queries_f32.options().dtype(at::kBool));
+    _walk_pool_kernel<scalar_t><<<count, kWarp, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        as_keys(candidates), width, memory.data_ptr<scalar_t>(), memory.size(1), k, threshold_f32,
+        pending_scores.data_ptr<float>(), pending_indices.data_ptr<int64_t>(), short_flags.data_ptr<bool>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     scores.index_copy_(0, pending, pending_scores);
     indices.index_copy_(0, pending, pending_indices);
@@ -359,6 +429,30 @@ std::tuple<at::Tensor, at::Tensor> topk_dedup_cuda(const at::Tensor& queries, co
     pending = pending.masked_select(short_flags);
     pool = std::min(num_rows, pool * 4);
   }
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_dedup_cuda(const at::Tensor& queries, const at::Tensor& memory,
+                                                   int64_t k, double threshold,
+                                                   const std::optional<at::Tensor>& exclude) {
+  TORCH_CHECK(queries.dim() == 2 && memory.dim() == 2, "topk_dedup_native: queries and memory must be 2-D");
+  TORCH_CHECK(queries.size(1) == memory.size(1), "topk_dedup_native: queries and memory differ in last dim");
+  TORCH_CHECK(k > 0, "topk_dedup_native: k must be positive, got ", k);
+  TORCH_CHECK(memory.size(0) < (int64_t{1} << 32) - 1, "topk_dedup_native: CUDA keys hold row indices below 2^32 - 1");
+  const c10::cuda::CUDAGuard device_guard(queries.device());
+  const int64_t batch = queries.size(0);
+  at::Tensor scores = at::full({batch, k}, -std::numeric_limits<float>::infinity(), queries.options().dtype(at::kFloat));
+  at::Tensor indices = at::full({batch, k}, -1, queries.options().dtype(at::kLong));
+  if (batch == 0 || memory.size(0) == 0) return {scores, indices};
+
+  at::Tensor exclude_rows;
+  if (exclude.has_value() && exclude->numel() > 0) exclude_rows = exclude->contiguous();
+  // Queries as fp32 once: the scan multiplies fp32 by the memory's values converted to fp32,
+  // the reference's products whatever the two dtypes.
+  const at::Tensor queries_f32 = queries.to(at::kFloat).contiguous();
+  const at::Tensor memory_rows = memory.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory_rows.scalar_type(), "topk_dedup_cuda", [&] {
+    topk_dedup_cuda_impl<scalar_t>(queries_f32, memory_rows, k, threshold, exclude_rows, scores, indices);
+  });
   return {scores, indices};
 }
 
