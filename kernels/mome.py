@@ -11,12 +11,14 @@ forward
   _mome_act_lowrank_kernel    LoRA-A of down / fc2 on the router-weighted activations
   _mome_expert_out_kernel     down and fc2 (and their LoRA-B) as one GEMM, one accumulator
 backward
-  _mome_expert_grad_hidden_kernel  u = g W_out + s (g B_out) A_out; epilogue: dS row sums,
-                              dgate/dup (or dfc1), dA_out, and the rank-r products of
+  _mome_out_lowrank_grad_kernel  g [B_d, B_2] and the LoRA-B gradients of down and fc2, on one read of g
+  _mome_grad_hidden_kernel    both experts in one grid: u = g W_out + s (g B_out) A_out; epilogue: dS
+                              row sums, dgate/dup (or dfc1), dA_out, and the rank-r products of
                               dgate/dup/dfc1 (d(pre) B and dB), so they are not read back
   _mome_grad_input_kernel     d(x_t) and d(x_v) from both experts and the router in one
                               output tile, with the per-row sums the RMSNorm backward needs
-  _mome_norm_backward_kernel  the RMSNorm backward's row-wide half, written in x's dtype
+  _mome_norm_backward_kernel  the RMSNorm backward's row-wide half, written in x's dtype, and the
+                              x^T products of the LoRA-A and router gradients on the same read of x
 
 Stored for backward: gate/up/fc1 pre-activations (2 I + Iv per token) and rank-r outputs;
 the activations (I + Iv per token) are written once in forward for the second layer and
@@ -34,15 +36,19 @@ d = 4096, I = 11008, Iv = 1024 (Llama-2-7B), rank-r and fp32 (M, 2) terms left o
   frozen GEMMs alone, backward (input gradients): g read by down/fc2 (2d), dh and dh_v
       written (I + Iv), read by gate/up/fc1 (2I + Iv), dx written three times (3d)
                                                                            5d + 3I + 2Iv = 55.6 K
-  ours, backward: g read by g[B_d|B_2], grad_hidden (x2) and dB (4d); pre-activations read
+  ours, backward: g read by out_lowrank_grad and grad_hidden (2d); pre-activations read
       (2I + Iv), d(pre) written (2I + Iv) and read once by grad_input (2I + Iv); x read by
-      grad_input, norm_backward and one x^T product (3d); scaled_grad fp32 written and read
-      (4d); dx written (d)                                                 12d + 6I + 3Iv = 118.3 K (2.13x)
+      grad_input and norm_backward (2d); scaled_grad fp32 written and read (4d); dx written (d)
+                                                                           9d + 6I + 3Iv = 106.0 K (1.91x)
+      (before the rank-r products moved into the kernels: 12d + 6I + 3Iv = 118.3 K, 2.13x: g read
+      four times, x three.)
 The frozen GEMMs move 2 * (3 I d + 2 Iv d) FLOPs per token each way (0.29 GFLOP): at an
-H100 SXM's spec 3.35 TB/s and 989 TFLOP/s bf16 dense, 118 K elements (237 KB) would add up to
-~24% of the GEMMs' time in backward if none of it overlapped them. Reads per wide tensor in
-backward: g 4 (two rank-r torch products, two grad_hidden launches), x 3, pre-activations 1,
-d(pre) 1. A static count, not a measurement.
+H100 SXM's spec 3.35 TB/s and 989 TFLOP/s bf16 dense, 106 K elements (212 KB) would add up to
+~22% of the GEMMs' time in backward if none of it overlapped them. Reads per wide tensor in
+backward: g 2, x 2, pre-activations 1, d(pre) 1, scaled_grad 1. The rank-r side traffic left out
+above: grad_hidden writes d(pre) B per column block, (2 I + Iv) / BLOCK_N * r fp32 per token
+(2.9 K fp32 at 64-wide tiles, 5.8 K elements' worth), read once by its sum. A static count, not a
+measurement.
 """
 
 from __future__ import annotations
@@ -68,13 +74,17 @@ GRAD_INPUT_TILES = ((64, 128, 64, 8, 3), (64, 64, 64, 4, 4))
 # tried that does not spill (64x128 on 8 warps: 988 B outside the loop, 128x64: 180 B,
 # 64x64 on 4 warps: 112 B).
 GRAD_HIDDEN_TILE = (64, 64, 64, 8, 4)
-# The row kernels (norm_in, act_lowrank, norm_backward): (BLOCK_M, BLOCK_K, warps, stages).
+# The row kernels (norm_in, act_lowrank, out_lowrank_grad, norm_backward): (BLOCK_M, BLOCK_K, warps,
+# stages). norm_backward runs NORM_BACKWARD_ROW_CHUNK rows per program (BLOCK_M at a time), so its
+# atomic adds of x^T products number (M / chunk) * k * d, not (M / BLOCK_M) * k * d.
 ROW_TILE = (64, 64, 4, 3)
+NORM_BACKWARD_ROW_CHUNK = 512
 if interpreter_enabled():
     # The interpreter runs 32-wide tiles: fewer, larger numpy ops are faster there, and
     # tl.dot needs every dimension >= 16.
     EXPERT_IN_TILES = EXPERT_OUT_TILES = GRAD_INPUT_TILES = ((32, 32, 32, 4, 1),)
     GRAD_HIDDEN_TILE, ROW_TILE = (32, 32, 32, 4, 1), (32, 32, 4, 1)
+    NORM_BACKWARD_ROW_CHUNK = 64
 
 
 def _configs(tiles) -> list:
@@ -87,6 +97,7 @@ MIN_DOT_SIZE = 16  # smallest tl.dot dimension; LoRA ranks are padded up to it
 # Columns of rstd (text norm, visual norm) and of the router probabilities (visual, text expert).
 RSTD_TEXT, RSTD_VISUAL = 0, 1
 PROB_VISUAL, PROB_TEXT = 0, 1
+PROB_VISUAL_COLUMN, PROB_TEXT_COLUMN = tl.constexpr(PROB_VISUAL), tl.constexpr(PROB_TEXT)  # in kernels
 
 
 def _padded(size: int) -> int:
@@ -340,6 +351,45 @@ def _mome_expert_out_kernel(
 
 
 @triton.jit
+def _mome_out_lowrank_grad_kernel(
+    grad_ptr, lora_B_ptr, down_lowrank_ptr, fc2_lowrank_ptr, grad_lowrank_ptr, lora_B_grad_ptr,
+    tokens, hidden, rank, lora_scale,
+    RANKS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The second layers' rank-r products of g from one read of it, for a row block.
+
+    lora_B: (d, 2r) = [B_d, B_2]; down/fc2_lowrank: (M, r), the router-weighted LoRA-A outputs
+    saved in forward. Writes grad_lowrank = g [B_d, B_2] (M, 2r) and adds s g^T [l_d, l_2] into
+    lora_B_grad (d, 2r) fp32, atomically over row blocks (the LoRA-B gradients of down and fc2).
+    """
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_mask = rows < tokens
+    cols = tl.arange(0, RANKS_PAD)
+    col_mask = cols < 2 * rank
+    down_cols = cols < rank
+    lowrank = tl.where(
+        down_cols[None, :],
+        tl.load(down_lowrank_ptr + rows[:, None] * rank + cols[None, :],
+                mask=row_mask[:, None] & down_cols[None, :], other=0.0),
+        tl.load(fc2_lowrank_ptr + rows[:, None] * rank + (cols - rank)[None, :],
+                mask=row_mask[:, None] & (col_mask & ~down_cols)[None, :], other=0.0))
+    acc = tl.zeros((BLOCK_M, RANKS_PAD), dtype=tl.float32)
+    for start in range(0, hidden, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_mask = ks < hidden
+        grad = tl.load(grad_ptr + rows[:, None] * hidden + ks[None, :],
+                       mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        lora_B_offsets = ks[:, None] * (2 * rank) + cols[None, :]
+        lora_B_mask = k_mask[:, None] & col_mask[None, :]
+        acc = tl.dot(grad, tl.load(lora_B_ptr + lora_B_offsets, mask=lora_B_mask, other=0.0), acc,
+                     input_precision=PRECISION)
+        lora_B_grad = tl.dot(tl.trans(grad), lowrank, input_precision=PRECISION)
+        tl.atomic_add(lora_B_grad_ptr + lora_B_offsets, lora_scale * lora_B_grad, mask=lora_B_mask)
+    tl.store(grad_lowrank_ptr + rows[:, None] * (2 * rank) + cols[None, :],
+             acc.to(grad_lowrank_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
 def _rank_update(grad_tile, lora_B_ptr, lowrank_ptr, lowrank_stride, lowrank_grad_partial_ptr,
                  lora_B_grad_ptr,
                  rows, cols, ranks, row_mask, col_mask, rank, width, partial_stride, col_block, lora_scale,
@@ -365,23 +415,23 @@ def _rank_update(grad_tile, lora_B_ptr, lowrank_ptr, lowrank_stride, lowrank_gra
 
 
 @triton.jit
-def _mome_expert_grad_hidden_kernel(
-    grad_ptr, out_weight_ptr, grad_lowrank_ptr, lora_A_ptr, probs_ptr,
-    first_ptr, first_lowrank_ptr, first_lora_B_ptr, second_ptr, second_lowrank_ptr, second_lora_B_ptr,
-    score_partial_ptr, first_grad_ptr, second_grad_ptr, lora_A_grad_ptr,
+def _expert_grad_hidden_tile(
+    row_block, col_block, grad_ptr, out_weight_ptr, grad_lowrank_ptr, grad_lowrank_stride, lora_A_ptr,
+    probs_ptr, first_ptr, first_lowrank_ptr, first_lora_B_ptr, second_ptr, second_lowrank_ptr,
+    second_lora_B_ptr, score_partial_ptr, first_grad_ptr, second_grad_ptr, lora_A_grad_ptr,
     first_lowrank_grad_ptr, second_lowrank_grad_ptr, first_lora_B_grad_ptr, second_lora_B_grad_ptr,
-    tokens, hidden, width, rank, lowrank_stride, prob_column, num_col_blocks, lora_scale,
-    GATED: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+    tokens, hidden, width, rank, lowrank_stride, num_col_blocks, lora_scale,
+    PROB_COLUMN: tl.constexpr, GATED: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One expert's hidden-layer gradient. g: (M, d), out_weight: (d, width), grad_lowrank = g B_out: (M, r).
+    """One expert's hidden-layer gradient on one tile. g: (M, d), out_weight: (d, width),
+    grad_lowrank = g B_out: (M, r) with row stride grad_lowrank_stride.
 
     u = g W_out + s (g B_out) A_out (the gradient of the expert's activation a, before its router
     weight S). Writes score_partial[m, block] = sum_n u*a (for dS), d(pre) = S u act'(pre), adds
     dA_out += s (S g B_out)^T a, and the rank-r products of d(pre) (see _rank_update). The
     epilogue orders its work so that few (BLOCK_M, BLOCK_N) fp32 tiles are live at once.
     """
-    row_block, col_block = _tile_coordinates(tokens, width, BLOCK_M, BLOCK_N, GROUP_M)
     rows = (row_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < tokens, cols < width
@@ -398,7 +448,7 @@ def _mome_expert_grad_hidden_kernel(
         acc = tl.dot(grad, weight, acc, input_precision=PRECISION)
     ranks = tl.arange(0, RANK_PAD)
     rank_mask = ranks < rank
-    grad_lowrank = tl.load(grad_lowrank_ptr + rows[:, None] * rank + ranks[None, :],
+    grad_lowrank = tl.load(grad_lowrank_ptr + rows[:, None] * grad_lowrank_stride + ranks[None, :],
                            mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
     lora_A_offsets = ranks[:, None] * width + cols[None, :]
     lora_A_mask = rank_mask[:, None] & col_mask[None, :]
@@ -419,7 +469,7 @@ def _mome_expert_grad_hidden_kernel(
     tl.store(score_partial_ptr + rows * num_col_blocks + col_block,
              tl.sum(acc * activation.to(tl.float32), axis=1),
              mask=row_mask)
-    prob = tl.load(probs_ptr + rows * 2 + prob_column, mask=row_mask, other=0.0)
+    prob = tl.load(probs_ptr + rows * 2 + PROB_COLUMN, mask=row_mask, other=0.0)
     # dA_out first, so the activation tile dies before the gradient tiles are made.
     weighted_lowrank = (grad_lowrank.to(tl.float32) * prob[:, None]).to(dtype)
     lora_A_grad = lora_scale * tl.dot(tl.trans(weighted_lowrank), activation, input_precision=PRECISION)
@@ -440,6 +490,50 @@ def _mome_expert_grad_hidden_kernel(
     _rank_update(first_grad, first_lora_B_ptr, first_lowrank_ptr, lowrank_stride, first_lowrank_grad_ptr,
                  first_lora_B_grad_ptr, rows, cols, ranks, row_mask, col_mask, rank, width, partial_stride,
                  col_block, lora_scale, PRECISION)
+
+
+@triton.jit
+def _mome_grad_hidden_kernel(
+    grad_ptr, grad_lowrank_ptr, probs_ptr,
+    down_weight_ptr, down_lora_A_ptr, gate_ptr, up_ptr, text_lowrank_ptr, gate_lora_B_ptr, up_lora_B_ptr,
+    text_score_ptr, gate_grad_ptr, up_grad_ptr, down_lora_A_grad_ptr, gate_lowrank_grad_partial_ptr,
+    up_lowrank_grad_partial_ptr, gate_lora_B_grad_ptr, up_lora_B_grad_ptr,
+    fc2_weight_ptr, fc2_lora_A_ptr, fc1_ptr, visual_lowrank_ptr, fc1_lora_B_ptr,
+    visual_score_ptr, fc1_grad_ptr, fc2_lora_A_grad_ptr, fc1_lowrank_grad_partial_ptr, fc1_lora_B_grad_ptr,
+    tokens, hidden, intermediate, visual_size, rank, lora_scale,
+    RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Both experts' hidden-layer gradients in one launch: u = g [W_d, W_2] + s (g [B_d, B_2]) [A_d, A_2].
+
+    The column blocks of the text expert (I wide) and then the visual one (Iv) form one grid in the
+    grouped tile order, so every row block of g is read from memory once for both experts (two
+    launches would read g twice). grad_lowrank = g [B_d, B_2]: (M, 2r); text_lowrank = [l_gate, l_up]
+    (M, 2r); visual_lowrank = l_fc1 (M, r). Per expert, see _expert_grad_hidden_tile.
+    """
+    text_col_blocks = tl.cdiv(intermediate, BLOCK_N)
+    visual_col_blocks = tl.cdiv(visual_size, BLOCK_N)
+    row_block, col_block = _tile_coordinates(tokens, (text_col_blocks + visual_col_blocks) * BLOCK_N,
+                                             BLOCK_M, BLOCK_N, GROUP_M)
+    if col_block < text_col_blocks:
+        _expert_grad_hidden_tile(
+            row_block, col_block, grad_ptr, down_weight_ptr, grad_lowrank_ptr, 2 * rank, down_lora_A_ptr,
+            probs_ptr, gate_ptr, text_lowrank_ptr, gate_lora_B_ptr, up_ptr, text_lowrank_ptr + rank,
+            up_lora_B_ptr, text_score_ptr, gate_grad_ptr, up_grad_ptr, down_lora_A_grad_ptr,
+            gate_lowrank_grad_partial_ptr, up_lowrank_grad_partial_ptr, gate_lora_B_grad_ptr,
+            up_lora_B_grad_ptr, tokens, hidden, intermediate, rank, 2 * rank, text_col_blocks, lora_scale,
+            PROB_COLUMN=PROB_TEXT_COLUMN, GATED=True, RANK_PAD=RANK_PAD, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K, PRECISION=PRECISION)
+    else:
+        _expert_grad_hidden_tile(
+            row_block, col_block - text_col_blocks, grad_ptr, fc2_weight_ptr, grad_lowrank_ptr + rank,
+            2 * rank, fc2_lora_A_ptr, probs_ptr, fc1_ptr, visual_lowrank_ptr, fc1_lora_B_ptr, fc1_ptr,
+            visual_lowrank_ptr, fc1_lora_B_ptr, visual_score_ptr, fc1_grad_ptr, fc1_grad_ptr,
+            fc2_lora_A_grad_ptr, fc1_lowrank_grad_partial_ptr, fc1_lowrank_grad_partial_ptr,
+            fc1_lora_B_grad_ptr, fc1_lora_B_grad_ptr, tokens, hidden, visual_size, rank, rank,
+            visual_col_blocks, lora_scale,
+            PROB_COLUMN=PROB_VISUAL_COLUMN, GATED=False, RANK_PAD=RANK_PAD, BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION=PRECISION)
 
 
 # partial is zeroed before each tuning trial: a trial with narrower tiles writes more column blocks.
@@ -525,26 +619,43 @@ def _mome_grad_input_kernel(
 
 @triton.jit
 def _mome_norm_backward_kernel(
-    x_ptr, scaled_grad_ptr, row_sums_ptr, rstd_ptr, x_grad_ptr, tokens, hidden,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, scaled_grad_ptr, row_sums_ptr, rstd_ptr, lowrank_rows_ptr, x_grad_ptr, products_ptr,
+    tokens, hidden, lowrank_width,
+    LOWRANK_PAD: tl.constexpr, ROW_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """RMSNorm backward, the row-wide half, in x's dtype: dx = scaled_grad - x sum_n(rstd_n^3 sums_n) / d."""
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_mask = rows < tokens
-    text_rstd = tl.load(rstd_ptr + rows * 2, mask=row_mask, other=0.0)
-    visual_rstd = tl.load(rstd_ptr + rows * 2 + 1, mask=row_mask, other=0.0)
-    text_sum = tl.load(row_sums_ptr + rows * 2, mask=row_mask, other=0.0)
-    visual_sum = tl.load(row_sums_ptr + rows * 2 + 1, mask=row_mask, other=0.0)
-    coefficient = (text_rstd * text_rstd * text_rstd * text_sum
-                   + visual_rstd * visual_rstd * visual_rstd * visual_sum) / hidden
-    for start in range(0, hidden, BLOCK_K):
-        ks = start + tl.arange(0, BLOCK_K)
+    """RMSNorm backward, the row-wide half, in x's dtype, and the x^T products, on one read of x.
+
+    For ROW_CHUNK rows and BLOCK_K columns: dx = scaled_grad - x sum_n(rstd_n^3 sums_n) / d, and
+    products[:, cols] += lowrank_rows^T x (lowrank_rows: (M, lowrank_width) in x's dtype; products
+    fp32, one atomic add per chunk): the LoRA-A and router gradients read x here, not again.
+    """
+    first_row = tl.program_id(0) * ROW_CHUNK
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = ks < hidden
+    lowrank_cols = tl.arange(0, LOWRANK_PAD)
+    lowrank_mask = lowrank_cols < lowrank_width
+    products = tl.zeros((LOWRANK_PAD, BLOCK_K), dtype=tl.float32)
+    for start in range(0, ROW_CHUNK, BLOCK_M):
+        rows = (first_row + start + tl.arange(0, BLOCK_M)).to(tl.int64)
+        row_mask = rows < tokens
+        text_rstd = tl.load(rstd_ptr + rows * 2, mask=row_mask, other=0.0)
+        visual_rstd = tl.load(rstd_ptr + rows * 2 + 1, mask=row_mask, other=0.0)
+        text_sum = tl.load(row_sums_ptr + rows * 2, mask=row_mask, other=0.0)
+        visual_sum = tl.load(row_sums_ptr + rows * 2 + 1, mask=row_mask, other=0.0)
+        coefficient = (text_rstd * text_rstd * text_rstd * text_sum
+                       + visual_rstd * visual_rstd * visual_rstd * visual_sum) / hidden
         offsets = rows[:, None] * hidden + ks[None, :]
-        mask = row_mask[:, None] & (ks < hidden)[None, :]
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        mask = row_mask[:, None] & k_mask[None, :]
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
         scaled = tl.load(scaled_grad_ptr + offsets, mask=mask, other=0.0)
-        tl.store(x_grad_ptr + offsets,
-                 (scaled - x * coefficient[:, None]).to(x_grad_ptr.dtype.element_ty), mask=mask)
+        x_grad = scaled - x.to(tl.float32) * coefficient[:, None]
+        tl.store(x_grad_ptr + offsets, x_grad.to(x_grad_ptr.dtype.element_ty), mask=mask)
+        lowrank_rows = tl.load(lowrank_rows_ptr + rows[:, None] * lowrank_width + lowrank_cols[None, :],
+                               mask=row_mask[:, None] & lowrank_mask[None, :], other=0.0)
+        products = tl.dot(tl.trans(lowrank_rows), x, products, input_precision=PRECISION)
+    tl.atomic_add(products_ptr + lowrank_cols[:, None] * hidden + ks[None, :], products,
+                  mask=lowrank_mask[:, None] & k_mask[None, :])
 
 
 def _tile_grid(tokens: int, width: int):
@@ -617,58 +728,81 @@ def mome_forward(x, weights):
     return output, residuals
 
 
-def expert_grad_hidden(grad_output, out_weight, lora_A, grad_lowrank, first, second, probs, prob_column,
-                       lora_scale):
-    """Launch one expert's hidden-layer gradient (the math: mkfast/ops/mome_fused.py).
+def out_lowrank_grads(grad_output, weights, residuals):
+    """Launch the second layers' rank-r products of g (one read of g).
 
-    grad_output: (M, d); out_weight: (d, width); lora_A: (r, width); grad_lowrank = g B_out: (M, r);
-    first, second: (pre-activation (M, width), its layer's LoRA-A output (M, r), LoRA B (width, r));
-    second is None for the ungated visual expert. Returns, in mkfast.ops.mome_fused.ExpertGrads order,
-    dS (M,) fp32, d(first), d(second), dA_out (r, width) fp32, d(first) B_first and d(second) B_second
-    (M, r) fp32, dB_first and dB_second (width, r) fp32 (None for a missing second).
+    Returns g [B_d, B_2] (M, 2r) in g's dtype and s g^T [l_d, l_2] (d, 2r) fp32, l the router-weighted
+    LoRA-A outputs of down and fc2 saved in forward (residuals: mkfast.ops.mome.MoMEResiduals).
     """
-    first_pre, first_lowrank, first_lora_B = first
-    gated = second is not None
-    second_pre, second_lowrank, second_lora_B = second if gated else first
-    if first_lowrank.stride(0) != second_lowrank.stride(0) or first_lowrank.stride(1) != 1:
-        raise ValueError("expert_grad_hidden: both LoRA-A outputs need one row stride and unit column stride")
+    w, res = weights, residuals
     tokens, hidden = grad_output.shape
-    width, rank = first_pre.shape[1], lora_A.shape[0]
-    block_m, block_n, block_k, warps, stages = GRAD_HIDDEN_TILE
-    col_blocks = triton.cdiv(width, block_n)
-    device = first_pre.device
+    rank = w.gate_lora_A.shape[0]
+    grad_lowrank = torch.empty((tokens, 2 * rank), dtype=grad_output.dtype, device=grad_output.device)
+    lora_B_grad = torch.zeros((hidden, 2 * rank), dtype=torch.float32, device=grad_output.device)
+    row_options = _row_options(grad_output.dtype)
+    _mome_out_lowrank_grad_kernel[(triton.cdiv(tokens, row_options["BLOCK_M"]),)](
+        grad_output, torch.cat([w.down_lora_B, w.fc2_lora_B], dim=1).contiguous(),
+        res.down_lowrank.contiguous(), res.fc2_lowrank.contiguous(), grad_lowrank, lora_B_grad,
+        tokens, hidden, rank, w.lora_scale, RANKS_PAD=_padded(2 * rank),
+        PRECISION=_dot_precision(grad_output.dtype), **row_options)
+    return grad_lowrank, lora_B_grad
 
-    def fp32_zeros(*shape):
+
+def grad_hidden(grad_output, grad_lowrank, weights, residuals):
+    """Launch both experts' hidden-layer gradients in one grid (the math: mkfast/ops/mome_fused.py).
+
+    grad_output: (M, d); grad_lowrank = g [B_d, B_2]: (M, 2r); residuals: MoMEResiduals. Returns
+    (text, visual), each in mkfast.ops.mome_fused.ExpertGrads order: dS (M,) fp32, d(first),
+    d(second), dA_out (r, width) fp32, d(first) B_first and d(second) B_second (M, r) fp32, dB_first
+    and dB_second (width, r) fp32; the visual expert's second_* are None (it has no gate).
+    """
+    w, res = weights, residuals
+    tokens, hidden = grad_output.shape
+    intermediate, visual_size, rank = w.gate_weight.shape[0], w.fc1_weight.shape[0], w.gate_lora_A.shape[0]
+    block_m, block_n, block_k, warps, stages = GRAD_HIDDEN_TILE
+    text_blocks, visual_blocks = triton.cdiv(intermediate, block_n), triton.cdiv(visual_size, block_n)
+    device = grad_output.device
+
+    def fp32(*shape):
+        return torch.empty(shape, dtype=torch.float32, device=device)
+
+    def fp32_zeros(*shape):  # atomically accumulated
         return torch.zeros(shape, dtype=torch.float32, device=device)
 
-    score_partial = torch.empty((tokens, col_blocks), dtype=torch.float32, device=device)
-    first_grad = torch.empty_like(first_pre)
-    second_grad = torch.empty_like(second_pre) if gated else first_grad
-    lora_A_grad = fp32_zeros(*lora_A.shape)
-    lowrank_grads = [torch.empty((tokens, col_blocks, rank), dtype=torch.float32, device=device)
-                     for _ in range(2 if gated else 1)]
-    lora_B_grads = [fp32_zeros(width, rank) for _ in range(2 if gated else 1)]
-    _mome_expert_grad_hidden_kernel[(triton.cdiv(tokens, block_m) * col_blocks,)](
-        grad_output, out_weight, grad_lowrank, lora_A, probs, first_pre, first_lowrank, first_lora_B,
-        second_pre,
-        second_lowrank, second_lora_B, score_partial, first_grad, second_grad, lora_A_grad, lowrank_grads[0],
-        lowrank_grads[-1], lora_B_grads[0], lora_B_grads[-1], tokens, hidden, width, rank,
-        first_lowrank.stride(0),
-        prob_column, col_blocks, lora_scale, GATED=gated, RANK_PAD=_padded(rank), BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_dot_precision(first_pre.dtype), GROUP_M=GROUP_M,
-        num_warps=warps, num_stages=stages)
-    lowrank_grads = [partial.sum(dim=1) for partial in lowrank_grads]
-    return (score_partial.sum(dim=1), first_grad, second_grad if gated else None, lora_A_grad,
-            lowrank_grads[0],
-            lowrank_grads[1] if gated else None, lora_B_grads[0], lora_B_grads[1] if gated else None)
+    text_score, visual_score = fp32(tokens, text_blocks), fp32(tokens, visual_blocks)
+    gate_grad, up_grad, fc1_grad = (torch.empty_like(pre)
+                                    for pre in (res.gate_pre, res.up_pre, res.visual_pre))
+    down_A_grad, fc2_A_grad = fp32_zeros(rank, intermediate), fp32_zeros(rank, visual_size)
+    # d(pre) B per column block, summed below: a tile holds only its columns of d(pre).
+    gate_lowrank_grad, up_lowrank_grad = fp32(tokens, text_blocks, rank), fp32(tokens, text_blocks, rank)
+    fc1_lowrank_grad = fp32(tokens, visual_blocks, rank)
+    gate_B_grad, up_B_grad, fc1_B_grad = (fp32_zeros(intermediate, rank), fp32_zeros(intermediate, rank),
+                                          fp32_zeros(visual_size, rank))
+    _mome_grad_hidden_kernel[(triton.cdiv(tokens, block_m) * (text_blocks + visual_blocks),)](
+        grad_output, grad_lowrank, res.router_probs,
+        w.down_weight, w.down_lora_A, res.gate_pre, res.up_pre, res.text_lowrank.contiguous(), w.gate_lora_B,
+        w.up_lora_B, text_score, gate_grad, up_grad, down_A_grad, gate_lowrank_grad, up_lowrank_grad,
+        gate_B_grad, up_B_grad,
+        w.fc2_weight, w.fc2_lora_A, res.visual_pre, res.visual_lowrank.contiguous(), w.fc1_lora_B,
+        visual_score, fc1_grad, fc2_A_grad, fc1_lowrank_grad, fc1_B_grad,
+        tokens, hidden, intermediate, visual_size, rank, w.lora_scale, RANK_PAD=_padded(rank),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_dot_precision(grad_output.dtype),
+        GROUP_M=GROUP_M, num_warps=warps, num_stages=stages)
+    text = (text_score.sum(dim=1), gate_grad, up_grad, down_A_grad, gate_lowrank_grad.sum(dim=1),
+            up_lowrank_grad.sum(dim=1), gate_B_grad, up_B_grad)
+    visual = (visual_score.sum(dim=1), fc1_grad, None, fc2_A_grad, fc1_lowrank_grad.sum(dim=1), None,
+              fc1_B_grad, None)
+    return text, visual
 
 
 def grad_input(x, gate_grad, up_grad, visual_grad, text_lowrank_grad, fc1_lowrank_grad, logits_grad,
-               weights, rstd):
-    """Launch d(x): both normalised inputs' gradients, then both RMSNorms' backward, in x's dtype.
+               weights, rstd, lowrank_rows):
+    """Launch d(x): both normalised inputs' gradients, then both RMSNorms' backward, in x's dtype;
+    and lowrank_rows^T x (the LoRA-A and router gradients' products) from the same read of x.
 
     text_lowrank_grad: (M, 2r) = [dgate B_gate, dup B_up]; fc1_lowrank_grad: (M, r); logits_grad:
-    (M, 2) fp32; rstd: (M, 2) fp32 (the math: mkfast/ops/mome_fused.py).
+    (M, 2) fp32; rstd: (M, 2) fp32; lowrank_rows: (M, k) in x's dtype (the math:
+    mkfast/ops/mome_fused.py). Returns (dx, lowrank_rows^T x (k, d) fp32).
     """
     w = weights
     tokens, hidden = x.shape
@@ -677,17 +811,22 @@ def grad_input(x, gate_grad, up_grad, visual_grad, text_lowrank_grad, fc1_lowran
     scaled_grad = torch.empty((tokens, hidden), dtype=torch.float32, device=x.device)
     partial = torch.zeros((tokens, col_blocks, 2), dtype=torch.float32, device=x.device)
     text_lora_A = torch.cat([w.gate_lora_A, w.up_lora_A]).contiguous()
+    precision = _dot_precision(x.dtype)
     _mome_grad_input_kernel[_tile_grid(tokens, hidden)](
         x, gate_grad, up_grad, visual_grad, w.gate_weight, w.up_weight, w.fc1_weight,
         text_lowrank_grad.to(x.dtype).contiguous(), fc1_lowrank_grad.to(x.dtype).contiguous(), text_lora_A,
         w.fc1_lora_A, logits_grad, w.router_weight, w.text_norm_weight, w.visual_norm_weight, rstd,
         scaled_grad,
         partial, tokens, triton.next_power_of_2(tokens), hidden, intermediate, visual_size, rank, col_blocks,
-        w.lora_scale, RANK_PAD=_padded(rank), TEXT_RANK_PAD=_padded(2 * rank),
-        PRECISION=_dot_precision(x.dtype),
+        w.lora_scale, RANK_PAD=_padded(rank), TEXT_RANK_PAD=_padded(2 * rank), PRECISION=precision,
         GROUP_M=GROUP_M)
     x_grad = torch.empty_like(x)
+    lowrank_width = lowrank_rows.shape[1]
+    products = torch.zeros((lowrank_width, hidden), dtype=torch.float32, device=x.device)
     row_options = _row_options(x.dtype)
-    _mome_norm_backward_kernel[(triton.cdiv(tokens, row_options["BLOCK_M"]),)](
-        x, scaled_grad, partial.sum(dim=1), rstd, x_grad, tokens, hidden, **row_options)
-    return x_grad
+    grid = (triton.cdiv(tokens, NORM_BACKWARD_ROW_CHUNK), triton.cdiv(hidden, row_options["BLOCK_K"]))
+    _mome_norm_backward_kernel[grid](
+        x, scaled_grad, partial.sum(dim=1), rstd, lowrank_rows.to(x.dtype).contiguous(), x_grad, products,
+        tokens, hidden, lowrank_width, LOWRANK_PAD=_padded(lowrank_width), ROW_CHUNK=NORM_BACKWARD_ROW_CHUNK,
+        PRECISION=precision, **row_options)
+    return x_grad, products

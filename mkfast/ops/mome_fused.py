@@ -10,11 +10,11 @@ g the output's gradient). Backward, per expert with second layer (W_out, A_out, 
   dA_out = s (S g B_out)^T a,   dB_out = s g^T ((S a) A_out^T)
 
 then the first layers and the router give d(x_t), d(x_v), and each RMSNorm's backward
-dx = rstd w.d(x_n) - x rstd^3 / d * sum(x w.d(x_n)). A backend supplies the two wide
-steps: expert_grad_hidden (with the rank-r products of d(pre), which a kernel computes
-from the tiles it holds instead of reading d(pre) back) and grad_input (with the RMSNorm
-backward). The remaining rank-r products run here as torch matmuls, each reading a wide
-operand once and scaling the (M, r) operand instead of a wide one.
+dx = rstd w.d(x_n) - x rstd^3 / d * sum(x w.d(x_n)). A backend supplies three steps, each
+doing the rank-r products of the wide tensors it reads, so none is read again for them:
+out_lowrank_grads (g B_out and dB_out, from g), grad_hidden (both experts, with the
+rank-r products of d(pre) from the tiles it holds) and grad_input (with the RMSNorm
+backward and the LoRA-A / router products of x). Only (M, r)-sized work runs here.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def cpu_forward(x: torch.Tensor, weights: MoMEWeights) -> tuple[torch.Tensor, Mo
 
 
 class ExpertGrads(NamedTuple):
-    """What a backend's expert_grad_hidden returns for one expert (second_* None when ungated).
+    """What a backend's grad_hidden returns for each expert (second_* None when ungated).
 
     score_grad (M,) fp32 = dS; first_grad, second_grad (M, width) = d(pre) in x's dtype;
     lora_A_grad (r, width) = dA_out; first_lowrank_grad, second_lowrank_grad (M, r) = d(pre) B;
@@ -98,9 +98,34 @@ def _cpu_expert_grad_hidden(grad_output, out_weight, lora_A, grad_lowrank, first
                        second_grads[1], scale * (first_grad.T @ first_lowrank), second_grads[2])
 
 
+def _cpu_out_lowrank_grads(grad_output, weights, residuals):
+    """(g [B_d, B_2], s g^T [l_d, l_2]): one product each."""
+    w, res = weights, residuals
+    grad_lowrank = grad_output @ torch.cat([w.down_lora_B, w.fc2_lora_B], dim=1)
+    # The second layers' LoRA-A outputs were saved router-weighted: dB = s g^T (S a) A^T.
+    lora_B_grad = w.lora_scale * (grad_output.T @ torch.cat([res.down_lowrank, res.fc2_lowrank], dim=1))
+    return grad_lowrank, lora_B_grad
+
+
+def _cpu_grad_hidden(grad_output, grad_lowrank, weights, residuals):
+    """(text, visual) ExpertGrads fields, one expert at a time."""
+    w, res, rank = weights, residuals, weights.gate_lora_A.shape[0]
+    text_lowrank = res.text_lowrank
+    text = _cpu_expert_grad_hidden(
+        grad_output, w.down_weight, w.down_lora_A, grad_lowrank[:, :rank],
+        (res.gate_pre, text_lowrank[:, :rank], w.gate_lora_B),
+        (res.up_pre, text_lowrank[:, rank:], w.up_lora_B),
+        res.router_probs, TEXT, w.lora_scale)
+    visual = _cpu_expert_grad_hidden(
+        grad_output, w.fc2_weight, w.fc2_lora_A, grad_lowrank[:, rank:],
+        (res.visual_pre, res.visual_lowrank, w.fc1_lora_B), None, res.router_probs, VISUAL, w.lora_scale)
+    return text, visual
+
+
 def _cpu_grad_input(x, gate_grad, up_grad, visual_grad, text_lowrank_grad, fc1_lowrank_grad, logits_grad,
-                    weights, rstd):
-    """d(x) in x's dtype: both normalised inputs' gradients, then both RMSNorms' backward."""
+                    weights, rstd, lowrank_rows):
+    """(d(x) in x's dtype: both normalised inputs' gradients, then both RMSNorms' backward;
+    lowrank_rows^T x fp32)."""
     w, scale, dtype = weights, weights.lora_scale, x.dtype
     text = (gate_grad @ w.gate_weight).addmm_(up_grad, w.up_weight)
     text.addmm_(text_lowrank_grad.to(dtype), torch.cat([w.gate_lora_A, w.up_lora_A]), alpha=scale)
@@ -114,17 +139,20 @@ def _cpu_grad_input(x, gate_grad, up_grad, visual_grad, text_lowrank_grad, fc1_l
     # RMSNorm backward per norm: dx = rstd w.g - x rstd^3 / d * sum(x w.g).
     row_terms = (rstd.pow(3) * row_sums).sum(dim=1, keepdim=True)
     x_grad = text_grad.mul_(rstd[:, 0:1]).add_(visual_grad_input.mul_(rstd[:, 1:2]))
-    return x_grad.addcmul_(x32, row_terms, value=-1.0 / x.shape[1]).to(dtype)
+    x_grad = x_grad.addcmul_(x32, row_terms, value=-1.0 / x.shape[1]).to(dtype)
+    return x_grad, (lowrank_rows.to(dtype).T @ x).float()
 
 
 def _cpu_parts():
-    return SimpleNamespace(expert_grad_hidden=_cpu_expert_grad_hidden, grad_input=_cpu_grad_input)
+    return SimpleNamespace(out_lowrank_grads=_cpu_out_lowrank_grads, grad_hidden=_cpu_grad_hidden,
+                           grad_input=_cpu_grad_input)
 
 
 def _triton_parts():
     from mkfast.kernels import mome
 
-    return SimpleNamespace(expert_grad_hidden=mome.expert_grad_hidden, grad_input=mome.grad_input)
+    return SimpleNamespace(out_lowrank_grads=mome.out_lowrank_grads, grad_hidden=mome.grad_hidden,
+                           grad_input=mome.grad_input)
 
 
 _PARTS = {"cpu": _cpu_parts, "triton": _triton_parts}
@@ -140,30 +168,21 @@ def fused_backward(backend: str, grad_output: torch.Tensor, x: torch.Tensor, wei
     w, res, scale, dtype = weights, residuals, weights.lora_scale, x.dtype
     rank = w.gate_lora_A.shape[0]
     probs, rstd = res.router_probs, res.rstd
-    # One read of g for both second layers' LoRA-B products, one for both LoRA-B gradients.
-    out_grad_lowrank = grad_output @ torch.cat([w.down_lora_B, w.fc2_lora_B], dim=1)
-    # The second layers' LoRA-A outputs were saved router-weighted: dB = s g^T (S a) A^T.
-    out_lora_B_grads = scale * (grad_output.T @ torch.cat([res.down_lowrank, res.fc2_lowrank], dim=1))
-    text_lowrank = res.text_lowrank
-    text = ExpertGrads(*parts.expert_grad_hidden(
-        grad_output, w.down_weight, w.down_lora_A, out_grad_lowrank[:, :rank].contiguous(),
-        (res.gate_pre, text_lowrank[:, :rank], w.gate_lora_B), (res.up_pre, text_lowrank[:, rank:],
-                                                                w.up_lora_B),
-        probs, TEXT, scale))
-    visual = ExpertGrads(*parts.expert_grad_hidden(
-        grad_output, w.fc2_weight, w.fc2_lora_A, out_grad_lowrank[:, rank:].contiguous(),
-        (res.visual_pre, res.visual_lowrank, w.fc1_lora_B), None, probs, VISUAL, scale))
+    out_grad_lowrank, out_lora_B_grads = parts.out_lowrank_grads(grad_output, w, res)
+    text, visual = (ExpertGrads(*grads) for grads in parts.grad_hidden(grad_output, out_grad_lowrank, w, res))
     # Softmax over two experts: dlogit_visual = p_v p_t (dS_v - dS_t) = -dlogit_text.
     logit_grad_visual = probs[:, VISUAL] * probs[:, TEXT] * (visual.score_grad - text.score_grad)
     logits_grad = torch.stack([logit_grad_visual, -logit_grad_visual], dim=1).contiguous()
     text_lowrank_grad = torch.cat([text.first_lowrank_grad, text.second_lowrank_grad], dim=1)
-    x_grad = parts.grad_input(x, text.first_grad, text.second_grad, visual.first_grad, text_lowrank_grad,
-                              visual.first_lowrank_grad, logits_grad, w, rstd)
     # G^T x_n = ((rstd_n G)^T x) * w_n: the (M, k) sides are scaled by their norm's rstd and
-    # stacked, so one product reads x once for the LoRA-A gradients of gate, up, fc1 and the router's.
+    # stacked, so one product, on grad_input's read of x, gives the LoRA-A gradients of gate, up,
+    # fc1 and the router's.
     text_rows = torch.cat([scale * text_lowrank_grad, logits_grad], dim=1) * rstd[:, 0:1]
     visual_rows = scale * visual.first_lowrank_grad.float() * rstd[:, 1:2]
-    products = (torch.cat([text_rows, visual_rows], dim=1).to(dtype).T @ x).float()
+    lowrank_rows = torch.cat([text_rows, visual_rows], dim=1).to(dtype)
+    x_grad, products = parts.grad_input(x, text.first_grad, text.second_grad, visual.first_grad,
+                                        text_lowrank_grad, visual.first_lowrank_grad, logits_grad, w, rstd,
+                                        lowrank_rows)
     text_products = products[:2 * rank + 2] * w.text_norm_weight.float()
     fc1_lora_A_grad = products[2 * rank + 2:] * w.visual_norm_weight.float()
     def part(tensor):  # a slice of a shared product, copied: outputs of a custom op may not alias
