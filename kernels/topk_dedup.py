@@ -33,9 +33,12 @@ import triton.language as tl
 BLOCK_QUERIES = 16
 WIDE_BLOCK_QUERIES = 64
 WIDE_BATCH = 64
-# Warps per scan program: one warpgroup for a 16-query block, two for a 64-query block
-# (halves the registers per thread that the (64, pool) running keys and the score tile take).
-SCAN_WARPS = {BLOCK_QUERIES: 4, WIDE_BLOCK_QUERIES: 8}
+# Warps per scan program: one warpgroup while the (queries, pool) running int64 keys fit
+# SCAN_KEYS_PER_WARPGROUP entries (8 registers per thread), else two, which halves the registers
+# per thread the keys and the score tile take. At 16 queries x pool 128 one warpgroup compiled to
+# 128 registers and spilled inside the row loop under Triton 3.6 (ptxas sm_90a; pool 64 spilled
+# outside it under 3.6 and 3.8); two compile without a spill under both.
+SCAN_KEYS_PER_WARPGROUP = 512
 BLOCK_ROWS = 64
 BLOCK_DIM = 64
 # The walk holds a pool x pool fp32 Gram matrix in registers: 128 x 128 = 64 KiB
@@ -187,6 +190,10 @@ def threshold_as_fp32(threshold: float) -> float:
     return float(rounded)
 
 
+def scan_warps(block_queries: int, pool: int) -> int:
+    return 4 if block_queries * pool <= SCAN_KEYS_PER_WARPGROUP else 8
+
+
 def _num_splits(num_rows: int, query_blocks: int, device: torch.device) -> int:
     tiles = triton.cdiv(num_rows, BLOCK_ROWS)
     if device.type == "cuda":
@@ -216,7 +223,7 @@ def top_pool_keys(queries, memory, pool, threshold, exclude):
         batch, num_rows, dim, exclude_width, rows_per_split, splits, threshold,
         queries.stride(0), memory.stride(0),
         POOL=pool, BLOCK_QUERIES=block_queries, BLOCK_ROWS=BLOCK_ROWS, BLOCK_DIM=BLOCK_DIM,
-        num_warps=SCAN_WARPS[block_queries],
+        num_warps=scan_warps(block_queries, pool),
         UPCAST_MEMORY=queries.dtype != memory.dtype,
     )
     top_keys = torch.topk(keys.view(batch, splits * pool), pool, dim=1, sorted=True).values

@@ -350,7 +350,7 @@ for arch, query_dtype, dtype, pool, upcast, block_queries in cases:
                  "BLOCK_DIM": kernels.BLOCK_DIM, "UPCAST_MEMORY": upcast}
     source = ASTSource(kernels._topk_dedup_scan_kernel, dict(scan, queries_ptr="*" + query_dtype,
                                                                memory_ptr="*" + dtype), constexprs=constants)
-    options = {"num_warps": kernels.SCAN_WARPS[block_queries]}
+    options = {"num_warps": kernels.scan_warps(block_queries, pool)}
     assert "cubin" in triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm
     source = ASTSource(kernels._topk_dedup_walk_kernel, dict(walk, memory_ptr="*" + dtype),
                        constexprs={"POOL": pool, "BLOCK_DIM": kernels.BLOCK_DIM})

@@ -32,18 +32,7 @@ def minor_version(version: str) -> str:
     return ".".join(version.split(".")[:2])
 
 
-SHORTFALLS: tuple[Shortfall, ...] = (
-    Shortfall(
-        "_topk_dedup_scan_kernel",
-        "POOL=128 BLOCK_QUERIES=16 BLOCK_ROWS=64 BLOCK_DIM=64 w4 s3",
-        "spill-in-loop",
-        "4 B/thread of spill ld/st in loops",
-        "the widened round (pool 128) of the 16-query scan (b < 64): under Triton 3.6 it compiles to "
-        "128 registers and spills inside its row loop; Triton 3.8 compiles the same tile without a "
-        "spill. The tile is the top-k kernel owner's choice.",
-        triton="3.6",
-    ),
-)
+SHORTFALLS: tuple[Shortfall, ...] = ()
 
 
 def applicable(triton_version: str) -> list[Shortfall]:
