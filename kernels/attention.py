@@ -62,6 +62,8 @@ BACKWARD_DQ_CONFIGS = {64: (128, 64, 8, 3), 128: (128, 64, 8, 2), 256: (64, 32, 
 # The interpreter runs each program in Python: 32x32 tiles still give several
 # blocks (and tails) at the test sizes S = 17..257 while keeping tests short.
 INTERPRETER_CONFIG = (32, 32, 4, 1)
+# The backward's delta pass (rowwise dO . O) on a GPU: 64 query rows per program.
+DELTA_BLOCK_M = 64
 
 
 def _config(table: dict, head_dim: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int, int,
@@ -584,7 +586,7 @@ def attention_backward(grad_out, q, k, v, out, lse, causal: bool, document_ids, 
                  **_head_dims(head_dim))
     delta = torch.empty((batch, num_heads, query_length), dtype=torch.float32, device=q.device)
     # One pass over O and dO instead of two fp32 copies (torch would materialise them).
-    delta_block = 64 if q.device.type == "cuda" else INTERPRETER_CONFIG[0]
+    delta_block = DELTA_BLOCK_M if q.device.type == "cuda" else INTERPRETER_CONFIG[0]
     _attn_bwd_delta_kernel[(batch * num_heads, triton.cdiv(query_length, delta_block))](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), num_heads, query_length,
         BLOCK_M=delta_block, **_head_dims(head_dim),

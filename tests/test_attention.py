@@ -227,11 +227,66 @@ def test_under_autocast_mixed_inputs_run_in_its_dtype_like_sdpa():
         attention(q, k, v.bfloat16())
 
 
-@pytest.mark.interpreter
-def test_triton_refuses_more_batch_heads_than_one_grid_axis_holds():
-    q = torch.zeros(1, 65_536, 1, 16)
-    with mkfast.use_backend("triton"), pytest.raises(ValueError, match="split the batch"):
-        attention(q, q, q)
+def _fake_cuda(*shape):
+    """Shapes only, no storage and no GPU: what the triton backend's grid checks read."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return torch.empty(shape, dtype=torch.bfloat16, device="cuda")
+
+
+@pytest.fixture
+def triton_launches(monkeypatch):
+    """The triton backends' implementations with their launchers stubbed: the list of launches
+    that the grid checks let through (nothing runs)."""
+    from mkfast.kernels import attention as attention_kernels
+    from mkfast.kernels import decode_attention as decode_kernels
+
+    from mkfast.ops.attention import (
+        _attention_triton_backward,
+        _attention_triton_forward,
+        _decode_attention_triton,
+    )
+
+    launched = []
+    monkeypatch.setattr(attention_kernels, "attention_forward", lambda *args: launched.append("forward"))
+    monkeypatch.setattr(attention_kernels, "attention_backward", lambda *args: launched.append("backward"))
+    monkeypatch.setattr(decode_kernels, "decode_attention_forward", lambda *args: launched.append("decode"))
+
+    def forward(q, k):
+        _attention_triton_forward(q, k, k, True, None, 0.1)
+
+    def backward(q, k):
+        _attention_triton_backward(q, q, k, k, q, q[..., 0], True, None, 0.1)
+
+    def decode(k_cache):
+        _decode_attention_triton(_fake_cuda(k_cache.shape[0], 1, 1, 64), k_cache, k_cache, None, 0.1)
+
+    return launched, forward, backward, decode
+
+
+def test_triton_grid_checks_hold_cuda_limits_per_axis(triton_launches):
+    # (batch, head) sits on grid axis 0 of the attention kernels (2^31 - 1 programs): 70000 heads
+    # launch. Their sequence blocks sit on axis 1 (65535): at D=64 the forward steps 128 queries,
+    # the backward's delta pass 64, so S = 65535 * 128 runs forward but not backward. Decode puts
+    # (batch, kv head) on axis 1.
+    launched, forward, backward, decode = triton_launches
+    many_heads = _fake_cuda(1, 70_000, 16, 64)
+    forward(many_heads, many_heads)
+    backward(many_heads, many_heads)
+    longest = _fake_cuda(1, 1, 65_535 * 128, 64)
+    forward(longest, longest)
+    decode(_fake_cuda(65_535, 1, 16, 64))
+    assert launched == ["forward", "backward", "forward", "decode"]
+
+    too_long = _fake_cuda(1, 1, 65_535 * 128 + 1, 64)
+    with pytest.raises(ValueError, match=r"128 positions of q \(S=8388481\) on CUDA grid axis 1.*got 65536"):
+        forward(too_long, too_long)
+    with pytest.raises(ValueError, match=r"64 positions of q \(S=8388480\) on CUDA grid axis 1.*got 131070"):
+        backward(longest, longest)
+    with pytest.raises(ValueError, match=r"k_cache \(B \* Hkv = 65536 \* 1\) on CUDA grid axis 1"):
+        decode(_fake_cuda(65_536, 1, 16, 64))
+    assert len(launched) == 4
 
 
 # A batch slot 2^30 elements apart puts batch 2 at element 2^31: an int32 batch * stride wraps

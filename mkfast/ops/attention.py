@@ -169,27 +169,61 @@ def _attention_cpu_backward(grad_out, q, k, v, out, lse, causal, document_ids, s
 
 
 # --------------------------------------------------------------------------- triton backend
-# CUDA grids allow 65535 programs on axis 1, where the Triton kernels put (batch, head).
-MAX_TRITON_BATCH_HEADS = 65535
+# A CUDA grid holds 2^31 - 1 programs on axis 0 and 65535 on axes 1 and 2. The attention kernels
+# put (batch, head) on axis 0 and their query or key blocks on axis 1; decode puts its splits on
+# axis 0 and (batch, kv head) on axis 1. The interpreter is held to them too, so that CPU runs
+# refuse what a GPU would.
+CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
 
-def _check_triton_grid(op: str, batch: int, heads: int) -> None:
-    if batch * heads > MAX_TRITON_BATCH_HEADS:
-        raise ValueError(f"{op}: the triton backend handles batch * heads <= {MAX_TRITON_BATCH_HEADS}, "
-                         f"got {batch} * {heads}; split the batch")
+def _check_triton_grid(op: str, axes: dict[int, tuple[str, int]]) -> None:
+    """Refuse a launch with more programs on a grid axis than CUDA allows (on a GPU the launch
+    would fail with an unnamed "invalid argument"). axes: grid axis -> (what one program covers,
+    in the arguments' names; programs)."""
+    for axis, (what, programs) in axes.items():
+        if programs > CUDA_GRID_LIMITS[axis]:
+            raise ValueError(f"{op}: the triton backend launches one program per {what} on CUDA grid axis "
+                             f"{axis}, which holds at most {CUDA_GRID_LIMITS[axis]}, got {programs}; "
+                             "split the batch, heads or sequence")
+
+
+def _check_attention_grids(q, k, document_ids, backward: bool) -> None:
+    """The grids of kernels/attention.py's launches: (batch * heads, blocks of the sequence)."""
+    from mkfast.kernels import attention as kernels
+
+    batch, heads, query_length, head_dim = q.shape
+    kv_heads, key_length = k.shape[1], k.shape[2]
+
+    def block_of(table, index):
+        return kernels._config(table, head_dim, q.device, q.dtype)[index]
+
+    def grid(name, head_name, num_heads, block, length):
+        return {0: (f"(batch, head) of {name} (B * {head_name} = {batch} * {num_heads})", batch * num_heads),
+                1: (f"{block} positions of {name} (S={length})", -(-length // block))}
+
+    if not backward:
+        _check_triton_grid(OP, grid("q", "Hq", heads, block_of(kernels.FORWARD_CONFIGS, 0), query_length))
+        return
+    # The delta pass and dQ step through the queries, dK/dV through the keys.
+    query_block = min(kernels.DELTA_BLOCK_M, block_of(kernels.BACKWARD_DQ_CONFIGS, 0))
+    key_table = (kernels.BACKWARD_DKDV_CONFIGS if document_ids is None
+                 else kernels.BACKWARD_DKDV_DOCUMENT_CONFIGS)
+    _check_triton_grid(OP, grid("q", "Hq", heads, query_block, query_length))
+    _check_triton_grid(OP, grid("k", "Hkv", kv_heads, block_of(key_table, 1), key_length))
 
 
 @attention_backends.register("triton", triton_unavailable_reason)
 def _attention_triton_forward(q, k, v, causal, document_ids, scale):
     from mkfast.kernels.attention import attention_forward
 
-    _check_triton_grid(OP, q.shape[0], q.shape[1])
+    _check_attention_grids(q, k, document_ids, backward=False)
     return attention_forward(q, k, v, causal, document_ids, scale)
 
 
 def _attention_triton_backward(grad_out, q, k, v, out, lse, causal, document_ids, scale):
     from mkfast.kernels.attention import attention_backward
 
+    _check_attention_grids(q, k, document_ids, backward=True)
     return attention_backward(grad_out, q, k, v, out, lse, causal, document_ids, scale)
 
 
@@ -374,11 +408,18 @@ def decode_attention_reference(
     return out.to(q.dtype).contiguous()
 
 
+def _check_decode_grid(k_cache: torch.Tensor) -> None:
+    """kernels/decode_attention.py launches (splits, batch * kv heads)."""
+    batch, kv_heads = k_cache.shape[0], k_cache.shape[1]
+    programs = (f"(batch, kv head) of k_cache (B * Hkv = {batch} * {kv_heads})", batch * kv_heads)
+    _check_triton_grid(DECODE_OP, {1: programs})
+
+
 @decode_attention_backends.register("triton", triton_unavailable_reason)
 def _decode_attention_triton(q, k_cache, v_cache, cache_seqlens, scale):
     from mkfast.kernels.decode_attention import decode_attention_forward
 
-    _check_triton_grid(DECODE_OP, k_cache.shape[0], k_cache.shape[1])
+    _check_decode_grid(k_cache)
     return decode_attention_forward(q, k_cache, v_cache, cache_seqlens, scale)
 
 
@@ -408,7 +449,7 @@ def _decode_attention_into_op(
         return
     from mkfast.kernels.decode_attention import decode_attention_forward, decode_workspace_elements
 
-    _check_triton_grid(DECODE_OP, k_cache.shape[0], k_cache.shape[1])
+    _check_decode_grid(k_cache)
     needed = decode_workspace_elements(q.shape[0], q.shape[1], k_cache.shape[1], q.shape[2], k_cache.shape[2],
                                        q.shape[3], q.device)
     if workspace.numel() < needed:
