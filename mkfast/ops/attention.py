@@ -282,21 +282,29 @@ _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------- public function
+def _check_query_key_value(op: str, q, k, v, *, q_layout: str, kv_layout: str, kv_shape: str,
+                           names: tuple[str, str] = ("k", "v")) -> None:
+    """What attention and decode_attention both check: q (B, Hq, *, D) in a float dtype; k and v of
+    one shape (B, Hkv, *, D), in q's dtype and on its device; Hq a multiple of Hkv; D in 1..256."""
+    k_name, v_name = names
+    check_tensor(op, "q", q, ndim=4, layout=q_layout, dtypes=FLOAT_DTYPES)
+    check_tensor(op, k_name, k, ndim=4, layout=kv_layout, dtypes=(q.dtype,), device=q.device)
+    check_tensor(op, v_name, v, ndim=4, layout=kv_layout, dtypes=(q.dtype,), device=q.device)
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: {k_name} and {v_name} must have the same shape {kv_shape}, "
+                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
+    check_same_size(op, "batch size (dim 0) like q's", q.shape[0], k_name, k.shape[0])
+    check_same_size(op, "head dim (dim 3) like q's", q.shape[3], k_name, k.shape[3])
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"{op}: q's heads ({q.shape[1]}) must be a multiple of "
+                         f"{k_name}'s heads ({k.shape[1]}) (GQA)")
+    if q.shape[3] == 0 or q.shape[3] > 256:
+        raise ValueError(f"{op}: head dim D must be in 1..256, got {q.shape[3]}")
+
+
 def _validate(q, k, v, causal, document_ids, scale) -> None:
     layout = "(B, H, S, D)"
-    check_tensor(OP, "q", q, ndim=4, layout=layout, dtypes=FLOAT_DTYPES)
-    check_tensor(OP, "k", k, ndim=4, layout=layout, dtypes=(q.dtype,), device=q.device)
-    check_tensor(OP, "v", v, ndim=4, layout=layout, dtypes=(q.dtype,), device=q.device)
-    if k.shape != v.shape:
-        raise ValueError(f"{OP}: k and v must have the same shape (B, Hkv, S, D), "
-                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
-    check_same_size(OP, "batch size (dim 0) like q's", q.shape[0], "k", k.shape[0])
-    check_same_size(OP, "head dim (dim 3) like q's", q.shape[3], "k", k.shape[3])
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"{OP}: q's heads ({q.shape[1]}) must be a multiple of "
-                         f"k's heads ({k.shape[1]}) (GQA)")
-    if q.shape[3] == 0 or q.shape[3] > 256:
-        raise ValueError(f"{OP}: head dim D must be in 1..256, got {q.shape[3]}")
+    _check_query_key_value(OP, q, k, v, q_layout=layout, kv_layout=layout, kv_shape="(B, Hkv, S, D)")
     if k.shape[2] < q.shape[2]:
         raise ValueError(f"{OP}: k must have at least as many positions as q (queries are the last ones), "
                          f"got S_kv={k.shape[2]} < S_q={q.shape[2]}")
@@ -469,20 +477,8 @@ def decode_attention_workspace(q: torch.Tensor, k_cache: torch.Tensor) -> torch.
 
 
 def _validate_decode(q, k_cache, v_cache, cache_seqlens, check_lengths: bool) -> None:
-    layout = "(B, H, L, D)"
-    check_tensor(DECODE_OP, "q", q, ndim=4, layout="(B, Hq, T, D)", dtypes=FLOAT_DTYPES)
-    check_tensor(DECODE_OP, "k_cache", k_cache, ndim=4, layout=layout, dtypes=(q.dtype,), device=q.device)
-    check_tensor(DECODE_OP, "v_cache", v_cache, ndim=4, layout=layout, dtypes=(q.dtype,), device=q.device)
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"{DECODE_OP}: k_cache and v_cache must have the same shape (B, Hkv, L_max, D), "
-                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    check_same_size(DECODE_OP, "batch size (dim 0) like q's", q.shape[0], "k_cache", k_cache.shape[0])
-    check_same_size(DECODE_OP, "head dim (dim 3) like q's", q.shape[3], "k_cache", k_cache.shape[3])
-    if k_cache.shape[1] == 0 or q.shape[1] % k_cache.shape[1] != 0:
-        raise ValueError(f"{DECODE_OP}: q's heads ({q.shape[1]}) must be a multiple of k_cache's heads "
-                         f"({k_cache.shape[1]}) (GQA)")
-    if q.shape[3] == 0 or q.shape[3] > 256:
-        raise ValueError(f"{DECODE_OP}: head dim D must be in 1..256, got {q.shape[3]}")
+    _check_query_key_value(DECODE_OP, q, k_cache, v_cache, q_layout="(B, Hq, T, D)", kv_layout="(B, H, L, D)",
+                           kv_shape="(B, Hkv, L_max, D)", names=("k_cache", "v_cache"))
     check_tensor(DECODE_OP, "cache_seqlens", cache_seqlens, ndim=1, layout="(B,)", dtypes=INTEGER_DTYPES,
                  device=q.device)
     check_same_size(DECODE_OP, "length B like q's batch", q.shape[0], "cache_seqlens", cache_seqlens.shape[0])
