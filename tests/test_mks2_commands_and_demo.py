@@ -146,7 +146,7 @@ def test_tiny_demo_trains_every_arm_on_the_same_instructions_and_reports_claims(
 
     settings = {"pretrain_steps": 1, "vision_pretrain_steps": 1, "stage1_steps": 1, "stage2_steps": 1,
                 "repeat_seeds": (1,)}
-    summary = run_demo(str(tmp_path), settings=settings)
+    summary = run_demo(str(tmp_path), settings=settings, workers=2)  # the two runs in two processes
     assert os.path.exists(tmp_path / "results.json") and os.path.exists(tmp_path / "loss.png")
     for run in summary["runs"]:
         assert set(run["stage2_data_digest"]) == set(ARMS)
@@ -158,7 +158,8 @@ def test_tiny_demo_trains_every_arm_on_the_same_instructions_and_reports_claims(
             run["results"][arm]["held_out"]["acc"] for run in summary["runs"]]
     assert set(summary["probe"]) == {"mks2", "shuffled_pairs", "no_stage1"}
     assert ("note" in summary) == (not summary["probe_reads_held_out_colour"])
-    # Every random draw comes from the run's seed: the global generator's state before does not matter.
+    # Every random draw comes from the run's seed: neither the global generator's state before nor the
+    # process a run goes to (a worker above, this one here) changes a result.
     torch.manual_seed(12345)
     again = run_demo(str(tmp_path / "again"), settings={**settings, "repeat_seeds": ()})
     assert again["runs"][0]["final_losses"] == summary["runs"][0]["final_losses"]

@@ -60,6 +60,7 @@ from mkfast.mks2.samples import caption_sample
 from mkfast.mks2.stages import CaptionData, InstructionData, prepare_stage2, stage1_loss_fn, stage2_loss_fn
 from mkfast.mks2.trainer import Trainer, TrainerConfig
 from mkfast.mks2.vision import small_vision_adapter
+from mkfast.parallel import run_in_processes
 from mkfast.progress import is_quiet
 
 ARMS = ("mks2", "shuffled_pairs", "no_stage1", "baseline")
@@ -95,6 +96,10 @@ def demo_settings(quick: bool, device: torch.device | str) -> dict:
 def demo_tokenizer():
     words = [*COLOUR_WORD_TEXTS, *(template.format(name=DIGIT_NAMES[0]) for template in PROBE_TEMPLATES)]
     return word_level_tokenizer(demo_vocabulary(words))
+
+
+def _model_config(tokenizer) -> SmallLlamaConfig:
+    return SmallLlamaConfig(**{**MODEL.__dict__, "vocab_size": len(tokenizer)})
 
 
 def _config(output_dir: str, name: str, steps: int, seed: int, learning_rate: float = LEARNING_RATE):
@@ -294,16 +299,26 @@ def _run_one(settings: dict, output_dir: str, seed: int, split, tokenizer, model
             "seconds": time.perf_counter() - started}
 
 
+def _run_index(settings: dict, output_dir: str, seed: int, split_index: int, device: str) -> dict:
+    """_run_one from picklable arguments (a worker process builds the data and tokenizer itself)."""
+    pairs, _ = load_digits_pairs(image_size=32, seed=0)  # the same images for every run
+    tokenizer = demo_tokenizer()
+    return _run_one(settings, output_dir, seed, colour_split(split_index), tokenizer,
+                    _model_config(tokenizer), pairs, torch.device(device))
+
+
 def run_demo(output_dir: str, quick: bool = False, seed: int = 0, device: torch.device | str = "cpu",
-             settings: dict | None = None) -> dict:
+             settings: dict | None = None, workers: int | None = None) -> dict:
     """The four arms over every (seed, split) run on ``device``; writes results.json and loss.png into
-    output_dir. ``settings`` replaces the quick/full step counts (tests)."""
+    output_dir. ``settings`` replaces the quick/full step counts (tests); ``workers`` processes run the
+    runs side by side on CPU (default: one per core; mkfast.parallel), with results identical to
+    ``workers=1``."""
     threads = torch.get_num_threads()
     # One thread: this model's ops are tiny, and on a shared 2-core box a second thread
     # only spins (measured here: 40 base steps 11 s of CPU with 2 threads, 0.7 s with 1).
     torch.set_num_threads(1)
     try:
-        return _run_demo(output_dir, quick, seed, torch.device(device), settings)
+        return _run_demo(output_dir, quick, seed, torch.device(device), settings, workers)
     finally:
         torch.set_num_threads(threads)
 
@@ -325,20 +340,17 @@ def _summary_of(values: list[float]) -> dict:
     return {"mean": mean, "interval": [low, high], "per_run": values}
 
 
-def _run_demo(output_dir: str, quick: bool, seed: int, device: torch.device, settings: dict | None) -> dict:
+def _run_demo(output_dir: str, quick: bool, seed: int, device: torch.device, settings: dict | None,
+              workers: int | None) -> dict:
     from mkfast.backend import dispatchers
 
     settings = settings or demo_settings(quick, device)
     started = time.perf_counter()
     os.makedirs(output_dir, exist_ok=True)
-    pairs, _ = load_digits_pairs(image_size=32, seed=0)  # the same images for every run
-    tokenizer = demo_tokenizer()
-    model_config = SmallLlamaConfig(**{**MODEL.__dict__, "vocab_size": len(tokenizer)})
-    runs = []
-    for index, run_seed in enumerate((seed, *settings["repeat_seeds"])):
-        run_dir = os.path.join(output_dir, f"run{index}_seed{run_seed}")
-        runs.append(_run_one(settings, run_dir, run_seed, colour_split(index), tokenizer, model_config, pairs,
-                             device))
+    # The runs are independent: on CPU they go side by side, one process (and thread) per core.
+    arguments = [(settings, os.path.join(output_dir, f"run{index}_seed{run_seed}"), run_seed, index,
+                  str(device)) for index, run_seed in enumerate((seed, *settings["repeat_seeds"]))]
+    runs = run_in_processes(_run_index, arguments, workers=workers, device=str(device))
     results = {arm: {"held_out_text_questions": _summary_of([run["results"][arm]["held_out"]["acc"]
                                                               for run in runs]),
                      "held_out_p_correct": _summary_of([run["results"][arm]["held_out"]["p_correct"]
@@ -362,7 +374,7 @@ def _run_demo(output_dir: str, quick: bool, seed: int, device: torch.device, set
         "mode": "quick" if quick else "full", "device": str(device), "seed": seed,
         "mome_ffn_backend": dispatchers()["mome_ffn"].auto_choice(device),
         "settings": settings, "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE,
-        "model": model_config.__dict__, "chance_accuracy": 0.5,
+        "model": _model_config(demo_tokenizer()).__dict__, "chance_accuracy": 0.5,
         "constant_answer_accuracy": {colour: constant_answer_accuracy(held_out_items, colour)
                                      for colour in COLOUR_NAMES},
         "probe": probe, "probe_reads_held_out_colour": bool(probe_reads), "head_probe": head_probe,
