@@ -69,11 +69,11 @@ from . import interpreter_enabled
 EXPERT_IN_TILES = ((128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4))
 EXPERT_OUT_TILES = ((128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 4))
 GRAD_INPUT_TILES = ((64, 128, 64, 8, 3), (64, 64, 64, 4, 4))
-# Fixed (its atomics and partial sums depend on the tile). Its epilogue holds the activation,
-# both pre-activations and the rank-r products of d(pre): 64x64 on 8 warps is the one tile
-# tried that does not spill (64x128 on 8 warps: 988 B outside the loop, 128x64: 180 B,
-# 64x64 on 4 warps: 112 B).
-GRAD_HIDDEN_TILE = (64, 64, 64, 8, 4)
+# Fixed (its atomics and partial sums depend on the tile). 64x128 on 8 warps, its epilogue run on
+# two 64-wide halves, compiles without spills under Triton 3.8 and 3.6 (247 / 255 registers, 76 KiB
+# of shared memory). Spilling (bytes of spill stores + loads): 128x64 on 8 warps (44 B under 3.6,
+# none under 3.8), 128x128 on 8 warps (1312 / 1356 B under 3.8 / 3.6), 64x256 on 8 warps (684 B, 3.8).
+GRAD_HIDDEN_TILE = (64, 128, 64, 8, 3)
 # The row kernels (norm_in, act_lowrank, out_lowrank_grad, norm_backward): (BLOCK_M, BLOCK_K, warps,
 # stages). norm_backward runs NORM_BACKWARD_ROW_CHUNK rows per program (BLOCK_M at a time), so its
 # atomic adds of x^T products number (M / chunk) * k * d, not (M / BLOCK_M) * k * d.
@@ -398,20 +398,72 @@ def _rank_update(grad_tile, lora_B_ptr, lowrank_ptr, lowrank_stride, lowrank_gra
 
     Writes this column block's share of d(pre) B (the LoRA-A input gradient, summed over blocks by
     the launcher) and adds s d(pre)^T lowrank into dB (fp32, atomically over row blocks), so
-    d(pre) is not read back from memory for either.
+    d(pre) is not read back from memory for either. Both are computed transposed, (r, .) = (r, K) .
+    (K, .), with d(pre) as the second operand: as the first operand of a dot, the tile would pull
+    the accumulator into a layout with warps along M only (each row held twice by 8 warps on 64
+    rows), doubling the epilogue's registers.
     """
     rank_mask = ranks < rank
-    lora_B = tl.load(lora_B_ptr + cols[:, None] * rank + ranks[None, :],
-                     mask=col_mask[:, None] & rank_mask[None, :],
-                     other=0.0)
-    lowrank_grad = tl.dot(grad_tile, lora_B, input_precision=PRECISION)
-    tl.store(lowrank_grad_partial_ptr + rows[:, None] * partial_stride + col_block * rank + ranks[None, :],
-             lowrank_grad, mask=row_mask[:, None] & rank_mask[None, :])
-    lowrank = tl.load(lowrank_ptr + rows[:, None] * lowrank_stride + ranks[None, :],
-                      mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
-    lora_B_grad = lora_scale * tl.dot(tl.trans(grad_tile), lowrank, input_precision=PRECISION)
-    tl.atomic_add(lora_B_grad_ptr + cols[:, None] * rank + ranks[None, :], lora_B_grad,
-                  mask=col_mask[:, None] & rank_mask[None, :])
+    lora_B_t = tl.load(lora_B_ptr + cols[None, :] * rank + ranks[:, None],
+                       mask=col_mask[None, :] & rank_mask[:, None], other=0.0)
+    lowrank_grad_t = tl.dot(lora_B_t, tl.trans(grad_tile), input_precision=PRECISION)
+    tl.store(lowrank_grad_partial_ptr + rows[None, :] * partial_stride + col_block * rank + ranks[:, None],
+             lowrank_grad_t, mask=row_mask[None, :] & rank_mask[:, None])
+    lowrank_t = tl.load(lowrank_ptr + rows[None, :] * lowrank_stride + ranks[:, None],
+                        mask=row_mask[None, :] & rank_mask[:, None], other=0.0)
+    lora_B_grad_t = lora_scale * tl.dot(lowrank_t, grad_tile, input_precision=PRECISION)
+    tl.atomic_add(lora_B_grad_ptr + cols[None, :] * rank + ranks[:, None], lora_B_grad_t,
+                  mask=col_mask[None, :] & rank_mask[:, None])
+
+
+@triton.jit
+def _grad_hidden_epilogue(
+    acc, grad_lowrank, prob, rows, local_rows, row_mask, cols, col_block, lora_A_ptr, first_ptr,
+    first_lowrank_ptr, first_lora_B_ptr, second_ptr, second_lowrank_ptr, second_lora_B_ptr,
+    score_partial_ptr, first_grad_ptr, second_grad_ptr, lora_A_grad_ptr, first_lowrank_grad_ptr,
+    second_lowrank_grad_ptr, first_lora_B_grad_ptr, second_lora_B_grad_ptr, width, rank, lowrank_stride,
+    num_col_blocks, lora_scale, GATED: tl.constexpr, RANK_PAD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The epilogue of one column sub-tile, acc = g W_out[:, cols] (see _expert_grad_hidden_tile)."""
+    col_mask = cols < width
+    dtype = first_grad_ptr.dtype.element_ty
+    ranks = tl.arange(0, RANK_PAD)
+    rank_mask = ranks < rank
+    lora_A_offsets = ranks[:, None] * width + cols[None, :]
+    lora_A_mask = rank_mask[:, None] & col_mask[None, :]
+    # Recompute the activation from the stored pre-activations instead of storing it.
+    offsets = local_rows[:, None] * width + cols[None, :]  # from the row block's first row
+    mask = row_mask[:, None] & col_mask[None, :]
+    first = tl.load(first_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    sigmoid = 1.0 / (1.0 + tl.exp(-first))
+    silu = first * sigmoid
+    if GATED:
+        second = tl.load(second_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        activation = (silu * second).to(dtype)
+    else:
+        activation = silu.to(dtype)
+    tl.store(score_partial_ptr + rows * num_col_blocks + col_block,
+             tl.sum(acc * activation.to(tl.float32), axis=1),
+             mask=row_mask)
+    # dA_out first, so the activation tile dies before the gradient tiles are made. grad_lowrank
+    # is s g B already.
+    weighted_lowrank = (grad_lowrank.to(tl.float32) * prob[:, None]).to(dtype)
+    lora_A_grad = tl.dot(tl.trans(weighted_lowrank), activation, input_precision=PRECISION)
+    tl.atomic_add(lora_A_grad_ptr + lora_A_offsets, lora_A_grad, mask=lora_A_mask)
+    acc = acc * prob[:, None]
+    partial_stride = num_col_blocks * rank
+    if GATED:
+        second_grad = (acc * silu).to(dtype)
+        tl.store(second_grad_ptr + offsets, second_grad, mask=mask)
+        _rank_update(second_grad, second_lora_B_ptr, second_lowrank_ptr, lowrank_stride,
+                     second_lowrank_grad_ptr, second_lora_B_grad_ptr, rows, cols, ranks, row_mask, col_mask,
+                     rank, width, partial_stride, col_block, lora_scale, PRECISION)
+        acc = acc * second
+    first_grad = (acc * (sigmoid + silu * (1.0 - sigmoid))).to(dtype)  # silu' = s + silu (1 - s)
+    tl.store(first_grad_ptr + offsets, first_grad, mask=mask)
+    _rank_update(first_grad, first_lora_B_ptr, first_lowrank_ptr, lowrank_stride, first_lowrank_grad_ptr,
+                 first_lora_B_grad_ptr, rows, cols, ranks, row_mask, col_mask, rank, width, partial_stride,
+                 col_block, lora_scale, PRECISION)
 
 
 @triton.jit
@@ -428,68 +480,66 @@ def _expert_grad_hidden_tile(
     grad_lowrank = g B_out: (M, r) with row stride grad_lowrank_stride.
 
     u = g W_out + s (g B_out) A_out (the gradient of the expert's activation a, before its router
-    weight S). Writes score_partial[m, block] = sum_n u*a (for dS), d(pre) = S u act'(pre), adds
-    dA_out += s (S g B_out)^T a, and the rank-r products of d(pre) (see _rank_update). The
-    epilogue orders its work so that few (BLOCK_M, BLOCK_N) fp32 tiles are live at once.
+    weight S). Writes score_partial[m, sub-tile] = sum_n u*a (for dS), d(pre) = S u act'(pre), adds
+    dA_out += s (S g B_out)^T a, and the rank-r products of d(pre) (see _rank_update). The main loop
+    keeps two accumulators of BLOCK_N / 2 columns and the epilogue runs on one at a time, so its
+    temporaries (the activation, its derivative, d(pre) in several layouts) take the registers of
+    half a tile. num_col_blocks counts sub-tiles.
     """
-    rows = (row_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask, col_mask = rows < tokens, cols < width
-    dtype = first_grad_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    HALF: tl.constexpr = BLOCK_N // 2
+    # The row block's start goes into the base pointers (64-bit scalars), so the offsets of the
+    # (BLOCK_M, BLOCK_N) tiles are 32-bit: half the registers of 64-bit ones.
+    row_start = row_block.to(tl.int64) * BLOCK_M
+    local_rows = tl.arange(0, BLOCK_M)
+    rows = row_start + local_rows
+    grad_ptr += row_start * hidden
+    first_ptr += row_start * width
+    second_ptr += row_start * width
+    first_grad_ptr += row_start * width
+    second_grad_ptr += row_start * width
+    cols = col_block * BLOCK_N + tl.arange(0, HALF)
+    row_mask = rows < tokens
+    # LoRA first, as the accumulators' initial value: [s g B, g] . [A; W]. After the main loop, a
+    # dot with a register operand would move the tile into a layout with warps along M only (see
+    # _rank_update). s g B is rounded to x's dtype once (exact for power-of-two s = alpha / r).
+    ranks = tl.arange(0, RANK_PAD)
+    grad_lowrank = tl.load(grad_lowrank_ptr + rows[:, None] * grad_lowrank_stride + ranks[None, :],
+                           mask=row_mask[:, None] & (ranks < rank)[None, :], other=0.0)
+    grad_lowrank = (grad_lowrank.to(tl.float32) * lora_scale).to(grad_lowrank.dtype)
+    lora_A_offsets = ranks[:, None] * width + cols[None, :]
+    lora_A_mask = (ranks < rank)[:, None]
+    low_acc = tl.dot(grad_lowrank, tl.load(lora_A_ptr + lora_A_offsets,
+                                           mask=lora_A_mask & (cols < width)[None, :], other=0.0),
+                     input_precision=PRECISION)
+    high_acc = tl.dot(grad_lowrank, tl.load(lora_A_ptr + lora_A_offsets + HALF,
+                                            mask=lora_A_mask & (cols + HALF < width)[None, :], other=0.0),
+                      input_precision=PRECISION)
     for start in range(0, hidden, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         k_mask = ks < hidden
-        grad = tl.load(grad_ptr + rows[:, None] * hidden + ks[None, :],
+        grad = tl.load(grad_ptr + local_rows[:, None] * hidden + ks[None, :],
                        mask=row_mask[:, None] & k_mask[None, :],
                        other=0.0)
-        weight = tl.load(out_weight_ptr + ks[:, None] * width + cols[None, :],
-                         mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(grad, weight, acc, input_precision=PRECISION)
-    ranks = tl.arange(0, RANK_PAD)
-    rank_mask = ranks < rank
-    grad_lowrank = tl.load(grad_lowrank_ptr + rows[:, None] * grad_lowrank_stride + ranks[None, :],
-                           mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
-    lora_A_offsets = ranks[:, None] * width + cols[None, :]
-    lora_A_mask = rank_mask[:, None] & col_mask[None, :]
-    acc += lora_scale * tl.dot(grad_lowrank, tl.load(lora_A_ptr + lora_A_offsets,
-                                                     mask=lora_A_mask, other=0.0),
-                               input_precision=PRECISION)
-    # Recompute the activation from the stored pre-activations instead of storing it.
-    offsets = rows[:, None] * width + cols[None, :]
-    mask = row_mask[:, None] & col_mask[None, :]
-    first = tl.load(first_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    sigmoid = 1.0 / (1.0 + tl.exp(-first))
-    silu = first * sigmoid
-    if GATED:
-        second = tl.load(second_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        activation = (silu * second).to(dtype)
-    else:
-        activation = silu.to(dtype)
-    tl.store(score_partial_ptr + rows * num_col_blocks + col_block,
-             tl.sum(acc * activation.to(tl.float32), axis=1),
-             mask=row_mask)
+        weight_offsets = ks[:, None] * width + cols[None, :]
+        low_acc = tl.dot(grad, tl.load(out_weight_ptr + weight_offsets,
+                                       mask=k_mask[:, None] & (cols < width)[None, :], other=0.0),
+                         low_acc, input_precision=PRECISION)
+        high_acc = tl.dot(grad, tl.load(out_weight_ptr + weight_offsets + HALF,
+                                        mask=k_mask[:, None] & (cols + HALF < width)[None, :], other=0.0),
+                          high_acc, input_precision=PRECISION)
     prob = tl.load(probs_ptr + rows * 2 + PROB_COLUMN, mask=row_mask, other=0.0)
-    # dA_out first, so the activation tile dies before the gradient tiles are made.
-    weighted_lowrank = (grad_lowrank.to(tl.float32) * prob[:, None]).to(dtype)
-    lora_A_grad = lora_scale * tl.dot(tl.trans(weighted_lowrank), activation, input_precision=PRECISION)
-    tl.atomic_add(lora_A_grad_ptr + lora_A_offsets, lora_A_grad, mask=lora_A_mask)
-    acc = acc * prob[:, None]
-    partial_stride = num_col_blocks * rank
-    if GATED:
-        second_grad = (acc * silu).to(dtype)
-        tl.store(second_grad_ptr + offsets, second_grad, mask=mask)
-        _rank_update(second_grad, second_lora_B_ptr, second_lowrank_ptr, lowrank_stride,
-                     second_lowrank_grad_ptr,
-                     second_lora_B_grad_ptr, rows, cols, ranks, row_mask, col_mask, rank, width,
-                     partial_stride,
-                     col_block, lora_scale, PRECISION)
-        acc = acc * second
-    first_grad = (acc * (sigmoid + silu * (1.0 - sigmoid))).to(dtype)  # silu' = s + silu (1 - s)
-    tl.store(first_grad_ptr + offsets, first_grad, mask=mask)
-    _rank_update(first_grad, first_lora_B_ptr, first_lowrank_ptr, lowrank_stride, first_lowrank_grad_ptr,
-                 first_lora_B_grad_ptr, rows, cols, ranks, row_mask, col_mask, rank, width, partial_stride,
-                 col_block, lora_scale, PRECISION)
+    _grad_hidden_epilogue(
+        low_acc, grad_lowrank, prob, rows, local_rows, row_mask, cols, 2 * col_block, lora_A_ptr, first_ptr,
+        first_lowrank_ptr, first_lora_B_ptr, second_ptr, second_lowrank_ptr, second_lora_B_ptr,
+        score_partial_ptr, first_grad_ptr, second_grad_ptr, lora_A_grad_ptr, first_lowrank_grad_ptr,
+        second_lowrank_grad_ptr, first_lora_B_grad_ptr, second_lora_B_grad_ptr, width, rank, lowrank_stride,
+        num_col_blocks, lora_scale, GATED=GATED, RANK_PAD=RANK_PAD, PRECISION=PRECISION)
+    _grad_hidden_epilogue(
+        high_acc, grad_lowrank, prob, rows, local_rows, row_mask, cols + HALF, 2 * col_block + 1, lora_A_ptr,
+        first_ptr, first_lowrank_ptr, first_lora_B_ptr, second_ptr, second_lowrank_ptr, second_lora_B_ptr,
+        score_partial_ptr, first_grad_ptr, second_grad_ptr, lora_A_grad_ptr, first_lowrank_grad_ptr,
+        second_lowrank_grad_ptr, first_lora_B_grad_ptr, second_lora_B_grad_ptr, width, rank, lowrank_stride,
+        num_col_blocks, lora_scale, GATED=GATED, RANK_PAD=RANK_PAD, PRECISION=PRECISION)
 
 
 @triton.jit
@@ -521,7 +571,7 @@ def _mome_grad_hidden_kernel(
             probs_ptr, gate_ptr, text_lowrank_ptr, gate_lora_B_ptr, up_ptr, text_lowrank_ptr + rank,
             up_lora_B_ptr, text_score_ptr, gate_grad_ptr, up_grad_ptr, down_lora_A_grad_ptr,
             gate_lowrank_grad_partial_ptr, up_lowrank_grad_partial_ptr, gate_lora_B_grad_ptr,
-            up_lora_B_grad_ptr, tokens, hidden, intermediate, rank, 2 * rank, text_col_blocks, lora_scale,
+            up_lora_B_grad_ptr, tokens, hidden, intermediate, rank, 2 * rank, 2 * text_col_blocks, lora_scale,
             PROB_COLUMN=PROB_TEXT_COLUMN, GATED=True, RANK_PAD=RANK_PAD, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_K=BLOCK_K, PRECISION=PRECISION)
     else:
@@ -531,7 +581,7 @@ def _mome_grad_hidden_kernel(
             visual_lowrank_ptr, fc1_lora_B_ptr, visual_score_ptr, fc1_grad_ptr, fc1_grad_ptr,
             fc2_lora_A_grad_ptr, fc1_lowrank_grad_partial_ptr, fc1_lowrank_grad_partial_ptr,
             fc1_lora_B_grad_ptr, fc1_lora_B_grad_ptr, tokens, hidden, visual_size, rank, rank,
-            visual_col_blocks, lora_scale,
+            2 * visual_col_blocks, lora_scale,
             PROB_COLUMN=PROB_VISUAL_COLUMN, GATED=False, RANK_PAD=RANK_PAD, BLOCK_M=BLOCK_M,
             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION=PRECISION)
 
@@ -760,7 +810,10 @@ def grad_hidden(grad_output, grad_lowrank, weights, residuals):
     tokens, hidden = grad_output.shape
     intermediate, visual_size, rank = w.gate_weight.shape[0], w.fc1_weight.shape[0], w.gate_lora_A.shape[0]
     block_m, block_n, block_k, warps, stages = GRAD_HIDDEN_TILE
-    text_blocks, visual_blocks = triton.cdiv(intermediate, block_n), triton.cdiv(visual_size, block_n)
+    col_tiles = triton.cdiv(intermediate, block_n) + triton.cdiv(visual_size, block_n)
+    grid = (triton.cdiv(tokens, block_m) * col_tiles,)
+    # Partial row sums per half-tile: the kernel's epilogue runs on column halves.
+    text_blocks, visual_blocks = (2 * triton.cdiv(width, block_n) for width in (intermediate, visual_size))
     device = grad_output.device
 
     def fp32(*shape):
@@ -773,12 +826,12 @@ def grad_hidden(grad_output, grad_lowrank, weights, residuals):
     gate_grad, up_grad, fc1_grad = (torch.empty_like(pre)
                                     for pre in (res.gate_pre, res.up_pre, res.visual_pre))
     down_A_grad, fc2_A_grad = fp32_zeros(rank, intermediate), fp32_zeros(rank, visual_size)
-    # d(pre) B per column block, summed below: a tile holds only its columns of d(pre).
+    # d(pre) B per half-tile, summed below: a tile holds only its columns of d(pre).
     gate_lowrank_grad, up_lowrank_grad = fp32(tokens, text_blocks, rank), fp32(tokens, text_blocks, rank)
     fc1_lowrank_grad = fp32(tokens, visual_blocks, rank)
     gate_B_grad, up_B_grad, fc1_B_grad = (fp32_zeros(intermediate, rank), fp32_zeros(intermediate, rank),
                                           fp32_zeros(visual_size, rank))
-    _mome_grad_hidden_kernel[(triton.cdiv(tokens, block_m) * (text_blocks + visual_blocks),)](
+    _mome_grad_hidden_kernel[grid](
         grad_output, grad_lowrank, res.router_probs,
         w.down_weight, w.down_lora_A, res.gate_pre, res.up_pre, res.text_lowrank.contiguous(), w.gate_lora_B,
         w.up_lora_B, text_score, gate_grad, up_grad, down_A_grad, gate_lowrank_grad, up_lowrank_grad,
