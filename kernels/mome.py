@@ -25,6 +25,10 @@ the activations (I + Iv per token) are written once in forward for the second la
 freed when it returns: recomputing SwiGLU in the down GEMM's prologue instead would redo
 it once per output-column tile (d / BLOCK_N = 32 times at Llama-2-7B sizes).
 
+The frozen RMSNorm weights are applied once per element by norm_in, not folded into cached copies
+of W_gate, W_up and W_fc1: the copies would hold (2 I + Iv) d elements (188.7 MB per layer in bf16)
+to save the 2d elements per token of x_t and x_v written in forward (docs/performance.md, "MoME").
+
 Memory traffic per token, activations only (weights are read once per GEMM wave and
 amortised over the tokens), in elements of x's dtype, counted from the launches below;
 d = 4096, I = 11008, Iv = 1024 (Llama-2-7B), rank-r and fp32 (M, 2) terms left out.
