@@ -7,8 +7,10 @@ and compiled Triton backends, bf16 and large memories.
 """
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy
 import pytest
@@ -139,13 +141,10 @@ def test_fewer_survivors_than_k_are_padded(backend, dtype):
     assert (indices[:, 3:] == -1).all()
 
 
-@pytest.mark.parametrize("backend,dtype", CPU_BACKEND_DTYPES)
-@pytest.mark.parametrize("cluster_size", [100, 300])
-def test_widening_when_the_first_pool_is_exhausted(backend, dtype, cluster_size):
-    # The top 150 rows all score above the threshold with the query, and the next
-    # `cluster_size` are near-copies of one another: any first pool of ~2k+16
-    # candidates is used up by skipped rows, so the answer needs the widened
-    # rescan (Triton: 100 fits its 4x pool, 300 needs the exhaustive fallback).
+def _query_needing_a_wider_pool(cluster_size):
+    """(query (1, 24), memory): the top 150 rows all score above the threshold with the query, and
+    the next `cluster_size` are near-copies of one another: any first pool of ~2k+16 candidates
+    is used up by skipped rows, so the answer needs the widened rescan."""
     dim = 24
     query = F.normalize(torch.randn(1, dim), dim=-1)
     other = F.normalize(torch.randn(1, dim), dim=-1)
@@ -154,8 +153,15 @@ def test_widening_when_the_first_pool_is_exhausted(backend, dtype, cluster_size)
     cluster = F.normalize(cluster_direction + 0.01 * torch.randn(cluster_size, dim), dim=-1)
     rest = F.normalize(torch.randn(200, dim), dim=-1)
     memory = torch.cat([rest[:100], above, cluster, rest[100:]])
-    memory = memory[torch.randperm(len(memory))].to(dtype)
-    indices = _assert_matches_reference(backend, query.to(dtype), memory, 5)
+    return query, memory[torch.randperm(len(memory))]
+
+
+@pytest.mark.parametrize("backend,dtype", CPU_BACKEND_DTYPES)
+@pytest.mark.parametrize("cluster_size", [100, 300])
+def test_widening_when_the_first_pool_is_exhausted(backend, dtype, cluster_size):
+    # Triton: 100 fits its 4x pool, 300 needs the exhaustive fallback.
+    query, memory = _query_needing_a_wider_pool(cluster_size)
+    indices = _assert_matches_reference(backend, query.to(dtype), memory.to(dtype), 5)
     assert (indices >= 0).all()
 
 
@@ -403,3 +409,54 @@ def test_gpu_widening_to_the_exhaustive_path(backend):
     cluster = F.normalize(center + 0.01 * torch.randn(3000, dim), dim=-1)
     memory = torch.cat([cluster, F.normalize(torch.randn(2000, dim), dim=-1)]).cuda()
     _assert_matches_reference(backend, query.cuda(), memory, 8)
+
+
+def test_cuda_selection_pieces_pass_their_host_build(tmp_path):
+    # The CUDA top-k's key order, bitonic sort, pool flushing and score order are
+    # __host__ __device__ functions (csrc/cuda/topk_select.cuh): a C++ build checks them without a GPU.
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    root = Path(__file__).resolve().parents[1]
+    binary = tmp_path / "topk_select_test"
+    built = subprocess.run([compiler, "-std=c++20", "-O2", f"-I{root / 'csrc'}", "-o", str(binary),
+                            str(root / "tests" / "csrc" / "topk_select_test.cpp")],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-4000:]
+    result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_identical_rows_tie_across_segments_and_batch_sizes(dtype):
+    # The CUDA scan splits 70001 rows into segments of whole 256-row tiles (how many depends on
+    # the SM count and the batch) and takes 1 query per block at b=1, 8 from b=2: copies sit at
+    # the first and last rows and at tile edges, and every batch size must score them alike.
+    num_rows, dim = 70_001, 100
+    generator = torch.Generator().manual_seed(5)
+    copy_rows = [0, 255, 256, 4607, 4608, 40_000, num_rows - 1]
+    memory, row = _memory_with_copies(num_rows, dim, copy_rows, generator)
+    queries = 0.5 * row + 0.01 * torch.randn(256, dim, generator=generator)  # scores ~0.5: below 0.9
+    memory, queries = memory.to(dtype).cuda(), queries.to(dtype).cuda()
+    with mkfast.use_backend("cuda"):
+        alone, _ = topk_dedup(queries[:1], memory, 7, threshold=None)
+        for batch in (1, 63, 64, 65, 256):
+            scores, indices = topk_dedup(queries[:batch], memory, 7, threshold=None)
+            assert indices.tolist() == [copy_rows] * batch, batch
+            assert (scores == scores[:, :1]).all(), batch  # identical rows, identical scores
+            torch.testing.assert_close(scores[:1], alone, rtol=0, atol=0)  # not a function of the batch
+            _, indices = topk_dedup(queries[:batch], memory, 2, threshold=0.9)
+            assert indices[:, 0].tolist() == [copy_rows[0]] * batch, batch
+            assert not set(indices[:, 1].tolist()) & set(copy_rows), batch
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cluster_size", [100, 300, 700])
+def test_cuda_widening_through_every_pool_size(cluster_size):
+    # k=5: pools of 32, then 128 (cluster 100), 512 (300) and past the largest scan pool, every
+    # eligible row (700). With 8 random queries beside it, the redo takes a subset of the batch.
+    query, memory = _query_needing_a_wider_pool(cluster_size)
+    queries = torch.cat([query, F.normalize(torch.randn(8, query.shape[1]), dim=-1)])
+    indices = _assert_matches_reference("cuda", queries.cuda(), memory.cuda(), 5)
+    assert (indices[0] >= 0).all()

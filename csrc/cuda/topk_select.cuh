@@ -87,8 +87,8 @@ MKFAST_HOST_DEVICE int sort_length(int count) {
 #pragma nv_exec_check_disable
 #endif
 template <typename Sync>
-MKFAST_HOST_DEVICE void sort_regions_descending(uint64_t* keys, int regions, int length, int thread, int threads,
-                                                const Sync& sync) {
+MKFAST_HOST_DEVICE void sort_regions_descending(uint64_t* keys, int regions, int length, int thread,
+                                                int threads, const Sync& sync) {
   const int pairs_per_region = length / 2;
   for (int width = 2; width <= length; width <<= 1) {
     for (int stride = width >> 1; stride > 0; stride >>= 1) {
@@ -109,11 +109,13 @@ MKFAST_HOST_DEVICE void sort_regions_descending(uint64_t* keys, int regions, int
   }
 }
 
-// Per-query candidate pools of one scan block. Region q (length `length`, a power of two
-// >= pool + rows_per_tile) holds the query's best `pool` keys so far, sorted, in
-// [0, pool), and the tile's candidates appended after them. A key enters only if it beats
-// floors[q], the pool's worst key, held in a register by every thread: once the pool is
-// warm one compare rejects almost every row (FAISS's BlockSelect idea).
+// Per-query candidate pools of one scan block. Region q (length `length`, a power of two)
+// holds the query's best `pool` keys so far, sorted, in [0, pool), and room for
+// length - pool appended candidates after them. A key is offered only if it beats
+// floors[q], the pool's worst key: once the pool is warm one compare rejects almost every
+// row (FAISS's BlockSelect idea). A key that finds its region full waits in its thread
+// (a bit of a pending mask) until the next flush, so the room needed does not grow with
+// the rows a block scores at once.
 struct ScanPools {
   uint64_t* regions;
   uint64_t* floors;
@@ -132,17 +134,30 @@ MKFAST_HOST_DEVICE int claim_slot(int* count) {
 #endif
 }
 
-// Appends `key` to query q's candidates; the caller has checked key > floors[q].
-MKFAST_HOST_DEVICE void append_candidate(const ScanPools& pools, int query, uint64_t key) {
-  pools.regions[query * pools.length + pools.pool + claim_slot(pools.counts + query)] = key;
+// Stores a candidate of query q that beats floors[q]; false if the region is full (the
+// claimed count then exceeds the room, which tells the block to flush).
+MKFAST_HOST_DEVICE bool try_store(const ScanPools& pools, int query, uint64_t key) {
+  const int slot = claim_slot(pools.counts + query);
+  if (slot >= pools.length - pools.pool) return false;
+  pools.regions[query * pools.length + pools.pool + slot] = key;
+  return true;
 }
 
-// Whether a region could overflow during the next tile (`rows_per_tile` more candidates).
-MKFAST_HOST_DEVICE bool must_flush(const ScanPools& pools, int rows_per_tile) {
+// Whether a region is full or half full: flushing then keeps later keys from waiting.
+MKFAST_HOST_DEVICE bool must_flush(const ScanPools& pools) {
   for (int q = 0; q < pools.queries; ++q) {
-    if (pools.counts[q] > pools.length - pools.pool - rows_per_tile) return true;
+    if (2 * pools.counts[q] >= pools.length - pools.pool) return true;
   }
   return false;
+}
+
+// Whether any thread of the block passes `value` (a barrier on the device).
+MKFAST_HOST_DEVICE bool block_any(bool value) {
+#ifdef __CUDA_ARCH__
+  return __syncthreads_or(value) != 0;
+#else
+  return value;
+#endif
 }
 
 // Empties every region: zero keys, zero floors (nothing to beat), no candidates.
@@ -159,17 +174,17 @@ MKFAST_HOST_DEVICE void clear_pools(const ScanPools& pools, int thread, int thre
   sync();
 }
 
-// Folds the appended candidates into the pools: zero the slots past them, sort each region,
+// Folds the stored candidates into the pools: zero the slots past them, sort each region,
 // and raise the floors to the new worst kept key (0 while a pool is not full).
 #ifdef __CUDACC__
 #pragma nv_exec_check_disable
 #endif
 template <typename Sync>
 MKFAST_HOST_DEVICE void flush_pools(const ScanPools& pools, int thread, int threads, const Sync& sync) {
-  const int tail = pools.length - pools.pool;
-  for (int i = thread; i < pools.queries * tail; i += threads) {
-    const int q = i / tail;
-    const int slot = i % tail;
+  const int room = pools.length - pools.pool;
+  for (int i = thread; i < pools.queries * room; i += threads) {
+    const int q = i / room;
+    const int slot = i % room;
     if (slot >= pools.counts[q]) pools.regions[q * pools.length + pools.pool + slot] = 0;
   }
   sync();
@@ -180,6 +195,50 @@ MKFAST_HOST_DEVICE void flush_pools(const ScanPools& pools, int thread, int thre
   }
   sync();
 }
+
+// One scan step's selection: every thread offers its pending keys (`offer(pending)` returns
+// the bits still waiting for room), the pools are flushed when a key waits or a region is
+// half full, and the waiting keys are offered again against the raised floors until none is
+// left. Every thread of the block calls this.
+#ifdef __CUDACC__
+#pragma nv_exec_check_disable
+#endif
+template <typename Offer, typename Sync>
+MKFAST_HOST_DEVICE void select_step(const ScanPools& pools, uint64_t pending, const Offer& offer, int thread,
+                                    int threads, const Sync& sync) {
+  while (true) {
+    pending = offer(pending);
+    const bool waiting = block_any(pending != 0);
+    const bool flush = waiting || must_flush(pools);
+    sync();  // every thread has read the counts before a flush or the next step changes them
+    if (flush) flush_pools(pools, thread, threads, sync);
+    if (!waiting) return;
+  }
+}
+
+// Tensor-core fragments of mma.sync m16n8k16 (fp16/bf16 in, fp32 accumulate). Lane
+// l = 4g + t loads 8 consecutive dims [8t, 8t + 8) of a 32-dim chunk as 4 words (2 dims
+// each) from memory row g of an 8-row tile (B) and from query rows g and g + 8 of a
+// 16-query tile (A). Step s (0, 1) of the chunk contracts words 2s and 2s + 1 of every
+// lane: A = {query g: w[2s], query g+8: w[2s], query g: w[2s+1], query g+8: w[2s+1]},
+// B = {row g: w[2s], w[2s+1]}. The hardware pairs A's and B's k positions, so both see the
+// same dims; which dims meet in which step is fixed, so a score's order depends on d alone.
+MKFAST_HOST_DEVICE int lane_row(int lane) { return lane >> 2; }
+MKFAST_HOST_DEVICE int lane_first_dim(int lane) { return 8 * (lane & 3); }
+
+MKFAST_HOST_DEVICE void step_fragments(int step, const uint32_t* query_words, const uint32_t* query_words_8,
+                                       const uint32_t* row_words, uint32_t* a, uint32_t* b) {
+  a[0] = query_words[2 * step];
+  a[1] = query_words_8[2 * step];
+  a[2] = query_words[2 * step + 1];
+  a[3] = query_words_8[2 * step + 1];
+  b[0] = row_words[2 * step];
+  b[1] = row_words[2 * step + 1];
+}
+
+// The (query in the 16-query tile, row in the 8-row tile) of a lane's accumulator c (0..3).
+MKFAST_HOST_DEVICE int accumulator_query(int lane, int c) { return (lane >> 2) + 8 * (c >> 1); }
+MKFAST_HOST_DEVICE int accumulator_row(int lane, int c) { return 2 * (lane & 3) + (c & 1); }
 
 }  // namespace topk
 }  // namespace mkfast

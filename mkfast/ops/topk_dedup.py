@@ -18,8 +18,9 @@ Numerics, kept by every backend:
     identically and so tie, and ties go to the lower index on every backend.
     Rows with different contents may still differ in the last bits of their
     scores from one backend to another (summation orders differ). Tested on the
-    reference, cpu and Triton (interpreter) backends; the cuda backend's cuBLAS
-    chunks (the last one has another shape) are not held to it yet;
+    reference, cpu and Triton (interpreter) backends; the cuda backend scores in
+    one fixed order per dtype pair too (csrc/cuda/topk_dedup_cuda.cu), its tests
+    run on a GPU;
   - a NaN score (NaN in the queries or memory, or inf times 0) cannot be ranked:
     the op raises ValueError naming the query rather than drop or misplace the row;
   - the outputs carry no gradient (requires_grad=False): indices are not

@@ -70,75 +70,86 @@ void test_regions_sort_descending_independently() {
   }
 }
 
-// One scan block's selection over rows [start, end), as _fused_scan_kernel runs it: per tile,
-// keys that beat the floor are appended, then the pools are flushed when the next tile could
-// overflow them, and once more at the end. Returns each query's best `pool` keys.
+// One scan block's selection over rows [start, end), as the scan kernels run it, with one
+// host thread holding all scores of a step (queries x rows_per_step <= 64 pending bits).
+// `room` free slots per region (the kernels use 64): small ones make keys wait for flushes.
 std::vector<std::vector<uint64_t>> scan_segment(const std::vector<std::vector<float>>& scores, int64_t start,
-                                                int64_t end, int pool, int tile_rows, int* flushes) {
+                                                int64_t end, int pool, int room, int rows_per_step,
+                                                int* waits) {
   const int queries = static_cast<int>(scores.size());
-  const int length = sort_length(pool + tile_rows);
+  const int length = sort_length(pool + room);
   std::vector<uint64_t> regions(queries * length);
   std::vector<uint64_t> floors(queries);
   std::vector<int> counts(queries);
   const ScanPools pools{regions.data(), floors.data(), counts.data(), queries, pool, length};
   clear_pools(pools, 0, 1, NoSync{});
-  for (int64_t tile = start; tile < end; tile += tile_rows) {
-    for (int64_t row = tile; row < std::min<int64_t>(tile + tile_rows, end); ++row) {
-      for (int q = 0; q < queries; ++q) {
+  for (int64_t step = start; step < end; step += rows_per_step) {
+    const int rows = static_cast<int>(std::min<int64_t>(rows_per_step, end - step));
+    uint64_t pending = rows * queries == 64 ? ~uint64_t{0} : (uint64_t{1} << (rows * queries)) - 1;
+    int offers = 0;
+    const auto offer = [&](uint64_t waiting) {
+      ++offers;
+      for (int bit = 0; bit < rows * queries; ++bit) {
+        const int q = bit % queries;
+        const int64_t row = step + bit / queries;
         const uint64_t key = make_key(scores[q][row], row);
-        if (key > floors[q]) append_candidate(pools, q, key);
+        if (((waiting >> bit) & 1) && (key <= floors[q] || try_store(pools, q, key))) {
+          waiting &= ~(uint64_t{1} << bit);
+        }
       }
-    }
-    if (must_flush(pools, tile_rows)) {
-      flush_pools(pools, 0, 1, NoSync{});
-      ++*flushes;
-    }
-    for (int q = 0; q < queries; ++q) check(counts[q] <= length - pool, "a region never overflows", counts[q]);
+      return waiting;
+    };
+    select_step(pools, pending, offer, 0, 1, NoSync{});
+    *waits += offers - 1;
   }
   flush_pools(pools, 0, 1, NoSync{});
   std::vector<std::vector<uint64_t>> best(queries);
-  for (int q = 0; q < queries; ++q) best[q].assign(regions.begin() + q * length, regions.begin() + q * length + pool);
+  for (int q = 0; q < queries; ++q) {
+    best[q].assign(regions.begin() + q * length, regions.begin() + q * length + pool);
+  }
   return best;
 }
 
 void test_segment_pools_and_their_merge_equal_a_full_sort() {
   std::mt19937 random(2);
-  int flushes = 0;
+  int waits = 0;
   // Scores on a coarse grid: many exact ties, which must come lower index first. Rising
-  // scores make late rows beat the floor, so pools are flushed in the middle of segments.
+  // scores for query 1 make late rows beat the floor, so pools are flushed mid-segment.
   for (int pool : {1, 7, 32, 256}) {
-    for (int64_t num_rows : {5, 700, 4099}) {
-      const int queries = 3;
-      const int tile_rows = 64;
-      std::vector<std::vector<float>> scores(queries, std::vector<float>(num_rows));
-      for (int q = 0; q < queries; ++q) {
-        for (int64_t row = 0; row < num_rows; ++row) {
-          const float trend = q == 1 ? static_cast<float>(row) / num_rows : 0.f;
-          scores[q][row] = static_cast<float>(random() % 16) / 8.f - 1.f + trend;
+    for (int room : {2, 9, 64}) {
+      for (int64_t num_rows : {5, 700, 4099}) {
+        const int queries = 3;
+        const int rows_per_step = 21;  // 63 pending bits
+        std::vector<std::vector<float>> scores(queries, std::vector<float>(num_rows));
+        for (int q = 0; q < queries; ++q) {
+          for (int64_t row = 0; row < num_rows; ++row) {
+            const float trend = q == 1 ? static_cast<float>(row) / num_rows : 0.f;
+            scores[q][row] = static_cast<float>(random() % 16) / 8.f - 1.f + trend;
+          }
         }
-      }
-      // Segments of 3 tiles, the last one ragged, then the merge: one sort of all their keys.
-      const int64_t segment_rows = 3 * tile_rows;
-      std::vector<std::vector<uint64_t>> merged(queries);
-      for (int64_t start = 0; start < num_rows; start += segment_rows) {
-        const auto best = scan_segment(scores, start, std::min(start + segment_rows, num_rows), pool, tile_rows,
-                                       &flushes);
-        for (int q = 0; q < queries; ++q) merged[q].insert(merged[q].end(), best[q].begin(), best[q].end());
-      }
-      for (int q = 0; q < queries; ++q) {
-        std::vector<uint64_t> keys = merged[q];
-        keys.resize(sort_length(static_cast<int>(keys.size())), 0);
-        sort_regions_descending(keys.data(), 1, static_cast<int>(keys.size()), 0, 1, NoSync{});
-        std::vector<uint64_t> expected(num_rows);
-        for (int64_t row = 0; row < num_rows; ++row) expected[row] = make_key(scores[q][row], row);
-        std::sort(expected.begin(), expected.end(), std::greater<uint64_t>());
-        expected.resize(pool, 0);  // pools larger than the memory end in empty keys
-        keys.resize(pool);
-        check(keys == expected, "segment pools merged = the best `pool` of the whole ranked list", pool);
+        // Segments of 5 steps, the last one ragged, then the merge: one sort of all their keys.
+        const int64_t segment_rows = 5 * rows_per_step;
+        std::vector<std::vector<uint64_t>> merged(queries);
+        for (int64_t start = 0; start < num_rows; start += segment_rows) {
+          const auto best = scan_segment(scores, start, std::min(start + segment_rows, num_rows), pool, room,
+                                         rows_per_step, &waits);
+          for (int q = 0; q < queries; ++q) merged[q].insert(merged[q].end(), best[q].begin(), best[q].end());
+        }
+        for (int q = 0; q < queries; ++q) {
+          std::vector<uint64_t> keys = merged[q];
+          keys.resize(sort_length(static_cast<int>(keys.size())), 0);
+          sort_regions_descending(keys.data(), 1, static_cast<int>(keys.size()), 0, 1, NoSync{});
+          std::vector<uint64_t> expected(num_rows);
+          for (int64_t row = 0; row < num_rows; ++row) expected[row] = make_key(scores[q][row], row);
+          std::sort(expected.begin(), expected.end(), std::greater<uint64_t>());
+          expected.resize(pool, 0);  // pools larger than the memory end in empty keys
+          keys.resize(pool);
+          check(keys == expected, "segment pools merged = the best `pool` of the whole ranked list", pool);
+        }
       }
     }
   }
-  check(flushes > 0, "some pools were flushed in the middle of a segment", flushes);
+  check(waits > 0, "some keys waited for a flush and were offered again", waits);
 }
 
 // The score of the kernel: dims staged `tile_dims` at a time, zero past `dim`, four lanes.
@@ -179,6 +190,89 @@ void test_score_order_depends_on_dim_alone() {
   }
 }
 
+// mma.sync m16n8k16 as the PTX manual lays out its fragments (written apart from the
+// kernel's helpers): A 16x16 row-major, B 16x8 column-major, bf16 in, exact here in double.
+// a[lane][r], r = 0..3: row lane/4 + 8 (r % 2), k = 2 (lane % 4) + 8 (r / 2) + {0, 1};
+// b[lane][r], r = 0..1: column lane/4, k = 2 (lane % 4) + 8 r + {0, 1};
+// c[lane][r], r = 0..3: row lane/4 + 8 (r / 2), column 2 (lane % 4) + r % 2. Low half first.
+float bf16_value(uint32_t bits) { return bits_float(bits << 16); }
+
+void reference_mma(const uint32_t (*a)[4], const uint32_t (*b)[2], float (*c)[4]) {
+  double A[16][16] = {}, B[16][8] = {};
+  for (int lane = 0; lane < 32; ++lane) {
+    for (int r = 0; r < 4; ++r) {
+      for (int h = 0; h < 2; ++h) {
+        const float value = bf16_value((a[lane][r] >> (16 * h)) & 0xFFFFu);
+        A[lane / 4 + 8 * (r % 2)][2 * (lane % 4) + 8 * (r / 2) + h] = value;
+      }
+    }
+    for (int r = 0; r < 2; ++r) {
+      for (int h = 0; h < 2; ++h) {
+        B[2 * (lane % 4) + 8 * r + h][lane / 4] = bf16_value((b[lane][r] >> (16 * h)) & 0xFFFFu);
+      }
+    }
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    for (int r = 0; r < 4; ++r) {
+      double sum = c[lane][r];
+      for (int k = 0; k < 16; ++k) sum += A[lane / 4 + 8 * (r / 2)][k] * B[k][2 * (lane % 4) + r % 2];
+      c[lane][r] = static_cast<float>(sum);
+    }
+  }
+}
+
+void test_tensor_core_fragments_score_every_query_row_pair() {
+  // Small integers in bf16: every product and sum is exact, so any misplaced dim shows.
+  std::mt19937 random(4);
+  for (int dim : {32, 96, 40, 7}) {
+    std::vector<uint16_t> queries(16 * dim), rows(8 * dim);
+    const auto small_integer = [&]() {
+      return static_cast<uint16_t>(float_bits(static_cast<float>(random() % 9) - 4.f) >> 16);
+    };
+    for (auto& value : queries) value = small_integer();
+    for (auto& value : rows) value = small_integer();
+    // A lane's 4 words of dims [first, first + 8) of a row, zero past dim (the kernel's loads).
+    const auto words_of = [&](const std::vector<uint16_t>& matrix, int row, int first, uint32_t* words) {
+      for (int w = 0; w < 4; ++w) {
+        const int d = first + 2 * w;
+        const uint32_t low = d < dim ? matrix[row * dim + d] : 0;
+        const uint32_t high = d + 1 < dim ? matrix[row * dim + d + 1] : 0;
+        words[w] = low | (high << 16);
+      }
+    };
+    float c[32][4] = {};
+    for (int chunk = 0; chunk < dim; chunk += 32) {
+      uint32_t query_words[32][4], query_words_8[32][4], row_words[32][4];
+      for (int lane = 0; lane < 32; ++lane) {
+        const int first = chunk + lane_first_dim(lane);
+        words_of(queries, lane_row(lane), first, query_words[lane]);
+        words_of(queries, lane_row(lane) + 8, first, query_words_8[lane]);
+        words_of(rows, lane_row(lane), first, row_words[lane]);
+      }
+      for (int step = 0; step < 2; ++step) {
+        uint32_t a[32][4], b[32][2];
+        for (int lane = 0; lane < 32; ++lane) {
+          step_fragments(step, query_words[lane], query_words_8[lane], row_words[lane], a[lane], b[lane]);
+        }
+        reference_mma(a, b, c);
+      }
+    }
+    for (int lane = 0; lane < 32; ++lane) {
+      for (int r = 0; r < 4; ++r) {
+        const int query = accumulator_query(lane, r);
+        const int row = accumulator_row(lane, r);
+        double expected = 0;
+        for (int d = 0; d < dim; ++d) {
+          const double product = static_cast<double>(bf16_value(queries[query * dim + d])) *
+                                 bf16_value(rows[row * dim + d]);
+          expected += product;
+        }
+        check(c[lane][r] == static_cast<float>(expected), "accumulator = the (query, row) dot product", dim);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -186,6 +280,7 @@ int main() {
   test_regions_sort_descending_independently();
   test_segment_pools_and_their_merge_equal_a_full_sort();
   test_score_order_depends_on_dim_alone();
+  test_tensor_core_fragments_score_every_query_row_pair();
   if (failures == 0) std::printf("topk_select: all checks passed\n");
   return failures == 0 ? 0 : 1;
 }
