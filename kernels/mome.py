@@ -50,9 +50,8 @@ The frozen GEMMs move 2 * (3 I d + 2 Iv d) FLOPs per token each way (0.29 GFLOP)
 H100 SXM's spec 3.35 TB/s and 989 TFLOP/s bf16 dense, 106 K elements (212 KB) would add up to
 ~22% of the GEMMs' time in backward if none of it overlapped them. Reads per wide tensor in
 backward: g 2, x 2, pre-activations 1, d(pre) 1, scaled_grad 1. The rank-r side traffic left out
-above: grad_hidden writes d(pre) B per column block, (2 I + Iv) / BLOCK_N * r fp32 per token
-(2.9 K fp32 at 64-wide tiles, 5.8 K elements' worth), read once by its sum. A static count, not a
-measurement.
+above: grad_hidden writes d(pre) B per 64-column half-tile, (2 I + Iv) / 64 * r fp32 per token
+(2.9 K fp32, 5.8 K elements' worth), read once by its sum. A static count, not a measurement.
 """
 
 from __future__ import annotations
