@@ -395,7 +395,7 @@ def _mome_out_lowrank_grad_kernel(
 @triton.jit
 def _rank_update(grad_tile, lora_B_ptr, lowrank_ptr, lowrank_stride, lowrank_grad_partial_ptr,
                  lora_B_grad_ptr,
-                 rows, cols, ranks, row_mask, col_mask, rank, width, partial_stride, col_block, lora_scale,
+                 rows, cols, ranks, row_mask, col_mask, rank, partial_stride, col_block, lora_scale,
                  PRECISION: tl.constexpr):
     """The rank-r products of one first-layer gradient tile d(pre) (BLOCK_M, BLOCK_N), as stored.
 
@@ -460,12 +460,12 @@ def _grad_hidden_epilogue(
         tl.store(second_grad_ptr + offsets, second_grad, mask=mask)
         _rank_update(second_grad, second_lora_B_ptr, second_lowrank_ptr, lowrank_stride,
                      second_lowrank_grad_ptr, second_lora_B_grad_ptr, rows, cols, ranks, row_mask, col_mask,
-                     rank, width, partial_stride, col_block, lora_scale, PRECISION)
+                     rank, partial_stride, col_block, lora_scale, PRECISION)
         acc = acc * second
     first_grad = (acc * (sigmoid + silu * (1.0 - sigmoid))).to(dtype)  # silu' = s + silu (1 - s)
     tl.store(first_grad_ptr + offsets, first_grad, mask=mask)
     _rank_update(first_grad, first_lora_B_ptr, first_lowrank_ptr, lowrank_stride, first_lowrank_grad_ptr,
-                 first_lora_B_grad_ptr, rows, cols, ranks, row_mask, col_mask, rank, width, partial_stride,
+                 first_lora_B_grad_ptr, rows, cols, ranks, row_mask, col_mask, rank, partial_stride,
                  col_block, lora_scale, PRECISION)
 
 
