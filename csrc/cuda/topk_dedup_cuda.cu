@@ -343,26 +343,39 @@ __global__ void __launch_bounds__(kScanThreads)
         query_data[m][half] = queries + (block.first_query + query) * dim + first_dim;
       }
     }
-    for (int64_t dim_start = 0; dim_start < dim; dim_start += 32) {
-      // Whole aligned chunks (all but a ragged last one) take straight-line 16-byte loads.
-      const bool whole = aligned && dim_start + 32 <= dim;
-      const int valid = static_cast<int>(smaller<int64_t>(8, dim - dim_start - first_dim));
-      const auto load = [&](const scalar_t* source, uint32_t* words) {
-        const uint4 loaded = whole ? __ldg(reinterpret_cast<const uint4*>(source + dim_start))
-                                   : load_eight(source + dim_start, valid);
-        words[0] = loaded.x;
-        words[1] = loaded.y;
-        words[2] = loaded.z;
-        words[3] = loaded.w;
+    // A lane's 8 dims of a 32-dim chunk from each of `count` rows: straight-line 16-byte loads
+    // for whole aligned chunks (all but a ragged last one), element by element otherwise.
+    const auto load_chunk = [&](const scalar_t* const* sources, int count, int64_t dim_start,
+                                uint32_t (*words)[4]) {
+      const auto keep = [](const uint4& loaded, uint32_t* destination) {
+        destination[0] = loaded.x;
+        destination[1] = loaded.y;
+        destination[2] = loaded.z;
+        destination[3] = loaded.w;
       };
-      uint32_t row_words[kRowTiles][4];
+      if (aligned && dim_start + 32 <= dim) {
 #pragma unroll
-      for (int n = 0; n < kRowTiles; ++n) load(row_data[n], row_words[n]);
+        for (int i = 0; i < count; ++i) {
+          keep(__ldg(reinterpret_cast<const uint4*>(sources[i] + dim_start)), words[i]);
+        }
+      } else {
+        const int valid = static_cast<int>(smaller<int64_t>(8, dim - dim_start - first_dim));
+#pragma unroll
+        for (int i = 0; i < count; ++i) keep(load_eight(sources[i] + dim_start, valid), words[i]);
+      }
+    };
+    // The memory rows of the next chunk are loaded before this chunk's mma, so they are in
+    // flight while the tensor cores work (one block of 8 warps per SM at 64 queries).
+    uint32_t row_words[kRowTiles][4];
+    load_chunk(row_data, kRowTiles, 0, row_words);
+    for (int64_t dim_start = 0; dim_start < dim; dim_start += 32) {
+      uint32_t next_words[kRowTiles][4];
+      const bool more = dim_start + 32 < dim;
+      if (more) load_chunk(row_data, kRowTiles, dim_start + 32, next_words);
 #pragma unroll
       for (int m = 0; m < kQueryTiles; ++m) {
         uint32_t query_words[2][4];  // the queries are hot in L1: loaded per m-tile, not all at once
-        load(query_data[m][0], query_words[0]);
-        load(query_data[m][1], query_words[1]);
+        load_chunk(query_data[m], 2, dim_start, query_words);
 #pragma unroll
         for (int step = 0; step < 2; ++step) {
 #pragma unroll
@@ -371,6 +384,13 @@ __global__ void __launch_bounds__(kScanThreads)
             topk::step_fragments(step, query_words[0], query_words[1], row_words[n], a, b);
             mma_m16n8k16<scalar_t>(accumulators[m][n], a, b);
           }
+        }
+      }
+      if (more) {
+#pragma unroll
+        for (int n = 0; n < kRowTiles; ++n) {
+#pragma unroll
+          for (int w = 0; w < 4; ++w) row_words[n][w] = next_words[n][w];
         }
       }
     }
