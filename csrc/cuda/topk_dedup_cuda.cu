@@ -33,7 +33,6 @@
 // Written without a GPU at hand: compiled here (`mkfast audit --kernels cuda` reads the ptxas
 // figures), run by the tests marked `cuda`; no speed has been measured.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 // c10 headers only: ATen/cuda/CUDAContext.h pulls in cuSPARSE/cuBLAS headers,
 // which a minimal toolkit (nvcc + runtime) does not ship.
 #include <c10/cuda/CUDAException.h>
@@ -102,26 +101,25 @@ struct BlockSync {
   __device__ __forceinline__ void operator()() const { __syncthreads(); }
 };
 
-// Four consecutive elements of a row as fp32, zeros past `valid`; one 8- or 16-byte load
-// when the row is aligned (fp32, fp16, bf16), element by element otherwise.
-template <typename scalar_t>
-__device__ __forceinline__ float4 load_four(const scalar_t* source, int valid, bool aligned) {
-  if constexpr (sizeof(scalar_t) == 4) {
-    if (aligned && valid == 4) return *reinterpret_cast<const float4*>(source);
-  } else if constexpr (sizeof(scalar_t) == 2) {
-    if (aligned && valid == 4) {
-      const uint2 raw = *reinterpret_cast<const uint2*>(source);
-      const auto element = [](uint32_t bits) {
-        return static_cast<float>(scalar_t(static_cast<uint16_t>(bits), scalar_t::from_bits()));
-      };
-      return make_float4(element(raw.x & 0xFFFFu), element(raw.x >> 16), element(raw.y & 0xFFFFu),
-                         element(raw.y >> 16));
-    }
-  }
-  float values[4];
+// Four consecutive elements of a row as fp32. kWhole: one 8- or 16-byte load (fp16/bf16, fp32;
+// the caller checked the alignment), else element by element with zeros past `valid`.
+template <bool kWhole, typename scalar_t>
+__device__ __forceinline__ float4 load_four(const scalar_t* source, int valid) {
+  if constexpr (kWhole && sizeof(scalar_t) == 4) {
+    return __ldg(reinterpret_cast<const float4*>(source));
+  } else if constexpr (kWhole && sizeof(scalar_t) == 2) {
+    const uint2 raw = __ldg(reinterpret_cast<const uint2*>(source));
+    const auto element = [](uint32_t bits) {
+      return static_cast<float>(scalar_t(static_cast<uint16_t>(bits), scalar_t::from_bits()));
+    };
+    return make_float4(element(raw.x & 0xFFFFu), element(raw.x >> 16), element(raw.y & 0xFFFFu),
+                       element(raw.y >> 16));
+  } else {
+    float values[4];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) values[j] = j < valid ? static_cast<float>(source[j]) : 0.f;
-  return make_float4(values[0], values[1], values[2], values[3]);
+    for (int j = 0; j < 4; ++j) values[j] = j < valid ? static_cast<float>(source[j]) : 0.f;
+    return make_float4(values[0], values[1], values[2], values[3]);
+  }
 }
 
 __device__ __forceinline__ bool is_excluded(const int64_t* excluded, int64_t width, int64_t index) {
@@ -204,12 +202,23 @@ __global__ void __launch_bounds__(kScanThreads)
     for (int64_t dim_start = 0; dim_start < dim; dim_start += kTileDims) {
       const int dims_here = static_cast<int>(smaller<int64_t>(kTileDims, dim - dim_start));
       __syncthreads();  // every thread is done reading the previous tiles
-      for (int i = thread; i < kTileRows * (kTileDims / 4); i += kScanThreads) {
-        const int row = i / (kTileDims / 4);
-        const int column = (i % (kTileDims / 4)) * 4;
-        const int valid = row < tile_rows ? smaller(4, dims_here - column) : 0;
-        const scalar_t* source = memory + (tile_start + row) * dim + dim_start + column;
-        *reinterpret_cast<float4*>(row_tile + row * kTileStride + column) = load_four(source, valid, aligned);
+      // Rows past the segment read its last row (their scores are never used); whole aligned
+      // chunks (all but a ragged last one) take straight-line vector loads.
+      const auto stage_rows = [&](auto whole) {
+#pragma unroll
+        for (int i = thread; i < kTileRows * (kTileDims / 4); i += kScanThreads) {
+          const int row = i / (kTileDims / 4);
+          const int column = (i % (kTileDims / 4)) * 4;
+          const int64_t memory_row = tile_start + smaller(row, tile_rows - 1);
+          const scalar_t* source = memory + memory_row * dim + dim_start + column;
+          *reinterpret_cast<float4*>(row_tile + row * kTileStride + column) =
+              load_four<decltype(whole)::value>(source, dims_here - column);
+        }
+      };
+      if (aligned && dims_here == kTileDims) {
+        stage_rows(std::true_type{});
+      } else {
+        stage_rows(std::false_type{});
       }
       for (int i = thread; i < kQueries * kTileDims; i += kScanThreads) {
         const int query = i / kTileDims;
@@ -731,9 +740,24 @@ std::tuple<at::Tensor, at::Tensor> topk_dedup_cuda(const at::Tensor& queries, co
   const at::Tensor memory_rows = memory.contiguous();
   const at::Tensor scan_queries =
       uses_tensor_cores(queries, memory_rows) ? queries.contiguous() : queries.to(at::kFloat).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory_rows.scalar_type(), "topk_dedup_cuda", [&] {
+  // The dtypes the op accepts (mkfast/ops/topk_dedup.py checks them first).
+  const auto run = [&]<typename scalar_t>() {
     topk_dedup_cuda_impl<scalar_t>(scan_queries, memory_rows, k, threshold, exclude_rows, scores, indices);
-  });
+  };
+  switch (memory_rows.scalar_type()) {
+    case at::kFloat:
+      run.template operator()<float>();
+      break;
+    case at::kHalf:
+      run.template operator()<at::Half>();
+      break;
+    case at::kBFloat16:
+      run.template operator()<at::BFloat16>();
+      break;
+    default:
+      TORCH_CHECK_TYPE(false, "topk_dedup_native: memory must be float32/float16/bfloat16 on CUDA, got ",
+                       memory_rows.scalar_type());
+  }
   return {scores, indices};
 }
 
