@@ -460,3 +460,17 @@ def test_cuda_widening_through_every_pool_size(cluster_size):
     queries = torch.cat([query, F.normalize(torch.randn(8, query.shape[1]), dim=-1)])
     indices = _assert_matches_reference("cuda", queries.cuda(), memory.cuda(), 5)
     assert (indices[0] >= 0).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,query_dtype", [(torch.bfloat16, None), (torch.float16, None),
+                                               (torch.float32, None), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("dim", [100, 768])
+def test_cuda_wide_query_blocks_with_exclusions_match_reference(dtype, query_dtype, dim):
+    # 70 queries: a 64-query tensor-core block and a ragged one for fp16/bf16 (8-query CUDA-core
+    # blocks for fp32 and for fp32 queries on bf16 memory); d=100 takes the element-wise loads,
+    # 768 the aligned vector ones; 3001 rows end in a ragged tile.
+    memory = _memory_with_near_duplicates(3001, dim, dtype).cuda()
+    queries = _queries_near_rows(memory, 70).to(query_dtype or dtype)
+    exclude = torch.randint(-1, 3001, (70, 3)).cuda()
+    _assert_matches_reference("cuda", queries, memory, 8, exclude=exclude)
