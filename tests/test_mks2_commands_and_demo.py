@@ -102,26 +102,70 @@ def test_colour_is_in_the_images_and_in_no_caption_or_pretraining_text():
 def test_held_out_answers_are_balanced_so_any_constant_answer_scores_one_half():
     from mkfast.data.colour_digits import (
         COLOUR_NAMES,
+        SPLITS_PER_CYCLE,
         colour_split,
         constant_answer_accuracy,
         held_out_questions,
         stage2_instructions,
     )
 
-    held_out_sets = set()
     for index in SPLITS:
         split = colour_split(index)
         items = held_out_questions(split)
         assert {constant_answer_accuracy(items, colour) for colour in COLOUR_NAMES} == {0.5}
         # The training classes are balanced too: their majority colour is no prior either.
         training_colours = [split.colour_of[digit] for digit in split.training_classes]
-        assert training_colours.count(0) == training_colours.count(1) == 3
+        assert training_colours.count(0) == training_colours.count(1) == 4
         prompts, responses = stage2_instructions(split)
         for digit in split.held_out:  # stage 2 never names a held-out class with a colour
             assert not any(DIGIT_NAMES[digit] in prompt.split() and response in COLOUR_NAMES
                            for prompt, response in zip(prompts, responses, strict=True))
-        held_out_sets.add(split.held_out)
-    assert len(held_out_sets) == len(SPLITS)  # rotating the split rotates the held-out classes
+    # A cycle keeps one colouring and asks about every class once; the next cycle colours anew.
+    cycles = [[colour_split(cycle * SPLITS_PER_CYCLE + position) for position in range(SPLITS_PER_CYCLE)]
+              for cycle in range(2)]
+    for splits in cycles:
+        assert len({split.colour_of for split in splits}) == 1
+        assert sorted(digit for split in splits for digit in split.held_out) == list(range(10))
+    assert cycles[0][0].colour_of != cycles[1][0].colour_of
+
+
+def test_attribute_share_is_one_for_attribute_only_features_and_one_ninth_on_average_by_chance():
+    import itertools
+
+    import numpy as np
+
+    from mkfast.mks2.probes import attribute_share
+
+    rng = np.random.default_rng(0)
+    classes = np.repeat(np.arange(10), 3)
+    attribute = {digit: int(digit in (1, 4, 5, 7, 8)) for digit in range(10)}
+    direction = rng.normal(size=6)
+    only_attribute = np.stack([direction * (2 * attribute[digit] - 1) for digit in classes])
+    assert attribute_share(only_attribute, classes, attribute) == pytest.approx(1.0)
+    # Over every five/five labelling of ten classes the share averages (groups - 1) / (classes - 1).
+    features = rng.normal(size=(30, 6))
+    shares = [attribute_share(features, classes, {digit: int(digit in half) for digit in range(10)})
+              for half in itertools.combinations(range(10), 5)]
+    assert np.mean(shares) == pytest.approx(1 / 9)
+
+
+def test_class_held_out_probe_reads_a_shared_direction_on_classes_it_never_saw():
+    import numpy as np
+
+    from mkfast.mks2.probes import class_held_out_probe
+
+    rng = np.random.default_rng(1)
+    classes = np.repeat(np.arange(10), 5)
+    colour = np.array([digit % 2 for digit in classes])
+    # Each class its own offset, a direction shared by the attribute as large, a little noise.
+    offsets = rng.normal(size=(10, 32))
+    shared = rng.normal(size=32)
+    features = offsets[classes] + np.outer(2 * colour - 1, shared) + rng.normal(size=(50, 32)) * 0.1
+    train = classes < 8
+    probe = class_held_out_probe(features[train], colour[train], classes[train])
+    assert probe.score(features[~train], colour[~train]) == 1.0
+    with pytest.raises(ValueError, match="one row each"):
+        class_held_out_probe(features[train], colour[train][:-1], classes[train])
 
 
 def test_inst_lora_starts_as_the_plain_model_and_trains_only_lora():
@@ -158,6 +202,9 @@ def test_tiny_demo_trains_every_arm_on_the_same_instructions_and_reports_claims(
             run["results"][arm]["held_out"]["acc"] for run in summary["runs"]]
     assert set(summary["probe"]) == {"mks2", "shuffled_pairs", "no_stage1"}
     assert ("note" in summary) == (not summary["probe_reads_held_out_colour"])
+    shares = {f"{part}_{arm}" for part in ("hidden", "head") for arm in summary["probe"]}
+    assert set(summary["colour_share"]) == {"image_features", *shares}
+    assert all(0.0 <= run["probe"]["mks2"]["colour_share_hidden"] <= 1.0 for run in summary["runs"])
     # Every random draw comes from the run's seed: neither the global generator's state before nor the
     # process a run goes to (a worker above, this one here) changes a result.
     torch.manual_seed(12345)

@@ -1,12 +1,15 @@
 """The MKS2 demo's data: visual knowledge that no text states, so only storage from images can supply it.
 
-Each digit class is drawn in one colour (red or blue); which colour a class gets is fixed per
-*split* (a seed), five classes of each. Captions name the digit and never a colour
-("a handwritten digit seven"), so the colour of a class is in the images only. Stage-2 text
-instructions ask "what colour is the digit X ?" for the split's training classes only; the
-held-out questions ask it for the other classes, two of each colour, so that answering any
-constant colour, or the colour most training classes have, scores exactly 0.5. Rotating the
-split rotates both the colour assignment and the held-out classes.
+Each digit class is drawn in one colour (red or blue), five classes of each. Captions name the
+digit and never a colour ("a handwritten digit seven"), so the colour of a class is in the
+images only. Stage-2 text instructions ask "what colour is the digit X ?" for the split's eight
+training classes only; the held-out questions ask it for the other two, one of each colour, so
+that answering any constant colour, or the colour most training classes have, scores exactly 0.5.
+
+Splits come in cycles of five: a cycle fixes which classes are red (drawn from the cycle's
+number) and its five splits hold out each (red, blue) pair of that colouring once, so over a
+cycle every class is asked about once. Eight training classes rather than six give stage 2 and
+the linear probe more classes to find a colour direction shared across classes in.
 
 The frozen vision encoder's stand-in pretrains on images coloured at random (colour
 independent of the class), as an off-the-shelf encoder knows colours but not this data's
@@ -25,7 +28,9 @@ from mkfast.data.digits import DIGIT_NAMES, ImageCaptionSplit
 # Ink RGB per colour: far apart in every channel, so a frozen encoder cannot miss the difference.
 COLOURS = {"red": (1.0, 0.15, 0.1), "blue": (0.1, 0.3, 1.0)}
 COLOUR_NAMES = tuple(COLOURS)
-HELD_OUT_PER_COLOUR = 2
+# One held-out class per colour and split; a cycle of five splits holds out every class once.
+HELD_OUT_PER_COLOUR = 1
+SPLITS_PER_CYCLE = 5
 INSTRUCTION_TEMPLATE = "[INST] {prompt} [/INST]"
 # Three phrasings of one question; the choice order inside the prompt alternates.
 COLOUR_QUESTIONS = ("what colour is the digit {name} ?", "is the digit {name} red or blue ?",
@@ -54,8 +59,10 @@ class ColourSplit:
 
 
 def colour_split(index: int) -> ColourSplit:
-    """Split ``index``: five classes of each colour, two of each held out (all drawn from ``index``)."""
-    rng = random.Random(f"colour-split-{index}")
+    """Split ``index``: the colouring of cycle ``index // SPLITS_PER_CYCLE`` (five classes of each
+    colour), holding out its ``index % SPLITS_PER_CYCLE``-th red and blue class."""
+    cycle, position = divmod(index, SPLITS_PER_CYCLE)
+    rng = random.Random(f"colour-cycle-{cycle}")
     digits = list(range(len(DIGIT_NAMES)))
     rng.shuffle(digits)
     half = len(digits) // len(COLOUR_NAMES)
@@ -65,7 +72,7 @@ def colour_split(index: int) -> ColourSplit:
         members = digits[colour * half:(colour + 1) * half]
         for digit in members:
             colour_of[digit] = colour
-        held_out += members[:HELD_OUT_PER_COLOUR]
+        held_out += members[position * HELD_OUT_PER_COLOUR:(position + 1) * HELD_OUT_PER_COLOUR]
     return ColourSplit(index, tuple(colour_of), tuple(sorted(held_out)))
 
 
