@@ -204,6 +204,30 @@ def test_quick_demo_trains_every_seed_and_reports_claims(tmp_path):
     assert not set(caption_digit(text) for text in run["training"].texts) & set(MEMORY_ONLY_CLASSES)
 
 
+def test_tied_generator_un_embeds_with_its_embedding_matrix():
+    from mkfast.racm3.generator import GeneratorConfig, build_generator
+
+    config = GeneratorConfig(hidden_size=32, num_layers=1, num_heads=2, num_key_value_heads=2,
+                             intermediate_size=64, max_sequence_length=16, tie_word_embeddings=True)
+    model = build_generator(50, config)
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    untied = build_generator(50, GeneratorConfig(**{**config.__dict__, "tie_word_embeddings": False}))
+    assert untied.lm_head.weight.data_ptr() != untied.get_input_embeddings().weight.data_ptr()
+
+
+@pytest.mark.slow
+def test_generators_in_worker_processes_give_the_in_process_results(tmp_path):
+    from dataclasses import replace
+
+    from mkfast.racm3.demo import QUICK, run_demo
+
+    sizes = replace(QUICK, vq_steps=2, clip_steps=2, generator_steps=3, batch_size=4, held_out_documents=4)
+    one, two = (run_demo(str(tmp_path / f"workers_{workers}"), sizes=sizes, workers=workers)
+                for workers in (1, 2))
+    assert one["per_seed"] == two["per_seed"] and len(one["per_seed"]) == len(QUICK.seeds)
+    assert one["claims"] == two["claims"]
+
+
 def test_image_caption_split_indexing():
     split = ImageCaptionSplit(torch.zeros(2, 3, 4, 4), torch.tensor([1, 2]), ["a", "b"])
     assert len(split) == 2 and split[1][1] == "b"

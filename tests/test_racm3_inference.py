@@ -347,7 +347,7 @@ def fake_demo_run(tmp_path_factory):
 
     demo = pytest.importorskip("mkfast.racm3.demo")
     from mkfast.data.digits import load_digits_pairs
-    from mkfast.racm3.encoder import MixedModalEncoder, SmallCLIPConfig, build_small_clip
+    from mkfast.racm3.encoder import MixedModalEncoder, build_small_clip
     from mkfast.racm3.image_tokenizer import VQGAN
     from mkfast.racm3.inference_demo import COMPONENTS_FILE, TRAINED_SEQUENCE_LENGTH
     from mkfast.racm3.knowledge import MEMORY_ONLY_CLASSES, SEEN_CLASSES, text_only_documents
@@ -357,7 +357,7 @@ def fake_demo_run(tmp_path_factory):
     train, _ = load_digits_pairs(image_size=demo.IMAGE_SIZE, seed=0)
     vocabulary = CM3Vocabulary.from_corpus(train.captions + text_only_documents(1),
                                            demo.DEMO_VQ.codebook_size, demo.DEMO_TEXT_VOCABULARY)
-    encoder = MixedModalEncoder(build_small_clip(SmallCLIPConfig(image_size=demo.IMAGE_SIZE)))
+    encoder = MixedModalEncoder(build_small_clip(demo.DEMO_CLIP))
     torch.save({"vq": VQGAN(demo.DEMO_VQ).state_dict(), "clip": encoder.clip.state_dict(),
                 "vocabulary": vocabulary.to_json()}, directory / COMPONENTS_FILE)
     config = GeneratorConfig(max_sequence_length=TRAINED_SEQUENCE_LENGTH)
@@ -408,13 +408,15 @@ def test_generate_command_writes_results_and_pngs(fake_demo_run, tmp_path):
     from PIL import Image
 
     from mkfast.cli import main
+    from mkfast.racm3.demo import IMAGE_SIZE
 
     main(["generate", "racm3", "--run-dir", fake_demo_run, "--caption", "a handwritten digit seven",
           "--samples", "2", "--retrieved", "2", "--top-k", "20", "--output-dir", str(tmp_path / "t2i")])
     record = json.loads((tmp_path / "t2i" / "results.json").read_text())
     assert record["task"] == "text_to_image" and len(record["images"]) == 2
     assert len(record["retrieved_texts"]) == len(record["retrieved"]) <= 2
-    assert Image.open(record["images"][0]).size == (32, 32) and (tmp_path / "t2i" / "grid.png").exists()
+    assert Image.open(record["images"][0]).size == (IMAGE_SIZE, IMAGE_SIZE)
+    assert (tmp_path / "t2i" / "grid.png").exists()
     main(["generate", "racm3", "--run-dir", fake_demo_run, "--image", record["images"][0], "--samples", "2",
           "--output-dir", str(tmp_path / "i2t")])
     caption = json.loads((tmp_path / "i2t" / "results.json").read_text())

@@ -24,6 +24,9 @@ class GeneratorConfig:
     max_sequence_length: int = 4096  # RA-CM3: 4096 tokens hold up to 3 documents
     rope_theta: float = 10000.0
     attention_implementation: str = "auto"
+    # One matrix embeds and un-embeds each token: a head that copies a token from a retrieved document
+    # then works for any token, also one never copied in training.
+    tie_word_embeddings: bool = False
 
 
 def _mkfast_attention_registered() -> bool:
@@ -66,7 +69,7 @@ def build_generator(vocabulary_size: int, config: GeneratorConfig | None = None,
         pad_token_id=pad_token_id,
         bos_token_id=None,
         eos_token_id=None,
-        tie_word_embeddings=False,
+        tie_word_embeddings=config.tie_word_embeddings,
     )
     llama_config._attn_implementation = attention_implementation(config.attention_implementation, device)
     return LlamaForCausalLM(llama_config).to(device)

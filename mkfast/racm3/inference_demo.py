@@ -34,7 +34,9 @@ import torch
 from mkfast.claims import paired_claim
 from mkfast.data.digits import caption_digit, digit_caption
 from mkfast.data.judge import DigitJudge, kernel_distance
+from mkfast.parallel import run_in_processes
 from mkfast.progress import progress_bar
+from mkfast.racm3.demo import cpu_seconds
 from mkfast.racm3.inference import NONSENSE_LABELS, RACM3Inference
 from mkfast.racm3.inference_commands import save_grid
 from mkfast.racm3.knowledge import MEMORY_ONLY_CLASSES
@@ -42,8 +44,8 @@ from mkfast.racm3.metrics import continuation_log_probabilities
 
 COMPONENTS_FILE = "components.pt"
 SHOTS = (1, 2, 4, 8)
-# Documents are ~75 tokens; the demo generator was trained on 256-token sequences (3 documents).
-TRAINED_SEQUENCE_LENGTH = 256
+# Documents are ~25 tokens; the demo generator was trained on 128-token sequences (3 documents).
+TRAINED_SEQUENCE_LENGTH = 128
 # Digit captions are 4-6 BPE tokens; 16 lets a wrong caption run on without wasting steps.
 DEMO_MAX_CAPTION_TOKENS = 16
 PAPER = "RA-CM3"
@@ -99,17 +101,17 @@ def load_generators(racm3_output_dir: str, seed: int, vocabulary_size: int, gene
 
 
 def load_demo_run(racm3_output_dir: str, cache_dir: str | None = None,
-                  device: torch.device | str = "cpu") -> dict:
-    """The demo's components, splits and corpora, and the first seed's generators, on ``device``.
+                  device: torch.device | str = "cpu", generator_seed: int | None = None) -> dict:
+    """The demo's components, splits and corpora, and one seed's generators, on ``device``.
 
-    cache_dir: unused, kept for callers of the older layout. Returns summary, generators (the
-    first seed's), tokenizer, encoder, vocabulary, train (every class: the memory's pairs),
-    held_out, memory and training corpora, seed.
+    cache_dir: unused, kept for callers of the older layout. generator_seed: whose generators
+    (default: the first seed's). Returns summary, generators, tokenizer, encoder, vocabulary,
+    train (every class: the memory's pairs), held_out, memory and training corpora, seed.
     """
     from mkfast.data.digits import load_digits_pairs
     from mkfast.racm3.components import load_components
-    from mkfast.racm3.demo import DEMO_VQ, IMAGE_SIZE, build_corpora
-    from mkfast.racm3.encoder import MixedModalEncoder, SmallCLIPConfig, build_small_clip
+    from mkfast.racm3.demo import DEMO_CLIP, DEMO_VQ, IMAGE_SIZE, build_corpora
+    from mkfast.racm3.encoder import MixedModalEncoder, build_small_clip
     from mkfast.racm3.image_tokenizer import VQGAN
     from mkfast.racm3.vocabulary import CM3Vocabulary
 
@@ -121,7 +123,7 @@ def load_demo_run(racm3_output_dir: str, cache_dir: str | None = None,
     components = load_components(os.path.join(racm3_output_dir, COMPONENTS_FILE))
     tokenizer = VQGAN(DEMO_VQ)
     tokenizer.load_state_dict(components["vq"])
-    encoder = MixedModalEncoder(build_small_clip(SmallCLIPConfig(image_size=IMAGE_SIZE)))
+    encoder = MixedModalEncoder(build_small_clip(DEMO_CLIP))
     encoder.clip.load_state_dict(components["clip"])
     tokenizer, encoder = tokenizer.to(device).eval(), encoder.to(device).eval()
     vocabulary = CM3Vocabulary.from_json(components["vocabulary"])
@@ -130,11 +132,12 @@ def load_demo_run(racm3_output_dir: str, cache_dir: str | None = None,
                          f"{summary['vocabulary_size']}")
     train, held_out = load_digits_pairs(image_size=IMAGE_SIZE, seed=summary["data_seed"])
     memory, training = build_corpora(vocabulary, encoder, train, tokenizer.encode(train.images), device)
-    generators = load_generators(racm3_output_dir, summary["seeds"][0], len(vocabulary), summary["generator"],
+    seed = summary["seeds"][0] if generator_seed is None else generator_seed
+    generators = load_generators(racm3_output_dir, seed, len(vocabulary), summary["generator"],
                                  vocabulary.pad_id, device)
     return {"summary": summary, "generators": generators, "tokenizer": tokenizer, "encoder": encoder,
             "vocabulary": vocabulary, "train": train, "held_out": held_out, "memory": memory,
-            "training": training, "seed": summary["seeds"][0], "replayed_components": False}
+            "training": training, "seed": seed, "replayed_components": False}
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -220,14 +223,20 @@ def _per_class(split, classes, count: int):
     return split.images[rows], split.labels[rows]
 
 
+TASKS = ("generation", "k_shot")
+
+
 def evaluate_seed(run: dict, generators: dict, seed: int, sizes: InferenceSizes, judge: DigitJudge,
-                  output_dir: str | None) -> dict:
-    """Every configuration's text-to-image and captioning on both class groups, and k-shot, for one seed."""
+                  output_dir: str | None, tasks: tuple[str, ...] = TASKS) -> dict:
+    """For one seed, the ``tasks``: "generation" (every configuration's text-to-image and captioning on
+    both class groups) and "k_shot"."""
     summary = run["summary"]
     groups = {"memory_only": tuple(summary["memory_only_classes"]), "seen": tuple(summary["seen_classes"])}
     held_out = run["held_out"]
     result: dict = {}
     for name, (generator_name, memory_name, k) in CONFIGURATIONS.items():
+        if "generation" not in tasks:
+            break
         pipeline = RACM3Inference(generators[generator_name], run[memory_name], run["tokenizer"],
                                   threshold=summary["threshold"])
         result[name] = {}
@@ -250,12 +259,23 @@ def evaluate_seed(run: dict, generators: dict, seed: int, sizes: InferenceSizes,
             captions = evaluate_image_to_text(pipeline, images, labels, k, sizes, seed,
                                               f"seed {seed} {name} captions, {group}")
             result[name][group] = {"text_to_image": text_to_image, "image_to_text": captions}
+    if "k_shot" not in tasks:
+        return result
     pipeline = RACM3Inference(generators["retrieval"], run["memory"], run["tokenizer"],
                               threshold=summary["threshold"])
     query_images, query_labels = _per_class(held_out, groups["memory_only"], len(held_out.labels))
     result["k_shot"] = evaluate_k_shot(pipeline, run["train"].labels, query_images, query_labels,
                                        sizes.classification_queries, seed, sizes.shots, groups["memory_only"])
     return result
+
+
+def evaluate_seed_task(racm3_output_dir: str, seed: int, task: str, sizes: InferenceSizes, judge: DigitJudge,
+                       output_dir: str | None, device: str) -> dict:
+    """:func:`evaluate_seed` for one seed and one task, loading what it needs from the racm3 stage's
+    files: module-level and fed picklable arguments, so :func:`mkfast.parallel.run_in_processes`
+    runs each in its own process."""
+    run = load_demo_run(racm3_output_dir, device=device, generator_seed=seed)
+    return evaluate_seed(run, run["generators"], seed, sizes, judge, output_dir, tasks=(task,))
 
 
 def inference_claims(per_seed: list[dict], shots: tuple[int, ...]) -> list[dict]:
@@ -289,23 +309,25 @@ def inference_claims(per_seed: list[dict], shots: tuple[int, ...]) -> list[dict]
 
 
 def run_inference_demo(racm3_output_dir: str, output_dir: str, quick: bool = False,
-                       sizes: InferenceSizes | None = None, device: torch.device | str = "cpu") -> dict:
+                       sizes: InferenceSizes | None = None, device: torch.device | str = "cpu",
+                       workers: int | None = None) -> dict:
     """Evaluate the demo's models on ``device``; writes inference_results.json and text_to_image_grid.png.
 
-    sizes: overrides QUICK / FULL (tests use a tiny one).
+    sizes: overrides QUICK / FULL (tests use a tiny one). workers: processes for the (seed, task)
+    evaluations (on a CPU one per core by default, one thread each, like this process).
     """
     threads = torch.get_num_threads()
     # Tiny models: one thread is as fast, and a busy 2-core machine made 2 threads 57x slower (measured).
     torch.set_num_threads(1)
     try:
-        return _run_inference_demo(racm3_output_dir, output_dir, quick, sizes, torch.device(device))
+        return _run_inference_demo(racm3_output_dir, output_dir, quick, sizes, torch.device(device), workers)
     finally:
         torch.set_num_threads(threads)
 
 
 def _run_inference_demo(racm3_output_dir: str, output_dir: str, quick: bool, sizes: InferenceSizes | None,
-                        device: torch.device) -> dict:
-    started = time.perf_counter()
+                        device: torch.device, workers: int | None) -> dict:
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     sizes = sizes or (QUICK if quick else FULL)
     os.makedirs(output_dir, exist_ok=True)
     run = load_demo_run(racm3_output_dir, device=device)
@@ -324,13 +346,13 @@ def _run_inference_demo(racm3_output_dir: str, output_dir: str, quick: bool, siz
                          "accuracy_vq_reconstruction_memory_only": judge.accuracy(reconstructed,
                                                                                   real_labels)},
                "loading_s": time.perf_counter() - started}
-    per_seed = []
-    for index, seed in enumerate(run["summary"]["seeds"]):
-        generators = run["generators"] if index == 0 else load_generators(
-            racm3_output_dir, seed, len(run["vocabulary"]), run["summary"]["generator"],
-            run["vocabulary"].pad_id, device)
-        grid_dir = output_dir if index == 0 else None
-        per_seed.append(evaluate_seed(run, generators, seed, sizes, judge, grid_dir))
+    seeds = run["summary"]["seeds"]
+    # One (seed, task) per worker process; the grid comes from the first seed.
+    jobs = [(racm3_output_dir, seed, task, sizes, judge, output_dir if seed == seeds[0] else None,
+             str(device)) for task in TASKS for seed in seeds]
+    outcomes = run_in_processes(evaluate_seed_task, jobs, workers=workers, device=str(device))
+    per_seed = [{key: value for (_, seed, *_), outcome in zip(jobs, outcomes, strict=True)
+                 if seed == wanted for key, value in outcome.items()} for wanted in seeds]
     summary["per_seed"] = per_seed
     for name in CONFIGURATIONS:  # seed means, for reading at a glance (the claims pair seeds)
         summary[name] = {group: {task: {metric: sum(seed[name][group][task][metric] for seed in per_seed)
@@ -345,7 +367,8 @@ def _run_inference_demo(racm3_output_dir: str, output_dir: str, quick: bool, siz
                          "queries_per_seed": sizes.classification_queries}
     summary["claims"] = inference_claims(per_seed, sizes.shots)
     summary["sizes"] = {**sizes.__dict__, "shots": list(sizes.shots)}
-    summary["timings_s"] = {"loading_s": summary.pop("loading_s"), "total_s": time.perf_counter() - started}
+    summary["timings_s"] = {"loading_s": summary.pop("loading_s"), "total_s": time.perf_counter() - started,
+                            "cpu_s": cpu_seconds() - cpu_started}
     with open(os.path.join(output_dir, "inference_results.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
     return summary
