@@ -166,6 +166,9 @@ def test_class_held_out_probe_reads_a_shared_direction_on_classes_it_never_saw()
     assert probe.score(features[~train], colour[~train]) == 1.0
     with pytest.raises(ValueError, match="one row each"):
         class_held_out_probe(features[train], colour[train][:-1], classes[train])
+    one_odd_class = np.isin(classes, [0, 1, 2, 4])  # a single class of colour 1: no fold can hold one out
+    with pytest.raises(ValueError, match="two classes each"):
+        class_held_out_probe(features[one_odd_class], colour[one_odd_class], classes[one_odd_class])
 
 
 def test_inst_lora_starts_as_the_plain_model_and_trains_only_lora():

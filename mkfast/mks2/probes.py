@@ -5,8 +5,11 @@ classes along directions that name each class rather than the attribute they sha
 score chance on new classes. Two things here guard against reading that as "no signal":
 
 - ``class_held_out_probe`` chooses the L2 strength of its logistic regression by
-  leave-one-class-out cross-validation on the training classes (the way it will be used:
-  on classes it has not seen), not by scikit-learn's default;
+  cross-validation over held-out classes (the way it will be used: on classes it has not
+  seen), not by scikit-learn's default. Each fold holds out one class of every attribute
+  value, as the demo's splits do: leaving out a single class would leave the other value in
+  the majority, and a strongly regularised probe, which leans to the majority, would be
+  scored wrong on every fold and never chosen;
 - ``attribute_share`` says how much of the between-class spread the attribute explains
   (1.0: classes differ by the attribute only; a random half/half labelling of ten classes
   explains 1/9 on average), the quantity a shared-direction read-out needs to be large.
@@ -22,18 +25,33 @@ MAX_ITERATIONS = 5000
 
 
 def class_held_out_probe(train_x: np.ndarray, train_y: np.ndarray, train_classes: np.ndarray):
-    """A fitted LogisticRegression whose C (from PROBE_C_GRID) scores best in leave-one-class-out
-    cross-validation over ``train_classes`` (one class label per row); ties go to the stronger
-    regularisation. Needs at least two training classes of each attribute value."""
+    """A fitted LogisticRegression whose C (from PROBE_C_GRID) scores best in cross-validation where
+    fold k holds out the k-th class (in sorted order) of every value of ``train_y``; ties go to the
+    stronger regularisation. ``train_classes``: each row's class. Needs two classes of each value."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GridSearchCV, LeaveOneGroupOut
 
     if len(train_x) != len(train_y) or len(train_y) != len(train_classes):
         raise ValueError(f"class_held_out_probe: train_x, train_y and train_classes need one row each, got "
                          f"{len(train_x)}, {len(train_y)} and {len(train_classes)}")
-    search = GridSearchCV(LogisticRegression(max_iter=MAX_ITERATIONS), {"C": list(PROBE_C_GRID)},
-                          cv=LeaveOneGroupOut())
-    return search.fit(train_x, train_y, groups=train_classes).best_estimator_
+    by_value = {value: sorted(set(train_classes[train_y == value].tolist()))
+                for value in sorted(set(train_y.tolist()))}
+    folds = min(len(classes) for classes in by_value.values())
+    if len(by_value) < 2 or folds < 2:
+        counts = {value: len(classes) for value, classes in by_value.items()}
+        raise ValueError(f"class_held_out_probe: train_y needs two values with two classes each, "
+                         f"got {counts}")
+    held_out_masks = [np.isin(train_classes, [classes[fold] for classes in by_value.values()])
+                      for fold in range(folds)]
+
+    def probe(strength: float, rows: np.ndarray):
+        return LogisticRegression(C=strength, max_iter=MAX_ITERATIONS).fit(train_x[rows], train_y[rows])
+
+    def cross_validated(strength: float) -> float:
+        return float(np.mean([probe(strength, ~mask).score(train_x[mask], train_y[mask])
+                              for mask in held_out_masks]))
+
+    scores = [cross_validated(strength) for strength in PROBE_C_GRID]
+    return probe(PROBE_C_GRID[int(np.argmax(scores))], np.ones(len(train_y), dtype=bool))
 
 
 def attribute_share(features: np.ndarray, classes: np.ndarray, attribute_of: dict[int, int]) -> float:
