@@ -120,13 +120,14 @@ def test_held_out_answers_are_balanced_so_any_constant_answer_scores_one_half():
         for digit in split.held_out:  # stage 2 never names a held-out class with a colour
             assert not any(DIGIT_NAMES[digit] in prompt.split() and response in COLOUR_NAMES
                            for prompt, response in zip(prompts, responses, strict=True))
-    # A cycle keeps one colouring and asks about every class once; the next cycle colours anew.
+    # A cycle asks about every class once; every split draws its own colouring (independent runs).
     cycles = [[colour_split(cycle * SPLITS_PER_CYCLE + position) for position in range(SPLITS_PER_CYCLE)]
               for cycle in range(2)]
     for splits in cycles:
-        assert len({split.colour_of for split in splits}) == 1
         assert sorted(digit for split in splits for digit in split.held_out) == list(range(10))
-    assert cycles[0][0].colour_of != cycles[1][0].colour_of
+    for splits in cycles:  # (two random colourings may coincide: 1 in 140)
+        assert len({split.colour_of for split in splits}) > 1
+    assert cycles[0][0].held_out != cycles[1][0].held_out
 
 
 def test_attribute_share_is_one_for_attribute_only_features_and_one_ninth_on_average_by_chance():
@@ -205,6 +206,9 @@ def test_tiny_demo_trains_every_arm_on_the_same_instructions_and_reports_claims(
             run["results"][arm]["held_out"]["acc"] for run in summary["runs"]]
     assert set(summary["probe"]) == {"mks2", "shuffled_pairs", "no_stage1"}
     assert ("note" in summary) == (not summary["probe_reads_held_out_colour"])
+    probes = [run["probe"] for run in summary["runs"]]
+    assert summary["probe_gain_over_no_stage1"]["per_run"] == [
+        probe["mks2"]["held_out_acc"] - probe["no_stage1"]["held_out_acc"] for probe in probes]
     shares = {f"{part}_{arm}" for part in ("hidden", "head") for arm in summary["probe"]}
     assert set(summary["colour_share"]) == {"image_features", *shares}
     assert all(0.0 <= run["probe"]["mks2"]["colour_share_hidden"] <= 1.0 for run in summary["runs"])

@@ -6,9 +6,12 @@ images only. Stage-2 text instructions ask "what colour is the digit X ?" for th
 training classes only; the held-out questions ask it for the other two, one of each colour, so
 that answering any constant colour, or the colour most training classes have, scores exactly 0.5.
 
-Splits come in cycles of five: a cycle fixes which classes are red (drawn from the cycle's
-number) and its five splits hold out each (red, blue) pair of that colouring once, so over a
-cycle every class is asked about once. Eight training classes rather than six give stage 2 and
+Splits come in cycles of five: a cycle pairs the ten classes at random and its five splits
+hold out one pair each, so over a cycle every class is asked about once. Each split draws its
+own colouring (five classes of each colour, the held-out pair one of each): with one colouring
+for a whole cycle, every run would share how that colouring happens to line up with the base
+model's similarities between digit names (it learns sums, so "four" resembles "five"), and the
+runs would not be independent draws. Eight training classes rather than six give stage 2 and
 the linear probe more classes to find a colour direction shared across classes in.
 
 The frozen vision encoder's stand-in pretrains on images coloured at random (colour
@@ -59,20 +62,25 @@ class ColourSplit:
 
 
 def colour_split(index: int) -> ColourSplit:
-    """Split ``index``: the colouring of cycle ``index // SPLITS_PER_CYCLE`` (five classes of each
-    colour), holding out its ``index % SPLITS_PER_CYCLE``-th red and blue class."""
+    """Split ``index``: the ``index % SPLITS_PER_CYCLE``-th pair of cycle ``index // SPLITS_PER_CYCLE``'s
+    random pairing of the classes is held out, one class red and one blue; the other eight classes are
+    coloured four and four at random (all drawn from ``index``)."""
     cycle, position = divmod(index, SPLITS_PER_CYCLE)
-    rng = random.Random(f"colour-cycle-{cycle}")
     digits = list(range(len(DIGIT_NAMES)))
-    rng.shuffle(digits)
-    half = len(digits) // len(COLOUR_NAMES)
-    colour_of = [0] * len(digits)
-    held_out = []
+    random.Random(f"colour-cycle-{cycle}").shuffle(digits)
+    per_split = HELD_OUT_PER_COLOUR * len(COLOUR_NAMES)
+    held_out = digits[position * per_split:(position + 1) * per_split]
+    rng = random.Random(f"colour-split-{index}")
+    others = [digit for digit in range(len(DIGIT_NAMES)) if digit not in held_out]
+    rng.shuffle(held_out)
+    rng.shuffle(others)
+    colour_of = [0] * len(DIGIT_NAMES)
+    per_colour = len(others) // len(COLOUR_NAMES)
     for colour in range(len(COLOUR_NAMES)):
-        members = digits[colour * half:(colour + 1) * half]
+        members = (held_out[colour * HELD_OUT_PER_COLOUR:(colour + 1) * HELD_OUT_PER_COLOUR]
+                   + others[colour * per_colour:(colour + 1) * per_colour])
         for digit in members:
             colour_of[digit] = colour
-        held_out += members[position * HELD_OUT_PER_COLOUR:(position + 1) * HELD_OUT_PER_COLOUR]
     return ColourSplit(index, tuple(colour_of), tuple(sorted(held_out)))
 
 
