@@ -29,9 +29,11 @@ def default_workers(runs: int) -> int:
 
 def _one_thread_call(function: Callable, arguments: tuple) -> Any:
     import torch
+    from threadpoolctl import threadpool_limits  # scikit-learn's own dependency
 
     torch.set_num_threads(1)
-    with quiet():
+    # NumPy/scikit-learn's BLAS too: its second thread would spin against the other worker.
+    with quiet(), threadpool_limits(limits=1):
         return function(*arguments)
 
 

@@ -6,10 +6,13 @@ from mkfast.parallel import default_workers, run_in_processes
 
 
 def seeded_draw(seed: int, count: int) -> list[float]:
+    import numpy  # noqa: F401  (loads the BLAS whose threads the workers must limit)
     import torch
+    from threadpoolctl import threadpool_info
 
+    blas_threads = max((pool["num_threads"] for pool in threadpool_info()), default=1)
     return torch.rand(count, generator=torch.Generator().manual_seed(seed)).tolist() + [
-        float(torch.get_num_threads())]
+        float(torch.get_num_threads()), float(blas_threads)]
 
 
 def test_processes_match_in_order_and_use_one_thread():
@@ -17,7 +20,7 @@ def test_processes_match_in_order_and_use_one_thread():
     here = [seeded_draw(*pair)[:3] for pair in arguments]
     results = run_in_processes(seeded_draw, arguments, workers=2)
     assert [row[:3] for row in results] == here
-    assert all(row[3] == 1.0 for row in results)
+    assert all(row[3] == 1.0 and row[4] == 1.0 for row in results)
 
 
 def test_one_worker_runs_here_and_bad_counts_fail():
