@@ -21,8 +21,16 @@ tie their input and output embeddings. The names of digits 7-9 occur only in tex
 so training never rewards copying them from a retrieved caption: with untied embeddings the
 generators learned to copy the seen digits' names (caption-token NLL 0.11 with K=2 vs 0.49 with
 K=0 on digits 0-6, one seed, 1000 steps) and not 7-9's (2.81 vs 2.39). Tied, a head that copies
-a token's embedding also raises that token's logit, for a name never copied in training too
-(7-9: 1.65 with K=2 against 1.83 for CM3, the same run).
+a token's embedding also raises that token's logit, for a name never copied in training too:
+7-9's caption tokens cost 1.65 with K=2 (2.81 untied, the same run), yet over the 3 seeds of a
+full run (800 steps) K=2 does not beat CM3 on them consistently (per seed +0.11, -0.45, +0.84 nats).
+
+What the generators do not learn at this size (800 steps): to use retrieved images. On the seen
+digits the image-token NLL with K=2 and K=0 agree (2.786 and 2.786, seed 0), also with a 32-code
+book (1.860 and 1.861): a document's image-query neighbour shares only 18% of its 4x4 codes
+position by position (a random document of its class 8%), so copying gains little over what
+the caption already says, and without copying images a memory-only digit cannot be drawn or
+told apart in k-shot prompts.
 
 The generators are independent runs: on a CPU each (seed, generator) trains in its own
 one-thread process (mkfast.parallel), retrieval runs first, and the results are the same

@@ -19,6 +19,7 @@ evaluates on the memory-only digits 7-9 (and the seen digits 0-6 as a check):
     (RA-CM3's), k = 1, 2, 4, 8.
 
 Each claim is a paired comparison over the seeds (mkfast.claims), in ``summary["claims"]``.
+On a CPU each (seed, task) runs in its own one-thread process (mkfast.parallel).
 """
 
 from __future__ import annotations
