@@ -30,7 +30,9 @@ digits the image-token NLL with K=2 and K=0 agree (2.786 and 2.786, seed 0), als
 book (1.860 and 1.861): a document's image-query neighbour shares only 18% of its 4x4 codes
 position by position (a random document of its class 8%), so copying gains little over what
 the caption already says, and without copying images a memory-only digit cannot be drawn or
-told apart in k-shot prompts.
+told apart in k-shot prompts. More steps do not change it: after 3000 steps (seed 0) K=2 and K=0
+still agree on the seen digits (4.139 and 4.160) while both generators overfit the ~1000 training
+images (held-out image-token NLL 4.14 with retrieval, 3.11 without, against 2.79 after 800).
 
 The generators are independent runs: on a CPU each (seed, generator) trains in its own
 one-thread process (mkfast.parallel), retrieval runs first, and the results are the same
