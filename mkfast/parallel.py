@@ -12,8 +12,8 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
+import pickle
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from mkfast.progress import quiet
 
@@ -27,14 +27,15 @@ def default_workers(runs: int) -> int:
     return max(1, min(runs, cores))
 
 
-def _one_thread_call(function: Callable, arguments: tuple) -> Any:
+def _one_thread_call(payload: bytes) -> bytes:
     import torch
     from threadpoolctl import threadpool_limits  # scikit-learn's own dependency
 
+    function, arguments = pickle.loads(payload)
     torch.set_num_threads(1)
     # NumPy/scikit-learn's BLAS too: its second thread would spin against the other worker.
     with quiet(), threadpool_limits(limits=1):
-        return function(*arguments)
+        return pickle.dumps(function(*arguments))
 
 
 def run_in_processes(function: Callable, argument_lists: Sequence[tuple], workers: int | None = None,
@@ -54,6 +55,8 @@ def run_in_processes(function: Callable, argument_lists: Sequence[tuple], worker
         return [function(*arguments) for arguments in argument_lists]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        futures = [pool.submit(_one_thread_call, function, tuple(arguments))
+        # Plain pickle bytes both ways: once torch.multiprocessing is imported, the pool's pickler
+        # would pass every small tensor as a file descriptor, past the open-file limit.
+        futures = [pool.submit(_one_thread_call, pickle.dumps((function, tuple(arguments))))
                    for arguments in argument_lists]
-        return [future.result() for future in futures]
+        return [pickle.loads(future.result()) for future in futures]

@@ -29,3 +29,15 @@ def test_one_worker_runs_here_and_bad_counts_fail():
         run_in_processes(seeded_draw, [(0, 2), (1, 2)], workers=0)
     assert 1 <= default_workers(5) <= 5
     assert default_workers(1) == 1
+
+
+def tensor_count(tensors: list) -> int:
+    return len(tensors)
+
+
+def test_many_small_tensors_cross_with_torch_multiprocessing_imported():
+    import torch
+    import torch.multiprocessing  # noqa: F401  (registers the file-descriptor tensor reductions)
+
+    tensors = [torch.zeros(2) for _ in range(25000)]  # past a 20000 open-file limit
+    assert run_in_processes(tensor_count, [(tensors,), (tensors[:7],)], workers=2) == [25000, 7]

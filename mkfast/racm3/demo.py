@@ -236,9 +236,7 @@ def train_and_evaluate(shared: bytes, generator_seed: int, name: str) -> tuple[d
 
     Module-level and fed only picklable data, so :func:`mkfast.parallel.run_in_processes` can run
     each (seed, generator) in its own process: the result does not depend on where it runs.
-    shared: the pickled run-wide inputs. Pickled by the caller because the multiprocessing pickler
-    that torch registers would hand every one of the corpora's thousands of small tensors over as a
-    file descriptor, past the open-file limit.
+    shared: the run-wide inputs, pickled once by the caller rather than once per run.
     """
     started = time.perf_counter()
     shared = pickle.loads(shared)
