@@ -9,6 +9,11 @@ Verdicts:
   "reproduced in direction"  the interval lies entirely on the side the paper claims;
   "not reproduced"           the interval lies entirely on the other side;
   "inconclusive"             the interval contains zero.
+
+A control (a comparison where the method predicts no difference, e.g. the memory cut to
+classes the generator has seen) gets its own two verdicts instead:
+  "consistent with no difference"  the interval contains zero;
+  "differs: control fails"         it does not, whichever side it lies on.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from collections.abc import Sequence
 REPRODUCED = "reproduced in direction"
 NOT_REPRODUCED = "not reproduced"
 INCONCLUSIVE = "inconclusive"
+CONTROL_HOLDS = "consistent with no difference"
+CONTROL_FAILS = "differs: control fails"
 
 
 def mean_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
@@ -49,18 +56,22 @@ def verdict(low: float, high: float, higher_is_better: bool = True) -> str:
 
 
 def paired_claim(paper: str, claim: str, arms: str, treatment: Sequence[float], control: Sequence[float],
-                 higher_is_better: bool = True, unit: str = "") -> dict:
+                 higher_is_better: bool = True, unit: str = "", expect_no_difference: bool = False) -> dict:
     """A row of the demo's headline table from per-seed values of two arms.
 
     treatment[i] and control[i] come from the same seed. The gain is treatment - control
     (for a loss, pass higher_is_better=False: a drop is then the claimed direction).
+    expect_no_difference: the row is a control, judged by CONTROL_HOLDS / CONTROL_FAILS.
     """
     if len(treatment) != len(control) or not treatment:
         raise ValueError(f"paired_claim: treatment and control need one value per seed each, got "
                          f"{len(treatment)} and {len(control)}")
     gains = [a - b for a, b in zip(treatment, control, strict=True)]
     mean, low, high = mean_interval(gains)
+    judged = verdict(low, high, higher_is_better)
+    if expect_no_difference:
+        judged = CONTROL_HOLDS if judged == INCONCLUSIVE else CONTROL_FAILS
     interval = "n/a (one seed)" if math.isnan(low) else f"[{low:+.3f}, {high:+.3f}]{unit}"
     return {"paper": paper, "claim": claim, "arms": arms, "measured": f"{mean:+.3f}{unit}",
-            "interval": interval, "verdict": verdict(low, high, higher_is_better), "seeds": len(gains),
+            "interval": interval, "verdict": judged, "seeds": len(gains),
             "treatment": list(treatment), "control": list(control)}

@@ -59,12 +59,10 @@ def _cell(value) -> str:
 
 
 def _verdict_class(verdict: str) -> str:
-    lowered = verdict.lower()
-    if lowered.startswith("reproduced"):
-        return "verdict-reproduced"
-    if lowered.startswith("not"):
-        return "verdict-not"
-    return "verdict-inconclusive"
+    from mkfast.claims import CONTROL_FAILS, CONTROL_HOLDS, NOT_REPRODUCED, REPRODUCED
+
+    return {REPRODUCED: "verdict-reproduced", CONTROL_HOLDS: "verdict-reproduced",
+            NOT_REPRODUCED: "verdict-not", CONTROL_FAILS: "verdict-not"}.get(verdict, "verdict-inconclusive")
 
 
 def claims_table(claims: list[dict]) -> str:

@@ -4,7 +4,16 @@ import math
 
 import pytest
 
-from mkfast.claims import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, mean_interval, paired_claim, verdict
+from mkfast.claims import (
+    CONTROL_FAILS,
+    CONTROL_HOLDS,
+    INCONCLUSIVE,
+    NOT_REPRODUCED,
+    REPRODUCED,
+    mean_interval,
+    paired_claim,
+    verdict,
+)
 
 
 def test_t_interval_matches_the_textbook_value():
@@ -32,3 +41,12 @@ def test_paired_claim_measures_per_seed_differences():
     assert row["verdict"] == REPRODUCED and row["measured"] == "+0.293" and row["seeds"] == 3
     with pytest.raises(ValueError, match="one value per seed"):
         paired_claim("P", "c", "a", [1.0, 2.0], [1.0])
+
+
+def test_a_control_is_judged_by_whether_the_arms_differ():
+    same = paired_claim("P", "control", "a vs b", [0.50, 0.52, 0.49], [0.51, 0.50, 0.50],
+                        expect_no_difference=True)
+    assert same["verdict"] == CONTROL_HOLDS
+    for treatment in ([0.80, 0.82, 0.81], [0.20, 0.22, 0.21]):  # either side fails the control
+        row = paired_claim("P", "control", "a vs b", treatment, [0.50, 0.53, 0.52], expect_no_difference=True)
+        assert row["verdict"] == CONTROL_FAILS
