@@ -2,7 +2,7 @@
 
 Providers, all on the same inputs from `setup`:
   read-once floor   memory.sum(): the time to read the memory once (bandwidth bound);
-  mkfast            mkfast.ops.topk_dedup (auto backend; on a GPU also "mkfast triton");
+  mkfast            mkfast.ops.topk_dedup (auto backend; on a GPU also "mkfast cuda", the csrc kernel);
   torch             matmul + torch.topk of a 4k pool + the greedy filter in Python;
   faiss             IndexFlatIP search of the same 4k pool + the same Python filter
                     (index built once per memory, outside the timing).
@@ -109,11 +109,11 @@ def _providers(queries, memory, k, index, device):
         "mkfast": lambda: mkfast.ops.topk_dedup(queries, memory, k, threshold=THRESHOLD),
     }
     if device.type == "cuda":
-        def triton_provider():
-            with mkfast.use_backend("triton"):
+        def cuda_provider():
+            with mkfast.use_backend("cuda"):
                 return mkfast.ops.topk_dedup(queries, memory, k, threshold=THRESHOLD)
 
-        providers["mkfast triton"] = triton_provider
+        providers["mkfast cuda"] = cuda_provider
     providers["torch"] = lambda: torch_baseline(queries, memory, k)
     if index is not None:
         providers["faiss"] = lambda: faiss_baseline(index, queries, memory, k)
