@@ -10,10 +10,11 @@ process, so a single-run result never depends on how many cores a machine has.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from mkfast.progress import quiet
 
@@ -27,14 +28,27 @@ def default_workers(runs: int) -> int:
     return max(1, min(runs, cores))
 
 
-def _one_thread_call(payload: bytes) -> bytes:
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Inside the block torch and the BLAS under NumPy/scikit-learn run one thread each (restored
+    after): on the demo's tiny ops a second thread only spins (measured on a busy 2-core box: 40
+    MKS2 base steps 11 s of CPU with 2 torch threads, 0.7 s with 1; a probe's fit 3.5 s of CPU
+    with 2 OpenBLAS threads, 0.17 s with 1)."""
     import torch
     from threadpoolctl import threadpool_limits  # scikit-learn's own dependency
 
-    function, arguments = pickle.loads(payload)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    # NumPy/scikit-learn's BLAS too: its second thread would spin against the other worker.
-    with quiet(), threadpool_limits(limits=1):
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _one_thread_call(payload: bytes) -> bytes:
+    function, arguments = pickle.loads(payload)
+    with quiet(), one_thread():
         return pickle.dumps(function(*arguments))
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import html
 import os
 
+from mkfast.claims import CONTROL_FAILS, CONTROL_HOLDS, NOT_REPRODUCED, REPRODUCED
+
 # Sections of the page: (title, the stage folders whose figures it shows, what the figures say).
 SECTIONS = [
     ("RA-CM3: retrieval-augmented training", ["racm3"],
@@ -59,8 +61,6 @@ def _cell(value) -> str:
 
 
 def _verdict_class(verdict: str) -> str:
-    from mkfast.claims import CONTROL_FAILS, CONTROL_HOLDS, NOT_REPRODUCED, REPRODUCED
-
     return {REPRODUCED: "verdict-reproduced", CONTROL_HOLDS: "verdict-reproduced",
             NOT_REPRODUCED: "verdict-not", CONTROL_FAILS: "verdict-not"}.get(verdict, "verdict-inconclusive")
 

@@ -41,3 +41,19 @@ def test_many_small_tensors_cross_with_torch_multiprocessing_imported():
 
     tensors = [torch.zeros(2) for _ in range(25000)]  # past a 20000 open-file limit
     assert run_in_processes(tensor_count, [(tensors,), (tensors[:7],)], workers=2) == [25000, 7]
+
+
+def test_one_thread_limits_torch_and_blas_then_restores_them():
+    import numpy  # noqa: F401  (loads the BLAS)
+    import torch
+    from threadpoolctl import threadpool_info
+
+    from mkfast.parallel import one_thread
+
+    def blas_threads():
+        return max((pool["num_threads"] for pool in threadpool_info()), default=1)
+
+    before = (torch.get_num_threads(), blas_threads())
+    with one_thread():
+        assert (torch.get_num_threads(), blas_threads()) == (1, 1)
+    assert (torch.get_num_threads(), blas_threads()) == before

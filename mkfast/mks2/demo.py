@@ -71,7 +71,7 @@ from mkfast.mks2.samples import caption_sample
 from mkfast.mks2.stages import CaptionData, InstructionData, prepare_stage2, stage1_loss_fn, stage2_loss_fn
 from mkfast.mks2.trainer import Trainer, TrainerConfig
 from mkfast.mks2.vision import small_vision_adapter
-from mkfast.parallel import run_in_processes
+from mkfast.parallel import one_thread, run_in_processes
 from mkfast.progress import is_quiet
 
 ARMS = ("mks2", "shuffled_pairs", "no_stage1", "baseline")
@@ -337,15 +337,10 @@ def _run_one(settings: dict, output_dir: str, seed: int, split, tokenizer, model
 
 def _run_index(settings: dict, output_dir: str, seed: int, split_index: int, device: str) -> dict:
     """_run_one from picklable arguments (a worker process builds the data and tokenizer itself)."""
-    from threadpoolctl import threadpool_limits
-
     pairs, _ = load_digits_pairs(image_size=32, seed=0)  # the same images for every run
     tokenizer = demo_tokenizer()
-    # One BLAS thread too: on the probes' tiny fits a second OpenBLAS thread only spins (measured on
-    # a busy 2-core box: 3.5 s of CPU per probe with two threads, 0.17 s with one).
-    with threadpool_limits(limits=1):
-        return _run_one(settings, output_dir, seed, colour_split(split_index), tokenizer,
-                        _model_config(tokenizer), pairs, torch.device(device))
+    return _run_one(settings, output_dir, seed, colour_split(split_index), tokenizer,
+                    _model_config(tokenizer), pairs, torch.device(device))
 
 
 def run_demo(output_dir: str, quick: bool = False, seed: int = 0, device: torch.device | str = "cpu",
@@ -354,14 +349,8 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, device: torch.
     output_dir. ``settings`` replaces the quick/full step counts (tests); ``workers`` processes run the
     runs side by side on CPU (default: one per core; mkfast.parallel), with results identical to
     ``workers=1``."""
-    threads = torch.get_num_threads()
-    # One thread: this model's ops are tiny, and on a shared 2-core box a second thread
-    # only spins (measured here: 40 base steps 11 s of CPU with 2 threads, 0.7 s with 1).
-    torch.set_num_threads(1)
-    try:
+    with one_thread():  # this model's ops are tiny (mkfast.parallel.one_thread)
         return _run_demo(output_dir, quick, seed, torch.device(device), settings, workers)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _claims(runs: list[dict]) -> list[dict]:

@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from mkfast.claims import paired_claim
-from mkfast.parallel import run_in_processes
+from mkfast.parallel import one_thread, run_in_processes
 from mkfast.racm3.components import COMPONENTS_FILE, DEMO_TEXT_VOCABULARY, cpu_state
 from mkfast.racm3.encoder import (
     CLIPTrainingConfig,
@@ -267,13 +267,9 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, progress: bool
     core by default; each runs one thread, and so does this process, so results do not depend on
     the number of workers).
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only spins (see mkfast.parallel)
-    try:
+    with one_thread():  # tiny models: a second thread only spins (mkfast.parallel.one_thread)
         return _run_demo(output_dir, quick, seed, progress, torch.device(device),
                          sizes or demo_sizes(quick, device), workers)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def cpu_seconds() -> float:

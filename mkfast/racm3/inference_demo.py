@@ -35,7 +35,7 @@ import torch
 from mkfast.claims import paired_claim
 from mkfast.data.digits import caption_digit, digit_caption
 from mkfast.data.judge import DigitJudge, kernel_distance
-from mkfast.parallel import run_in_processes
+from mkfast.parallel import one_thread, run_in_processes
 from mkfast.progress import progress_bar
 from mkfast.racm3.demo import cpu_seconds
 from mkfast.racm3.inference import NONSENSE_LABELS, RACM3Inference
@@ -318,13 +318,9 @@ def run_inference_demo(racm3_output_dir: str, output_dir: str, quick: bool = Fal
     sizes: overrides QUICK / FULL (tests use a tiny one). workers: processes for the (seed, task)
     evaluations (on a CPU one per core by default, one thread each, like this process).
     """
-    threads = torch.get_num_threads()
     # Tiny models: one thread is as fast, and a busy 2-core machine made 2 threads 57x slower (measured).
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return _run_inference_demo(racm3_output_dir, output_dir, quick, sizes, torch.device(device), workers)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run_inference_demo(racm3_output_dir: str, output_dir: str, quick: bool, sizes: InferenceSizes | None,
