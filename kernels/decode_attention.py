@@ -47,9 +47,11 @@ def _decode_kernel(
     IS_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
-    split = tl.program_id(0)
-    # 64-bit from here: batch * stride passes 2^31 in a large cache (B=128, Hkv=32, L=4096, D=128).
-    batch_head = tl.program_id(1).to(tl.int64)
+    # (batch, kv head) on axis 0, which holds 2^31 - 1 programs; the few splits (at most two
+    # per SM) fit axis 1's 65535. 64-bit from here: batch * stride passes 2^31 in a large
+    # cache (B=128, Hkv=32, L=4096, D=128).
+    batch_head = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
     batch = batch_head // num_kv_heads
     kv_head = batch_head % num_kv_heads
     rows = tl.arange(0, BLOCK_M)
@@ -204,7 +206,7 @@ def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, scale: float, w
     gpu = q.device.type == "cuda"
     # fp32 at D=256 with 3 stages needs 276+ KB of shared memory (ptxas, sm_90): one stage fewer.
     num_stages = (NUM_STAGES_GPU - (q.dtype == torch.float32)) if gpu else 1
-    _decode_kernel[(num_splits, batch * num_kv_heads)](
+    _decode_kernel[(batch * num_kv_heads, num_splits)](
         q, k_cache, v_cache, cache_seqlens, out, partial_out, partial_lse, counters,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
         num_kv_heads, num_splits, group, new_tokens, chunk_size, scale * LOG2_E,

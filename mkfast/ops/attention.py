@@ -170,8 +170,8 @@ def _attention_cpu_backward(grad_out, q, k, v, out, lse, causal, document_ids, s
 
 # --------------------------------------------------------------------------- triton backend
 # A CUDA grid holds 2^31 - 1 programs on axis 0 and 65535 on axes 1 and 2. The attention kernels
-# put (batch, head) on axis 0 and their query or key blocks on axis 1; decode puts its splits on
-# axis 0 and (batch, kv head) on axis 1. The interpreter is held to them too, so that CPU runs
+# put (batch, head) on axis 0 and their query or key blocks on axis 1; decode puts (batch, kv head)
+# on axis 0 and its splits on axis 1. The interpreter is held to them too, so that CPU runs
 # refuse what a GPU would.
 CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
@@ -417,10 +417,11 @@ def decode_attention_reference(
 
 
 def _check_decode_grid(k_cache: torch.Tensor) -> None:
-    """kernels/decode_attention.py launches (splits, batch * kv heads)."""
+    """kernels/decode_attention.py launches (batch * kv heads, splits); the splits stay far below
+    axis 1's limit (at most two per SM)."""
     batch, kv_heads = k_cache.shape[0], k_cache.shape[1]
     programs = (f"(batch, kv head) of k_cache (B * Hkv = {batch} * {kv_heads})", batch * kv_heads)
-    _check_triton_grid(DECODE_OP, {1: programs})
+    _check_triton_grid(DECODE_OP, {0: programs})
 
 
 @decode_attention_backends.register("triton", triton_unavailable_reason)
