@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# Relative to the working directory, like the audit's tables: in a checkout that is the committed
+# benchmarks/results; from an installed wheel it is not a folder inside site-packages.
+RESULTS_DIR = os.path.join("benchmarks", "results")
 
 # Dense bf16 tensor-core peak and HBM bandwidth per device (vendor data sheets): used only
 # to report "fraction of peak" next to measured numbers. "h100" is the SXM part.
@@ -70,7 +72,7 @@ def device_description(device: torch.device) -> str:
 def _commit() -> str:
     try:
         return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(RESULTS_DIR), text=True,
+            ["git", "rev-parse", "--short", "HEAD"], text=True,
             stderr=subprocess.DEVNULL,
         ).strip()
     except (OSError, subprocess.CalledProcessError):
@@ -208,8 +210,9 @@ def run_suite(suite: str, measurements: list[Measurement], device: torch.device,
               output_root: str | None = None) -> str:
     """Write ``<root>/<device>/<suite>.json``, render ``.md`` and ``.png`` from it; return the JSON path.
 
-    ``output_root`` defaults to benchmarks/results (the committed results); quick
-    runs pass another root so they never overwrite measured results.
+    ``output_root`` defaults to benchmarks/results under the working directory (in a checkout,
+    the committed results); quick runs pass another root so they never overwrite measured
+    results.
     """
     output_dir = os.path.join(output_root or RESULTS_DIR, device_tag(device))
     os.makedirs(output_dir, exist_ok=True)
