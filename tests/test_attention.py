@@ -269,14 +269,14 @@ def test_triton_grid_checks_hold_cuda_limits_per_axis(triton_launches):
     # (batch, head) sits on grid axis 0 of the attention kernels (2^31 - 1 programs): 70000 heads
     # launch. Their sequence blocks sit on axis 1 (65535): at D=64 the forward steps 128 queries,
     # the backward's delta pass 64, so S = 65535 * 128 runs forward but not backward. Decode puts
-    # (batch, kv head) on axis 1.
+    # (batch, kv head) on axis 0 too: 65536 of them launch, 2^31 do not.
     launched, forward, backward, decode = triton_launches
     many_heads = _fake_cuda(1, 70_000, 16, 64)
     forward(many_heads, many_heads)
     backward(many_heads, many_heads)
     longest = _fake_cuda(1, 1, 65_535 * 128, 64)
     forward(longest, longest)
-    decode(_fake_cuda(65_535, 1, 16, 64))
+    decode(_fake_cuda(65_536, 1, 16, 64))
     assert launched == ["forward", "backward", "forward", "decode"]
 
     too_long = _fake_cuda(1, 1, 65_535 * 128 + 1, 64)
@@ -284,8 +284,8 @@ def test_triton_grid_checks_hold_cuda_limits_per_axis(triton_launches):
         forward(too_long, too_long)
     with pytest.raises(ValueError, match=r"64 positions of q \(S=8388480\) on CUDA grid axis 1.*got 131070"):
         backward(longest, longest)
-    with pytest.raises(ValueError, match=r"k_cache \(B \* Hkv = 65536 \* 1\) on CUDA grid axis 1"):
-        decode(_fake_cuda(65_536, 1, 16, 64))
+    with pytest.raises(ValueError, match=r"k_cache \(B \* Hkv = 65536 \* 32768\) on CUDA grid axis 0"):
+        decode(_fake_cuda(65_536, 32_768, 16, 64))
     assert len(launched) == 4
 
 
