@@ -19,6 +19,14 @@ from collections.abc import Callable, Iterator, Sequence
 from mkfast.progress import quiet
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished children (the workers)."""
+    import resource
+
+    return sum(usage.ru_utime + usage.ru_stime for usage in (resource.getrusage(resource.RUSAGE_SELF),
+                                                             resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
 def default_workers(runs: int) -> int:
     """One worker per usable core, never more than there are runs."""
     try:

@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from mkfast.claims import paired_claim
-from mkfast.parallel import one_thread, run_in_processes
+from mkfast.parallel import cpu_seconds, one_thread, run_in_processes
 from mkfast.racm3.components import COMPONENTS_FILE, DEMO_TEXT_VOCABULARY, cpu_state
 from mkfast.racm3.encoder import (
     CLIPTrainingConfig,
@@ -270,14 +270,6 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, progress: bool
     with one_thread():  # tiny models: a second thread only spins (mkfast.parallel.one_thread)
         return _run_demo(output_dir, quick, seed, progress, torch.device(device),
                          sizes or demo_sizes(quick, device), workers)
-
-
-def cpu_seconds() -> float:
-    """User + system CPU time of this process and of its finished children (the workers)."""
-    import resource
-
-    return sum(usage.ru_utime + usage.ru_stime for usage in (resource.getrusage(resource.RUSAGE_SELF),
-                                                             resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def _run_demo(output_dir: str, quick: bool, seed: int, progress: bool, device: torch.device,

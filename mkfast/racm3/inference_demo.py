@@ -35,9 +35,8 @@ import torch
 from mkfast.claims import paired_claim
 from mkfast.data.digits import caption_digit, digit_caption
 from mkfast.data.judge import DigitJudge, kernel_distance
-from mkfast.parallel import one_thread, run_in_processes
+from mkfast.parallel import cpu_seconds, one_thread, run_in_processes
 from mkfast.progress import progress_bar
-from mkfast.racm3.demo import cpu_seconds
 from mkfast.racm3.inference import NONSENSE_LABELS, RACM3Inference
 from mkfast.racm3.inference_commands import save_grid
 from mkfast.racm3.knowledge import MEMORY_ONLY_CLASSES
