@@ -49,6 +49,7 @@ from mkfast.claims import mean_interval, paired_claim
 from mkfast.data.colour_digits import (
     COLOUR_NAMES,
     COLOUR_WORD_TEXTS,
+    HELD_OUT_PER_COLOUR,
     PROBE_TEMPLATES,
     colour_split,
     coloured_pairs,
@@ -94,6 +95,7 @@ MODEL = SmallLlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layer
                          num_key_value_heads=2)
 # Expected share of the between-class spread a random five/five labelling of ten classes explains.
 RANDOM_HALF_SPLIT_SHARE = 1 / 9
+HELD_OUT_CLASSES = HELD_OUT_PER_COLOUR * len(COLOUR_NAMES)
 CLAIM = "stored visual knowledge improves text-only answers over the instruction-LoRA baseline"
 CONTROLS = (("shuffled_pairs", "the gain needs stage 1's image-caption pairing"),
             ("no_stage1", "the gain needs stage 1"))
@@ -389,8 +391,8 @@ def _no_signal_note(probe: dict, probe_gain: dict, head_probe: dict, colour_shar
             f"classifier reads {head_probe['mks2']['mean']:.2f} on held-out classes from the InfoNCE head's "
             "output. The most likely reason: stage 1 writes each class its own direction (which the linear "
             "head maps onto that class's image features, colour included) rather than a colour direction "
-            "shared across classes, and a probe or LoRA fitted on eight classes can only carry a shared "
-            "direction to the other two")
+            f"shared across classes, and a probe or LoRA fitted on {len(DIGIT_NAMES) - HELD_OUT_CLASSES} "
+            f"classes can only carry a shared direction to the other {HELD_OUT_CLASSES}")
 
 
 def _summary_of(values: list[float]) -> dict:
