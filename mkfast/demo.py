@@ -173,6 +173,7 @@ HEADLINE = [
      "racm3.runs.retrieval.held_out_caption_token_loss"),
     ("RA-CM3 held-out caption-token loss, no retrieval",
      "racm3.runs.no_retrieval.held_out_caption_token_loss"),
+    ("RA-CM3 mechanism check, entities only in memory, image-token loss, *", "racm3.entities.means.*.image"),
     ("text-to-image judged accuracy (best of N), *",
      "racm3_inference.*.memory_only.text_to_image.judge_accuracy_best"),
     ("captioning judged class accuracy, *", "racm3_inference.*.memory_only.image_to_text.class_accuracy"),

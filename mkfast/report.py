@@ -32,6 +32,8 @@ SECTIONS = [
 # Human captions for the figures the stages write; anything else is captioned by its path.
 CAPTIONS = {
     "loss_comparison.png": "Training loss per arm (same steps, same data order)",
+    "entity_losses.png": "Mechanism check: the retrieval generator's loss per seed on entities with "
+                         "random-code images; it drops where the generator starts copying the retrieved twin",
     "text_to_image_grid.png": "Text to image: each row a prompt, its retrieved documents, then samples",
     "loss.png": "Loss per stage and arm",
 }

@@ -14,6 +14,11 @@ as a claim row (mkfast.claims). The diversity filter's threshold is calibrated o
 demo's encoder (knowledge.calibrate_threshold) and retrieval precision is reported with
 the calibrated filter, RA-CM3's 0.9 and no filter.
 
+Beside them, per seed, a mechanism check (mkfast.racm3.entity_memory) trains one more
+retrieval generator on named entities whose random-code images only the memory holds: nothing
+there can be memorised in place of copying, so retrieval must help if the implementation is
+right, and its claim rows say whether it did.
+
 Demo-side choices (RA-CM3's method, R1-R3, K ~ U{0,1,2}, alpha = 0.1 and the CM3 objective, is
 unchanged): the digits are 16x16 and tokenized to 4x4 codes (IMAGE_SIZE), so a document is ~25
 tokens and the generators get ~3x the steps an 8x8 grid allows in the same time; the generators
@@ -56,6 +61,7 @@ import torch
 
 from mkfast.claims import paired_claim
 from mkfast.parallel import cpu_seconds, one_thread, run_in_processes
+from mkfast.racm3 import entity_memory
 from mkfast.racm3.components import COMPONENTS_FILE, DEMO_TEXT_VOCABULARY, cpu_state
 from mkfast.racm3.encoder import (
     CLIPTrainingConfig,
@@ -76,19 +82,19 @@ from mkfast.racm3.knowledge import (
     text_only_documents,
 )
 from mkfast.racm3.retrieval import (
-    IGNORE,
     MAX_RETRIEVED,
     RETRIEVAL_THRESHOLD,
-    ROLE_MAIN,
     RetrievalCorpus,
     SequenceOptions,
-    token_losses,
+    evaluate_main_loss,
 )
 from mkfast.racm3.trainer import Trainer, TrainingConfig, plot_losses
-from mkfast.racm3.vocabulary import PART_IMAGE, PART_TEXT, CM3Vocabulary
+from mkfast.racm3.vocabulary import CM3Vocabulary
 
-EVALUATION_CHUNK = 32
 PAPER = "RA-CM3"
+GENERATORS = ("retrieval", "no_retrieval")
+ENTITY_RUN = "entities"  # entity_memory's check: one more retrieval generator per seed
+ENTITY_LOSS_PLOT = "entity_losses.png"
 # The 8x8 digits upscaled to 16x16, tokenized to a 4x4 grid of codes: a document is ~25 tokens,
 # so a 3-document sequence is ~3x cheaper than with an 8x8 grid and the generators get ~3x the
 # steps in the same time. 128 codes: each covers a 4x4 patch (a 2x2 patch of the native digit).
@@ -114,11 +120,12 @@ class DemoSizes:
     # Documents here are ~25 tokens; 3 of them fit in 128 (RA-CM3: 3 in 4096).
     generator: GeneratorConfig = field(default_factory=lambda: GeneratorConfig(max_sequence_length=128,
                                                                                tie_word_embeddings=True))
+    entities: entity_memory.EntitySizes = entity_memory.FULL  # the mechanism check's runs, one per seed
 
 
 # Quick: checks the pipeline (two seeds, so intervals are computed), not the claims.
 QUICK = DemoSizes(vq_steps=40, vq_batch_size=16, clip_steps=30, generator_steps=20, batch_size=16,
-                  held_out_documents=24, seeds=(0, 1))
+                  held_out_documents=24, seeds=(0, 1), entities=entity_memory.QUICK)
 # Full on the CPU: 3 seeds x 2 generators, two at a time on 2 cores; a no-retrieval step costs about
 # a third of a retrieval one (one document per sequence instead of up to three).
 FULL = DemoSizes(vq_steps=200, vq_batch_size=32, clip_steps=150, generator_steps=800, batch_size=16,
@@ -137,31 +144,6 @@ def demo_sizes(quick: bool, device: torch.device | str) -> DemoSizes:
     if quick:
         return QUICK
     return GPU_FULL if torch.device(device).type == "cuda" else FULL
-
-
-@torch.no_grad()
-def evaluate_main_loss(model, corpus: RetrievalCorpus, texts: list[str], images: torch.Tensor,
-                       codes: torch.Tensor, query_part: str, retrieved_count: int,
-                       options: SequenceOptions) -> dict[str, float]:
-    """Mean cross-entropy of the main documents' image tokens and caption tokens (nats / token)."""
-    model.eval()
-    device = next(model.parameters()).device
-    sums = {"image": 0.0, "text": 0.0}
-    counts = {"image": 0, "text": 0}
-    generator = torch.Generator().manual_seed(0)
-    for start in range(0, len(texts), EVALUATION_CHUNK):
-        stop = start + EVALUATION_CHUNK
-        batch = corpus.evaluation_batch(texts[start:stop], images[start:stop], codes[start:stop], query_part,
-                                        retrieved_count, options, generator).to(device)
-        # Right padding: the causal mask suffices (see trainer); no KV cache is built for one pass.
-        logits = model(input_ids=batch.input_ids, use_cache=False).logits
-        losses = token_losses(logits, batch.labels)
-        main = (batch.labels != IGNORE) & (batch.target_roles == ROLE_MAIN)
-        for name, part in (("image", PART_IMAGE), ("text", PART_TEXT)):
-            selected = main & (batch.target_parts == part)
-            sums[name] += float(losses[selected].sum())
-            counts[name] += int(selected.sum())
-    return {name: sums[name] / max(1, counts[name]) for name in sums}
 
 
 def build_corpora(vocabulary: CM3Vocabulary, encoder: MixedModalEncoder, train, codes: torch.Tensor,
@@ -241,6 +223,12 @@ def train_and_evaluate(shared: bytes, generator_seed: int, name: str) -> tuple[d
     started = time.perf_counter()
     shared = pickle.loads(shared)
     sizes, options, device = shared["sizes"], shared["options"], shared["device"]
+    if name == ENTITY_RUN:
+        training = {"batch_size": sizes.batch_size, "learning_rate": sizes.learning_rate,
+                    "warmup_steps": sizes.warmup_steps}
+        run_dir = entity_memory.output_dir_for(shared["output_dir"], generator_seed)
+        return entity_memory.train_and_evaluate(shared["entity_world"], sizes.entities, sizes.generator,
+                                                training, generator_seed, run_dir, shared["progress"])
     vocabulary, corpora = shared["vocabulary"], shared["corpora"]
     torch.manual_seed(generator_seed)  # identical initial weights for both generators of a seed
     model = build_generator(len(vocabulary), sizes.generator, pad_token_id=vocabulary.pad_id, device=device)
@@ -313,27 +301,34 @@ def _run_demo(output_dir: str, quick: bool, seed: int, progress: bool, device: t
     options = SequenceOptions(max_sequence_length=sizes.generator.max_sequence_length, threshold=threshold)
     timings["memory_s"] = time.perf_counter() - started - timings["vq_tokenizer_s"] - timings["clip_s"]
 
+    entity_world = entity_memory.make_world(sizes.entities, seed)
     shared = pickle.dumps({"sizes": sizes, "options": options, "device": device, "vocabulary": vocabulary,
               "corpora": corpora, "groups": groups, "group_codes": group_codes, "output_dir": output_dir,
-              "progress": progress})
-    # Retrieval runs first: they cost ~3x a no-retrieval run, so the short ones fill the gaps last.
-    runs = [(generator_seed, name) for name in ("retrieval", "no_retrieval")
+              "progress": progress, "entity_world": entity_world})
+    # Longest first: a digits retrieval run costs ~3x a no-retrieval run, so the short ones fill the
+    # gaps last.
+    runs = [(generator_seed, name) for name in ("retrieval", ENTITY_RUN, "no_retrieval")
             for generator_seed in sizes.seeds]
     if progress:
         from mkfast.progress import say
 
-        say(f"training {len(runs)} generators ({sizes.generator_steps} steps each)")
+        say(f"training {len(runs)} generators: {sizes.generator_steps} steps each on the digits, "
+            f"{sizes.entities.steps} on the entities")
     outcomes = run_in_processes(train_and_evaluate, [(shared, *run) for run in runs], workers=workers,
                                 device=str(device))
     evaluations = dict(zip(runs, outcomes, strict=True))
-    per_seed = [{name: evaluations[(generator_seed, name)][0] for name in ("retrieval", "no_retrieval")}
+    per_seed = [{name: evaluations[(generator_seed, name)][0] for name in GENERATORS}
                 for generator_seed in sizes.seeds]
+    entity_per_seed = [evaluations[(generator_seed, ENTITY_RUN)][0] for generator_seed in sizes.seeds]
     seconds = {f"seed_{generator_seed}_{name}_s": evaluations[(generator_seed, name)][1]
                for generator_seed, name in runs}
     first = f"seed_{sizes.seeds[0]}"
-    plot_losses({name: os.path.join(output_dir, first, name, "metrics.jsonl") for name in ("retrieval",
-                                                                                         "no_retrieval")},
+    plot_losses({name: os.path.join(output_dir, first, name, "metrics.jsonl") for name in GENERATORS},
                 os.path.join(output_dir, "loss_comparison.png"))
+    entity_runs = {f"seed {run_seed}": entity_memory.output_dir_for(output_dir, run_seed)
+                   for run_seed in sizes.seeds}
+    plot_losses({label: os.path.join(path, "metrics.jsonl") for label, path in entity_runs.items()},
+                os.path.join(output_dir, ENTITY_LOSS_PLOT))
 
     def mean(name: str, configuration: str, part: str) -> float:
         return sum(seed[name]["memory_only"][configuration][part] for seed in per_seed) / len(per_seed)
@@ -366,7 +361,9 @@ def _run_demo(output_dir: str, quick: bool, seed: int, progress: bool, device: t
                  "no_retrieval": {"held_out_image_token_loss": mean("no_retrieval", "k0", "image"),
                                   "held_out_caption_token_loss": mean("no_retrieval", "k0", "text")}},
         "per_seed": per_seed,
-        "claims": loss_claims(per_seed),
+        "entities": entity_memory.summary_of(entity_world, sizes.entities, entity_per_seed),
+        "claims": (loss_claims(per_seed)
+                   + entity_memory.entity_claims(entity_per_seed, sizes.entities.codebook)),
         "timings_s": {**timings, **seconds, "total_s": time.perf_counter() - started,
                       "cpu_s": cpu_seconds() - cpu_started},
     }

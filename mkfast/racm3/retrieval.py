@@ -25,7 +25,7 @@ from mkfast.ops.topk_dedup import REDUNDANCY_THRESHOLD
 from mkfast.racm3.documents import DEFAULT_MASK_PROBABILITY, Document, causally_mask, format_document
 from mkfast.racm3.encoder import QUERY_DROPOUT, MixedModalEncoder
 from mkfast.racm3.memory import Memory
-from mkfast.racm3.vocabulary import PART_STRUCTURE, CM3Vocabulary
+from mkfast.racm3.vocabulary import PART_IMAGE, PART_STRUCTURE, PART_TEXT, CM3Vocabulary
 
 RETRIEVAL_THRESHOLD = REDUNDANCY_THRESHOLD  # RA-CM3's diversity filter
 LOSS_ALPHA = 0.1  # RA-CM3: weight of the retrieved documents' loss
@@ -33,6 +33,7 @@ MAX_RETRIEVED = 2  # K ~ Uniform{0, 1, 2} in training
 ROLE_RETRIEVED = 0
 ROLE_MAIN = 1
 IGNORE = -100
+EVALUATION_CHUNK = 32  # held-out documents per forward pass
 
 
 def search_memory(memory, queries: torch.Tensor, k: int, threshold: float = RETRIEVAL_THRESHOLD,
@@ -237,3 +238,28 @@ def retrieval_augmented_loss(logits: torch.Tensor, batch: Batch, alpha: float = 
     loss = main_loss + alpha * retrieved_loss
     return loss, {"loss": loss.item(), "main_loss": main_loss.item(), "retrieved_loss": retrieved_loss.item(),
                   "retrieved_tokens": int(retrieved.sum())}
+
+
+@torch.no_grad()
+def evaluate_main_loss(model, corpus: RetrievalCorpus, texts: list[str], images: torch.Tensor,
+                       codes: torch.Tensor, query_part: str, retrieved_count: int,
+                       options: SequenceOptions) -> dict[str, float]:
+    """Mean cross-entropy of the main documents' image tokens and caption tokens (nats / token)."""
+    model.eval()
+    device = next(model.parameters()).device
+    sums = {"image": 0.0, "text": 0.0}
+    counts = {"image": 0, "text": 0}
+    generator = torch.Generator().manual_seed(0)
+    for start in range(0, len(texts), EVALUATION_CHUNK):
+        stop = start + EVALUATION_CHUNK
+        batch = corpus.evaluation_batch(texts[start:stop], images[start:stop], codes[start:stop], query_part,
+                                        retrieved_count, options, generator).to(device)
+        # Right padding: the causal mask suffices (see trainer); no KV cache is built for one pass.
+        logits = model(input_ids=batch.input_ids, use_cache=False).logits
+        losses = token_losses(logits, batch.labels)
+        main = (batch.labels != IGNORE) & (batch.target_roles == ROLE_MAIN)
+        for name, part in (("image", PART_IMAGE), ("text", PART_TEXT)):
+            selected = main & (batch.target_parts == part)
+            sums[name] += float(losses[selected].sum())
+            counts[name] += int(selected.sum())
+    return {name: sums[name] / max(1, counts[name]) for name in sums}
