@@ -71,7 +71,8 @@ def paired_claim(paper: str, claim: str, arms: str, treatment: Sequence[float], 
     judged = verdict(low, high, higher_is_better)
     if expect_no_difference:
         judged = CONTROL_HOLDS if judged == INCONCLUSIVE else CONTROL_FAILS
-    interval = "n/a (one seed)" if math.isnan(low) else f"[{low:+.3f}, {high:+.3f}]{unit}"
+    # The unit goes with the measured value only: every table shows the interval beside it.
+    interval = "n/a (one seed)" if math.isnan(low) else f"[{low:+.3f}, {high:+.3f}]"
     return {"paper": paper, "claim": claim, "arms": arms, "measured": f"{mean:+.3f}{unit}",
             "interval": interval, "verdict": judged, "seeds": len(gains),
             "treatment": list(treatment), "control": list(control)}
