@@ -180,6 +180,7 @@ HEADLINE = [
     ("k-shot accuracy (ensemble), k=*", "racm3_inference.k_shot.ensemble_accuracy.*"),
     ("MKS2 held-out text questions acc, *", "mks2.results.*.held_out_text_questions.acc"),
     ("MKS2 probe: held-out colour read from text (chance 0.5), *", "mks2.probe.*.mean"),
+    ("MKS2 mechanism check, held-out entities' colour acc, *", "mks2.entities.held_out_acc.*"),
     ("MKS2 note", "mks2.note"),
     ("benchmark speedup over the baseline (geomean), *", "kernels.speedups.*.*"),
     ("seconds, *", "*.seconds"),

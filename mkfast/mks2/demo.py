@@ -28,6 +28,9 @@ so it knows no class's colour) applied to the InfoNCE head's output, and the sha
 between-class spread that colour explains in the image features, the hidden states and the
 head's output (a random half/half labelling of ten classes: 1/9).
 
+Beside them, a mechanism check (mkfast.mks2.entity_memory) asks the colour of entities where
+stage 1 writes it, at the caption's closing </s>, three seeds in the same pool of processes.
+
 Each run pairs a training seed with a colour split (five runs: one cycle, every class held out
 once); the runs give each claim's mean gain and 95% interval (mkfast.claims). On CPU the runs
 go side by side, one process per core (mkfast.parallel), with results identical to running
@@ -62,6 +65,7 @@ from mkfast.data.colour_digits import (
 )
 from mkfast.data.digit_instructions import demo_vocabulary, word_level_tokenizer
 from mkfast.data.digits import DIGIT_NAMES, load_digits_pairs
+from mkfast.mks2 import entity_memory
 from mkfast.mks2.build import SmallLlamaConfig, build_mks2, small_llama
 from mkfast.mks2.evaluation import choice_log_likelihoods, score_item
 from mkfast.mks2.inst_lora import apply_inst_lora
@@ -78,11 +82,12 @@ from mkfast.progress import is_quiet
 ARMS = ("mks2", "shuffled_pairs", "no_stage1", "baseline")
 STAGE1_ARMS = ("mks2", "shuffled_pairs", "no_stage1")
 # run i uses seed runs[i] and colour split i: [seed, *repeat_seeds].
+# "entities": the mechanism check's sizes (mkfast.mks2.entity_memory); settings without it skip it.
 QUICK = {"pretrain_steps": 60, "vision_pretrain_steps": 20, "stage1_steps": 20, "stage2_steps": 30,
-         "repeat_seeds": (1,)}
+         "repeat_seeds": (1,), "entities": entity_memory.QUICK}
 # Five runs: each asks about only four held-out classes, so runs, not steps, narrow the intervals.
 FULL = {"pretrain_steps": 400, "vision_pretrain_steps": 150, "stage1_steps": 300, "stage2_steps": 400,
-        "repeat_seeds": (1, 2, 3, 4)}
+        "repeat_seeds": (1, 2, 3, 4), "entities": entity_memory.FULL}
 # On a GPU: twice the runs (seed x split).
 GPU_FULL = {**FULL, "repeat_seeds": tuple(range(1, 10))}
 BATCH_SIZE = 16
@@ -345,6 +350,11 @@ def _run_index(settings: dict, output_dir: str, seed: int, split_index: int, dev
                     _model_config(tokenizer), pairs, torch.device(device))
 
 
+def _run_in_worker(kind: str, arguments: tuple) -> dict:
+    """One run of either design, so that both share one pool of worker processes."""
+    return _run_index(*arguments) if kind == "digits" else entity_memory.run(*arguments)
+
+
 def run_demo(output_dir: str, quick: bool = False, seed: int = 0, device: torch.device | str = "cpu",
              settings: dict | None = None, workers: int | None = None) -> dict:
     """The four arms over every (seed, split) run on ``device``; writes results.json and loss.png into
@@ -410,7 +420,14 @@ def _run_demo(output_dir: str, quick: bool, seed: int, device: torch.device, set
     # The runs are independent: on CPU they go side by side, one process (and thread) per core.
     arguments = [(settings, os.path.join(output_dir, f"run{index}_seed{run_seed}"), run_seed, index,
                   str(device)) for index, run_seed in enumerate((seed, *settings["repeat_seeds"]))]
-    runs = run_in_processes(_run_index, arguments, workers=workers, device=str(device))
+    entity_sizes = settings.get("entities")
+    entity_arguments = [] if entity_sizes is None else [
+        ("entities", (entity_sizes, entity_seed, entity_memory.output_dir_for(output_dir, entity_seed)))
+        for entity_seed in entity_sizes.seeds]
+    # The entity runs are the longest: first, so that the digits runs fill the gaps.
+    outcomes = run_in_processes(_run_in_worker, entity_arguments + [("digits", run) for run in arguments],
+                                workers=workers, device=str(device))
+    entity_runs, runs = outcomes[:len(entity_arguments)], outcomes[len(entity_arguments):]
     results = {arm: {"held_out_text_questions": _summary_of([run["results"][arm]["held_out"]["acc"]
                                                               for run in runs]),
                      "held_out_p_correct": _summary_of([run["results"][arm]["held_out"]["p_correct"]
@@ -450,6 +467,9 @@ def _run_demo(output_dir: str, quick: bool, seed: int, device: torch.device, set
         "runs": [{key: value for key, value in run.items() if key != "rows"} for run in runs],
         "seconds": {"total": time.perf_counter() - started},
     }
+    if entity_runs:
+        summary["entities"] = entity_memory.summary_of(entity_sizes, entity_runs)
+        summary["claims"] += entity_memory.claims(entity_runs)
     if not probe_reads:
         summary["note"] = _no_signal_note(probe, probe_gain, head_probe, colour_share)
     with open(os.path.join(output_dir, "results.json"), "w") as handle:
