@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from mkfast.claims import paired_claim
 from mkfast.data.digit_instructions import demo_vocabulary, word_level_tokenizer
+from mkfast.data.nonce_names import nonce_names
 from mkfast.mks2.build import build_mks2, small_llama
 from mkfast.mks2.inst_lora import apply_inst_lora
 from mkfast.mks2.model import MKS2Model
@@ -42,7 +43,6 @@ from mkfast.mks2.trainer import Trainer
 from mkfast.mks2.vision import ImageFeatures, small_vision_adapter
 
 PAPER = "MKS2"
-SYLLABLES = ("ba", "ko", "mi", "ru", "te", "zu", "lo", "pa", "ne", "vi", "go", "shu")
 NAME_SYLLABLES = 3  # joined into one word: one token of the word-level tokenizer
 COLOURS = ("red", "blue")
 CAPTION = "a thing named {name}"
@@ -80,16 +80,10 @@ class EntityWorld:
 
 def make_world(sizes: EntitySizes, seed: int) -> EntityWorld:
     count = sizes.asked + sizes.held_out
-    if count > len(SYLLABLES) ** NAME_SYLLABLES:
-        raise ValueError(f"make_world: at most {len(SYLLABLES) ** NAME_SYLLABLES} distinct names, "
-                         f"asked for {count}")
     generator = torch.Generator().manual_seed(seed)
-    names: dict[str, None] = {}
-    while len(names) < count:
-        syllables = torch.randint(0, len(SYLLABLES), (NAME_SYLLABLES,), generator=generator).tolist()
-        names.setdefault("".join(SYLLABLES[index] for index in syllables))
+    names = nonce_names(count, generator, NAME_SYLLABLES, separator="")
     colours = (torch.arange(count) % len(COLOURS))[torch.randperm(count, generator=generator)]
-    return EntityWorld(list(names), colours, sizes.asked)
+    return EntityWorld(names, colours, sizes.asked)
 
 
 def image_features(world: EntityWorld, vision, colour_scale: float, seed: int) -> ImageFeatures:

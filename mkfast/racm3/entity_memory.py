@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 
 from mkfast.claims import paired_claim
+from mkfast.data.nonce_names import nonce_names
 from mkfast.racm3.generator import GeneratorConfig, build_generator
 from mkfast.racm3.retrieval import MAX_RETRIEVED, RetrievalCorpus, SequenceOptions, evaluate_main_loss
 from mkfast.racm3.trainer import Trainer, TrainingConfig
 from mkfast.racm3.vocabulary import CM3Vocabulary
 
 PAPER = "RA-CM3"
-SYLLABLES = ("ba", "ko", "mi", "ru", "te", "zu", "lo", "pa", "ne", "vi", "go", "shu")
 NAME_SYLLABLES = 3
 EMBEDDING_DIM = 32
 # Text tokens: each syllable gets its own (a name is three tokens; a test checks it).
@@ -80,19 +80,13 @@ class EntityWorld:
 def make_world(sizes: EntitySizes, seed: int) -> EntityWorld:
     """Distinct random names, random code images and the exact retriever's vectors, all from ``seed``."""
     count = sizes.trained + sizes.memory_only
-    if count > len(SYLLABLES) ** NAME_SYLLABLES:
-        raise ValueError(f"make_world: at most {len(SYLLABLES) ** NAME_SYLLABLES} distinct names, "
-                         f"asked for {count}")
     generator = torch.Generator().manual_seed(seed)
-    names: dict[str, None] = {}
-    while len(names) < count:
-        syllables = torch.randint(0, len(SYLLABLES), (NAME_SYLLABLES,), generator=generator).tolist()
-        names.setdefault(" ".join(SYLLABLES[index] for index in syllables))
+    names = nonce_names(count, generator, NAME_SYLLABLES)
     text_vectors = F.normalize(torch.randn(count, EMBEDDING_DIM, generator=generator), dim=-1)
     image_vectors = F.normalize(torch.randn(count, EMBEDDING_DIM, generator=generator), dim=-1)
     codes = torch.randint(0, sizes.codebook, (count, sizes.grid, sizes.grid), generator=generator)
     images = torch.arange(count, dtype=torch.float32).view(count, 1, 1, 1).expand(count, 3, 2, 2)
-    return EntityWorld(list(names), codes, images.contiguous(), text_vectors, image_vectors, sizes.trained)
+    return EntityWorld(names, codes, images.contiguous(), text_vectors, image_vectors, sizes.trained)
 
 
 class ExactEncoder:
