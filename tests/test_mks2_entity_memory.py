@@ -17,6 +17,7 @@ from mkfast.mks2.entity_memory import (
     tokenizer_for,
 )
 from mkfast.mks2.samples import instruction_sample
+from mkfast.mks2.small_runs import model_config
 
 SMALL = EntitySizes(asked=12, held_out=8, pretrain_steps=1, stage1_steps=1, stage2_steps=1, seeds=(0,))
 
@@ -54,9 +55,7 @@ def test_neither_colour_is_a_safe_constant_answer_on_the_full_held_out_set():
 def test_image_features_share_one_colour_direction():
     world = make_world(SMALL, seed=0)
     tokenizer = tokenizer_for(world)
-    from mkfast.mks2.demo import _model_config
-
-    model = build_mks2(small_llama(_model_config(tokenizer), tokenizer, seed=0), image_size=32, seed=0)
+    model = build_mks2(small_llama(model_config(tokenizer), tokenizer, seed=0), image_size=32, seed=0)
     features = image_features(world, model.vision, 4.0, seed=0)
     assert features.global_features.shape == (20, model.vision.global_feature_size)
     assert features.query_output.shape[:2] == (20, model.vision.num_query_tokens)

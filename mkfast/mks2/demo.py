@@ -41,7 +41,6 @@ mkfast's fused Triton op.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import time
@@ -66,18 +65,27 @@ from mkfast.data.colour_digits import (
 from mkfast.data.digit_instructions import demo_vocabulary, word_level_tokenizer
 from mkfast.data.digits import DIGIT_NAMES, load_digits_pairs
 from mkfast.mks2 import entity_memory
-from mkfast.mks2.build import SmallLlamaConfig, build_mks2, small_llama
-from mkfast.mks2.evaluation import choice_log_likelihoods, score_item
+from mkfast.mks2.build import build_mks2, small_llama
 from mkfast.mks2.inst_lora import apply_inst_lora
 from mkfast.mks2.model import MKS2Model
 from mkfast.mks2.patching import seeded, trainable_parameter_count
 from mkfast.mks2.probes import MAX_ITERATIONS, attribute_share, class_held_out_probe, unit_rows
 from mkfast.mks2.samples import caption_sample
-from mkfast.mks2.stages import CaptionData, InstructionData, prepare_stage2, stage1_loss_fn, stage2_loss_fn
-from mkfast.mks2.trainer import Trainer, TrainerConfig
+from mkfast.mks2.small_runs import (
+    BATCH_SIZE,
+    LEARNING_RATE,
+    LORA_ALPHA,
+    LORA_RANK,
+    evaluate_colour_questions,
+    model_config,
+    pretrain_language_model,
+    train_stage2,
+    trainer_config,
+)
+from mkfast.mks2.stages import CaptionData, InstructionData, prepare_stage2, stage1_loss_fn
+from mkfast.mks2.trainer import Trainer
 from mkfast.mks2.vision import small_vision_adapter
 from mkfast.parallel import one_thread, run_in_processes
-from mkfast.progress import is_quiet
 
 ARMS = ("mks2", "shuffled_pairs", "no_stage1", "baseline")
 STAGE1_ARMS = ("mks2", "shuffled_pairs", "no_stage1")
@@ -90,14 +98,8 @@ FULL = {"pretrain_steps": 400, "vision_pretrain_steps": 150, "stage1_steps": 300
         "repeat_seeds": (1, 2, 3, 4), "entities": entity_memory.FULL}
 # On a GPU: twice the runs (seed x split).
 GPU_FULL = {**FULL, "repeat_seeds": tuple(range(1, 10))}
-BATCH_SIZE = 16
 VISION_BATCH_SIZE = 64
 VISION_LEARNING_RATE = 1e-3
-# A from-scratch model this small learns at rates far above the paper's 1e-4 for Llama-2-7B.
-LEARNING_RATE = 3e-3
-LORA_RANK, LORA_ALPHA = 8, 16
-MODEL = SmallLlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2)
 # Expected share of the between-class spread a random five/five labelling of ten classes explains.
 RANDOM_HALF_SPLIT_SHARE = 1 / 9
 HELD_OUT_CLASSES = HELD_OUT_PER_COLOUR * len(COLOUR_NAMES)
@@ -116,40 +118,6 @@ def demo_settings(quick: bool, device: torch.device | str) -> dict:
 def demo_tokenizer():
     words = [*COLOUR_WORD_TEXTS, *(template.format(name=DIGIT_NAMES[0]) for template in PROBE_TEMPLATES)]
     return word_level_tokenizer(demo_vocabulary(words))
-
-
-def _model_config(tokenizer) -> SmallLlamaConfig:
-    return SmallLlamaConfig(**{**MODEL.__dict__, "vocab_size": len(tokenizer)})
-
-
-def _config(output_dir: str, name: str, steps: int, seed: int, learning_rate: float = LEARNING_RATE):
-    return TrainerConfig(output_dir=os.path.join(output_dir, name), steps=steps, learning_rate=learning_rate,
-                         warmup_steps=steps // 10, checkpoint_every=steps, seed=seed, progress=not is_quiet())
-
-
-def pretrain_language_model(language_model, tokenizer, texts: list[str], steps: int, output_dir: str,
-                            seed: int):
-    """Full-parameter next-token training of the base on ``texts`` (the stand-in for a pretrained Llama)."""
-    from mkfast.mks2.losses import next_token_cross_entropy
-
-    def loss_fn(generator):
-        indices = torch.randint(len(texts), (BATCH_SIZE,), generator=generator).tolist()
-        encoded = tokenizer([texts[index] for index in indices], add_special_tokens=False, padding=True,
-                            return_tensors="pt")
-        bos = torch.full((BATCH_SIZE, 1), tokenizer.bos_token_id)
-        eos = torch.full((BATCH_SIZE, 1), tokenizer.pad_token_id)
-        input_ids = torch.cat([bos, encoded["input_ids"], eos], dim=1)
-        mask = torch.cat([torch.ones_like(bos), encoded["attention_mask"], torch.zeros_like(eos)], dim=1)
-        lengths = mask.sum(dim=1)
-        input_ids[torch.arange(BATCH_SIZE), lengths] = tokenizer.eos_token_id  # </s> right after each text
-        mask[torch.arange(BATCH_SIZE), lengths] = 1
-        labels = input_ids.masked_fill(mask == 0, -100)
-        device = language_model.device
-        logits = language_model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-        return {"loss": next_token_cross_entropy(logits, labels.to(device))}
-
-    config = _config(output_dir, "base_pretraining", steps, seed)
-    return Trainer(language_model, loss_fn, config, "base pretraining").train(resume=False)
 
 
 def pretrain_vision_encoder(vision, images: torch.Tensor, label_sets: list[torch.Tensor], steps: int,
@@ -190,12 +158,6 @@ def pretrain_vision_encoder(vision, images: torch.Tensor, label_sets: list[torch
         parameter.requires_grad_(False)
     vision.train(vision.training)  # encoders back to eval mode
     return losses
-
-
-def data_digest(data: InstructionData) -> str:
-    """What an arm's stage 2 trains on, as one hash (equal hashes: identical data)."""
-    text = json.dumps([data.prompts, data.responses, data.image_indices])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -257,27 +219,6 @@ def image_colour_readout(vision, random_images: torch.Tensor, random_colours: to
     return LogisticRegression(max_iter=MAX_ITERATIONS).fit(features, random_colours.numpy())
 
 
-@torch.no_grad()
-def evaluate_colour_questions(model: MKS2Model, tokenizer, items: list[dict]) -> dict:
-    """acc (argmax of the choices' log-likelihoods) and p_correct (the right choice's probability with
-    the likelihoods renormalised over the choices), averaged over ``items``."""
-    was_training = model.training
-    model.eval()
-    accuracy, probability = 0.0, 0.0
-    for item in items:
-        log_likelihoods = choice_log_likelihoods(model, tokenizer, item["question"], item["choices"])
-        accuracy += score_item(log_likelihoods, item["choices"], item["answer"])["acc"]
-        probability += float(torch.softmax(log_likelihoods, dim=0)[item["answer"]])
-    model.train(was_training)
-    return {"acc": accuracy / len(items), "p_correct": probability / len(items), "items": len(items)}
-
-
-def _stage2(model, tokenizer, data: InstructionData, steps: int, output_dir: str, name: str, seed: int):
-    rows = Trainer(model, stage2_loss_fn(model, tokenizer, data, BATCH_SIZE),
-                   _config(output_dir, name, steps, seed), f"{name} stage2").train(resume=False)
-    return rows, data_digest(data)
-
-
 def _run_one(settings: dict, output_dir: str, seed: int, split, tokenizer, model_config, pairs,
              device: torch.device) -> dict:
     """One (seed, colour split): base pretraining, the vision stand-in, stage 1 per arm, the probe,
@@ -311,7 +252,7 @@ def _run_one(settings: dict, output_dir: str, seed: int, split, tokenizer, model
     stage1_data = {"mks2": CaptionData(features, coloured.captions),
                    "shuffled_pairs": CaptionData(features[permutation], coloured.captions)}
     for arm, data in stage1_data.items():
-        config = _config(output_dir, f"{arm}_stage1", settings["stage1_steps"], seed)
+        config = trainer_config(output_dir, f"{arm}_stage1", settings["stage1_steps"], seed)
         rows[f"{arm}_stage1"] = Trainer(models[arm], stage1_loss_fn(models[arm], tokenizer, data, BATCH_SIZE),
                                         config, f"{arm} stage1").train(resume=False)
     probe = {arm: probe_held_out_colour(models[arm], tokenizer, split, colour_readout) for arm in STAGE1_ARMS}
@@ -327,7 +268,7 @@ def _run_one(settings: dict, output_dir: str, seed: int, split, tokenizer, model
     instructions = InstructionData(prompts, responses, [None] * len(prompts))
     digests, results = {}, {}
     for arm in ARMS:
-        rows[f"{arm}_stage2"], digests[arm] = _stage2(models[arm], tokenizer, instructions,
+        rows[f"{arm}_stage2"], digests[arm] = train_stage2(models[arm], tokenizer, instructions,
                                                       settings["stage2_steps"], output_dir, arm, seed)
         results[arm] = {"held_out": evaluate_colour_questions(models[arm], tokenizer,
                                                               held_out_questions(split)),
@@ -347,7 +288,7 @@ def _run_index(settings: dict, output_dir: str, seed: int, split_index: int, dev
     pairs, _ = load_digits_pairs(image_size=32, seed=0)  # the same images for every run
     tokenizer = demo_tokenizer()
     return _run_one(settings, output_dir, seed, colour_split(split_index), tokenizer,
-                    _model_config(tokenizer), pairs, torch.device(device))
+                    model_config(tokenizer), pairs, torch.device(device))
 
 
 def _run_in_worker(kind: str, arguments: tuple) -> dict:
@@ -457,7 +398,7 @@ def _run_demo(output_dir: str, quick: bool, seed: int, device: torch.device, set
         "mode": "quick" if quick else "full", "device": str(device), "seed": seed,
         "mome_ffn_backend": dispatchers()["mome_ffn"].auto_choice(device),
         "settings": settings, "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE,
-        "model": _model_config(demo_tokenizer()).__dict__, "chance_accuracy": 0.5,
+        "model": model_config(demo_tokenizer()).__dict__, "chance_accuracy": 0.5,
         "constant_answer_accuracy": {colour: constant_answer_accuracy(held_out_items, colour)
                                      for colour in COLOUR_NAMES},
         "probe": probe, "probe_gain_over_no_stage1": probe_gain,

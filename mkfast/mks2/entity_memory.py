@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from mkfast.claims import paired_claim
 from mkfast.data.digit_instructions import demo_vocabulary, word_level_tokenizer
 from mkfast.data.nonce_names import nonce_names
+from mkfast.mks2 import small_runs
 from mkfast.mks2.build import build_mks2, small_llama
 from mkfast.mks2.inst_lora import apply_inst_lora
 from mkfast.mks2.model import MKS2Model
@@ -120,16 +121,14 @@ def tokenizer_for(world: EntityWorld):
 
 def run(sizes: EntitySizes, seed: int, output_dir: str) -> dict:
     """One seed: every arm's accuracy on the held-out and the asked entities' colour questions."""
-    from mkfast.mks2 import demo as digits_demo  # the digits demo's settings and helpers; it imports this
-
     started = time.perf_counter()
     world = make_world(sizes, seed)
     tokenizer = tokenizer_for(world)
-    config = digits_demo._model_config(tokenizer)
+    config = small_runs.model_config(tokenizer)
     captions = [CAPTION.format(name=name) for name in world.names]
     base = small_llama(config, tokenizer, seed=seed)
     pretraining = captions + [COLOUR_TEXT.format(colour=colour) for colour in COLOURS] * COLOUR_TEXT_REPEATS
-    digits_demo.pretrain_language_model(base, tokenizer, pretraining, sizes.pretrain_steps, output_dir, seed)
+    small_runs.pretrain_language_model(base, tokenizer, pretraining, sizes.pretrain_steps, output_dir, seed)
     base_state = copy.deepcopy(base.state_dict())
 
     def pretrained_base():
@@ -140,24 +139,25 @@ def run(sizes: EntitySizes, seed: int, output_dir: str) -> dict:
     models = {arm: build_mks2(pretrained_base(), image_size=32, seed=seed) for arm in ("mks2", "no_stage1")}
     features = image_features(world, models["mks2"].vision, sizes.colour_scale, seed)
     pairs = CaptionData(features, captions)
-    stage1 = Trainer(models["mks2"], stage1_loss_fn(models["mks2"], tokenizer, pairs, digits_demo.BATCH_SIZE),
-                     digits_demo._config(output_dir, "mks2_stage1", sizes.stage1_steps, seed),
+    stage1 = Trainer(models["mks2"], stage1_loss_fn(models["mks2"], tokenizer, pairs, small_runs.BATCH_SIZE),
+                     small_runs.trainer_config(output_dir, "mks2_stage1", sizes.stage1_steps, seed),
                      "entities stage1").train(resume=False)
     language_model = apply_inst_lora(pretrained_base(), seed=seed)
     models["baseline"] = MKS2Model(language_model, small_vision_adapter(config.hidden_size, seed=seed))
     models["baseline"].freeze_outside_language_model()
     for arm in ("mks2", "no_stage1"):
-        prepare_stage2(models[arm], rank=digits_demo.LORA_RANK, alpha=digits_demo.LORA_ALPHA, seed=seed)
+        prepare_stage2(models[arm], rank=small_runs.LORA_RANK, alpha=small_runs.LORA_ALPHA, seed=seed)
     asked = question_items(world, range(world.asked))
     instructions = InstructionData([item["question"] for item in asked],
                                    [item["choices"][item["answer"]] for item in asked], [None] * len(asked))
     results = {}
     for arm in ARMS:
-        digits_demo._stage2(models[arm], tokenizer, instructions, sizes.stage2_steps, output_dir, arm, seed)
+        small_runs.train_stage2(models[arm], tokenizer, instructions, sizes.stage2_steps, output_dir, arm,
+                                seed)
         results[arm] = {
-            "held_out": digits_demo.evaluate_colour_questions(models[arm], tokenizer,
+            "held_out": small_runs.evaluate_colour_questions(models[arm], tokenizer,
                                                               question_items(world, world.held_out)),
-            "asked": digits_demo.evaluate_colour_questions(models[arm], tokenizer, asked)}
+            "asked": small_runs.evaluate_colour_questions(models[arm], tokenizer, asked)}
     held_out_colours = world.colours[list(world.held_out)]
     return {"seed": seed, "results": results, "stage1_final_loss": stage1[-1]["loss"],
             "constant_answer_accuracy": {colour: float((held_out_colours == index).float().mean())
