@@ -40,7 +40,6 @@ mkfast's fused Triton op.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
@@ -65,8 +64,7 @@ from mkfast.data.colour_digits import (
 from mkfast.data.digit_instructions import demo_vocabulary, word_level_tokenizer
 from mkfast.data.digits import DIGIT_NAMES, load_digits_pairs
 from mkfast.mks2 import entity_memory
-from mkfast.mks2.build import build_mks2, small_llama
-from mkfast.mks2.inst_lora import apply_inst_lora
+from mkfast.mks2.build import build_mks2
 from mkfast.mks2.model import MKS2Model
 from mkfast.mks2.patching import seeded, trainable_parameter_count
 from mkfast.mks2.probes import MAX_ITERATIONS, attribute_share, class_held_out_probe, unit_rows
@@ -77,14 +75,14 @@ from mkfast.mks2.small_runs import (
     LORA_ALPHA,
     LORA_RANK,
     evaluate_colour_questions,
+    inst_lora_baseline,
     model_config,
-    pretrain_language_model,
+    pretrained_base,
     train_stage2,
     trainer_config,
 )
 from mkfast.mks2.stages import CaptionData, InstructionData, prepare_stage2, stage1_loss_fn
 from mkfast.mks2.trainer import Trainer
-from mkfast.mks2.vision import small_vision_adapter
 from mkfast.parallel import one_thread, run_in_processes
 
 ARMS = ("mks2", "shuffled_pairs", "no_stage1", "baseline")
@@ -219,22 +217,15 @@ def image_colour_readout(vision, random_images: torch.Tensor, random_colours: to
     return LogisticRegression(max_iter=MAX_ITERATIONS).fit(features, random_colours.numpy())
 
 
-def _run_one(settings: dict, output_dir: str, seed: int, split, tokenizer, model_config, pairs,
+def _run_one(settings: dict, output_dir: str, seed: int, split, tokenizer, base_config, pairs,
              device: torch.device) -> dict:
     """One (seed, colour split): base pretraining, the vision stand-in, stage 1 per arm, the probe,
     stage 2 per arm on the same instructions, evaluation."""
     started = time.perf_counter()
-    base = small_llama(model_config, tokenizer, seed=seed).to(device)
-    rows = {"base_pretraining": pretrain_language_model(base, tokenizer, pretraining_texts(pairs.captions),
-                                                        settings["pretrain_steps"], output_dir, seed)}
-    base_state = copy.deepcopy(base.state_dict())
-
-    def pretrained_base():
-        model = small_llama(model_config, tokenizer, seed=seed).to(device)
-        model.load_state_dict(base_state)
-        return model
-
-    models = {arm: build_mks2(pretrained_base(), image_size=32, seed=seed) for arm in STAGE1_ARMS}
+    base_copy, pretraining_rows = pretrained_base(base_config, tokenizer, pretraining_texts(pairs.captions),
+                                                  settings["pretrain_steps"], output_dir, seed, device)
+    rows = {"base_pretraining": pretraining_rows}
+    models = {arm: build_mks2(base_copy(), image_size=32, seed=seed) for arm in STAGE1_ARMS}
     vision = models["mks2"].vision
     random_images, random_colours = randomly_coloured(pairs.images, seed)
     vision_losses = pretrain_vision_encoder(vision, random_images, [pairs.labels, random_colours],
@@ -257,11 +248,7 @@ def _run_one(settings: dict, output_dir: str, seed: int, split, tokenizer, model
                                         config, f"{arm} stage1").train(resume=False)
     probe = {arm: probe_held_out_colour(models[arm], tokenizer, split, colour_readout) for arm in STAGE1_ARMS}
 
-    language_model = apply_inst_lora(pretrained_base(), seed=seed)
-    # The vision adapter is never used by the text-only baseline; MKS2Model wants one.
-    models["baseline"] = MKS2Model(language_model,
-                                   small_vision_adapter(model_config.hidden_size, seed=seed)).to(device)
-    models["baseline"].freeze_outside_language_model()
+    models["baseline"] = inst_lora_baseline(base_copy(), seed, device)
     for arm in STAGE1_ARMS:
         prepare_stage2(models[arm], rank=LORA_RANK, alpha=LORA_ALPHA, seed=seed)
     prompts, responses = stage2_instructions(split)

@@ -24,7 +24,6 @@ token (0.45-0.55), and MKS2 stayed at the constant answer's accuracy on held-out
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from dataclasses import dataclass
@@ -33,15 +32,14 @@ import torch
 import torch.nn.functional as F
 
 from mkfast.claims import paired_claim
+from mkfast.data.colour_digits import constant_answer_accuracy
 from mkfast.data.digit_instructions import demo_vocabulary, word_level_tokenizer
 from mkfast.data.nonce_names import nonce_names
 from mkfast.mks2 import small_runs
-from mkfast.mks2.build import build_mks2, small_llama
-from mkfast.mks2.inst_lora import apply_inst_lora
-from mkfast.mks2.model import MKS2Model
+from mkfast.mks2.build import build_mks2
 from mkfast.mks2.stages import CaptionData, InstructionData, prepare_stage2, stage1_loss_fn
 from mkfast.mks2.trainer import Trainer
-from mkfast.mks2.vision import ImageFeatures, small_vision_adapter
+from mkfast.mks2.vision import ImageFeatures
 
 PAPER = "MKS2"
 NAME_SYLLABLES = 3  # joined into one word: one token of the word-level tokenizer
@@ -126,28 +124,20 @@ def run(sizes: EntitySizes, seed: int, output_dir: str) -> dict:
     tokenizer = tokenizer_for(world)
     config = small_runs.model_config(tokenizer)
     captions = [CAPTION.format(name=name) for name in world.names]
-    base = small_llama(config, tokenizer, seed=seed)
     pretraining = captions + [COLOUR_TEXT.format(colour=colour) for colour in COLOURS] * COLOUR_TEXT_REPEATS
-    small_runs.pretrain_language_model(base, tokenizer, pretraining, sizes.pretrain_steps, output_dir, seed)
-    base_state = copy.deepcopy(base.state_dict())
-
-    def pretrained_base():
-        model = small_llama(config, tokenizer, seed=seed)
-        model.load_state_dict(base_state)
-        return model
-
-    models = {arm: build_mks2(pretrained_base(), image_size=32, seed=seed) for arm in ("mks2", "no_stage1")}
+    base_copy, _ = small_runs.pretrained_base(config, tokenizer, pretraining, sizes.pretrain_steps,
+                                              output_dir, seed)
+    models = {arm: build_mks2(base_copy(), image_size=32, seed=seed) for arm in ("mks2", "no_stage1")}
     features = image_features(world, models["mks2"].vision, sizes.colour_scale, seed)
     pairs = CaptionData(features, captions)
     stage1 = Trainer(models["mks2"], stage1_loss_fn(models["mks2"], tokenizer, pairs, small_runs.BATCH_SIZE),
                      small_runs.trainer_config(output_dir, "mks2_stage1", sizes.stage1_steps, seed),
                      "entities stage1").train(resume=False)
-    language_model = apply_inst_lora(pretrained_base(), seed=seed)
-    models["baseline"] = MKS2Model(language_model, small_vision_adapter(config.hidden_size, seed=seed))
-    models["baseline"].freeze_outside_language_model()
+    models["baseline"] = small_runs.inst_lora_baseline(base_copy(), seed)
     for arm in ("mks2", "no_stage1"):
         prepare_stage2(models[arm], rank=small_runs.LORA_RANK, alpha=small_runs.LORA_ALPHA, seed=seed)
     asked = question_items(world, range(world.asked))
+    held_out = question_items(world, world.held_out)
     instructions = InstructionData([item["question"] for item in asked],
                                    [item["choices"][item["answer"]] for item in asked], [None] * len(asked))
     results = {}
@@ -155,13 +145,11 @@ def run(sizes: EntitySizes, seed: int, output_dir: str) -> dict:
         small_runs.train_stage2(models[arm], tokenizer, instructions, sizes.stage2_steps, output_dir, arm,
                                 seed)
         results[arm] = {
-            "held_out": small_runs.evaluate_colour_questions(models[arm], tokenizer,
-                                                              question_items(world, world.held_out)),
+            "held_out": small_runs.evaluate_colour_questions(models[arm], tokenizer, held_out),
             "asked": small_runs.evaluate_colour_questions(models[arm], tokenizer, asked)}
-    held_out_colours = world.colours[list(world.held_out)]
     return {"seed": seed, "results": results, "stage1_final_loss": stage1[-1]["loss"],
-            "constant_answer_accuracy": {colour: float((held_out_colours == index).float().mean())
-                                         for index, colour in enumerate(COLOURS)},
+            "constant_answer_accuracy": {colour: constant_answer_accuracy(held_out, colour)
+                                         for colour in COLOURS},
             "seconds": time.perf_counter() - started}
 
 

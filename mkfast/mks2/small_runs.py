@@ -4,17 +4,21 @@ the entity check (mkfast.mks2.entity_memory). Sized for a CPU: a from-scratch Ll
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
+from collections.abc import Callable
 
 import torch
 
-from mkfast.mks2.build import SmallLlamaConfig
+from mkfast.mks2.build import SmallLlamaConfig, small_llama
 from mkfast.mks2.evaluation import choice_log_likelihoods, score_item
+from mkfast.mks2.inst_lora import apply_inst_lora
 from mkfast.mks2.model import MKS2Model
 from mkfast.mks2.stages import InstructionData, stage2_loss_fn
 from mkfast.mks2.trainer import Trainer, TrainerConfig
+from mkfast.mks2.vision import small_vision_adapter
 from mkfast.progress import is_quiet
 
 BATCH_SIZE = 16
@@ -57,6 +61,33 @@ def pretrain_language_model(language_model, tokenizer, texts: list[str], steps: 
 
     config = trainer_config(output_dir, "base_pretraining", steps, seed)
     return Trainer(language_model, loss_fn, config, "base pretraining").train(resume=False)
+
+
+def pretrained_base(config: SmallLlamaConfig, tokenizer, texts: list[str], steps: int, output_dir: str,
+                    seed: int, device: torch.device | str = "cpu",
+                    ) -> tuple[Callable[[], torch.nn.Module], list[dict]]:
+    """Pretrain the base once on ``texts``: (a function giving each arm its own copy of it, the
+    pretraining's rows)."""
+    base = small_llama(config, tokenizer, seed=seed).to(device)
+    rows = pretrain_language_model(base, tokenizer, texts, steps, output_dir, seed)
+    state = copy.deepcopy(base.state_dict())
+
+    def fresh_copy():
+        model = small_llama(config, tokenizer, seed=seed).to(device)
+        model.load_state_dict(state)
+        return model
+
+    return fresh_copy, rows
+
+
+def inst_lora_baseline(language_model, seed: int, device: torch.device | str = "cpu") -> MKS2Model:
+    """The paper's INST-LoRA arm: LoRA r=16 on every projection of the plain LLM, only LoRA trainable."""
+    hidden_size = language_model.config.hidden_size
+    # The vision adapter is never used by the text-only baseline; MKS2Model wants one.
+    model = MKS2Model(apply_inst_lora(language_model, seed=seed),
+                      small_vision_adapter(hidden_size, seed=seed)).to(device)
+    model.freeze_outside_language_model()
+    return model
 
 
 def data_digest(data: InstructionData) -> str:
