@@ -91,8 +91,9 @@ def test_a_short_run_reports_every_configuration(tmp_path):
     from mkfast.racm3.demo import QUICK
 
     training = {"batch_size": 4, "learning_rate": 3e-3, "warmup_steps": 1}
-    evaluation, seconds = entity_memory.train_and_evaluate(world, SMALL, QUICK.generator, training, 0,
-                                                           str(tmp_path))
+    corpora = entity_memory.build_corpora(world, SMALL.codebook)
+    evaluation, seconds = entity_memory.train_and_evaluate(world, corpora, SMALL, QUICK.generator, training,
+                                                           0, str(tmp_path))
     assert set(evaluation) == {"k2", "k2_cut_memory", "k0"} and seconds > 0
     assert all(0 < value[part] < 10 for value in evaluation.values() for part in ("image", "text"))
     assert (tmp_path / "metrics.jsonl").exists()
@@ -109,8 +110,9 @@ def test_the_generator_learns_to_draw_entities_only_the_memory_holds(tmp_path):
         world = make_world(FULL.entities, seed=0)
         training = {"batch_size": FULL.batch_size, "learning_rate": FULL.learning_rate,
                     "warmup_steps": FULL.warmup_steps}
-        evaluation, _ = entity_memory.train_and_evaluate(world, FULL.entities, FULL.generator, training, 0,
-                                                         str(tmp_path))
+        corpora = entity_memory.build_corpora(world, FULL.entities.codebook)
+        evaluation, _ = entity_memory.train_and_evaluate(world, corpora, FULL.entities, FULL.generator,
+                                                         training, 0, str(tmp_path))
     bound = math.log(FULL.entities.codebook)
     assert evaluation["k0"]["image"] > bound - 0.1, evaluation
     assert evaluation["k2"]["image"] < 1.5, f"retrieval brought the entity's document, yet {evaluation}"

@@ -227,8 +227,9 @@ def train_and_evaluate(shared: bytes, generator_seed: int, name: str) -> tuple[d
         training = {"batch_size": sizes.batch_size, "learning_rate": sizes.learning_rate,
                     "warmup_steps": sizes.warmup_steps}
         run_dir = entity_memory.output_dir_for(shared["output_dir"], generator_seed)
-        return entity_memory.train_and_evaluate(shared["entity_world"], sizes.entities, sizes.generator,
-                                                training, generator_seed, run_dir, shared["progress"])
+        return entity_memory.train_and_evaluate(shared["entity_world"], shared["entity_corpora"],
+                                                sizes.entities, sizes.generator, training, generator_seed,
+                                                run_dir, shared["progress"])
     vocabulary, corpora = shared["vocabulary"], shared["corpora"]
     torch.manual_seed(generator_seed)  # identical initial weights for both generators of a seed
     model = build_generator(len(vocabulary), sizes.generator, pad_token_id=vocabulary.pad_id, device=device)
@@ -302,9 +303,10 @@ def _run_demo(output_dir: str, quick: bool, seed: int, progress: bool, device: t
     timings["memory_s"] = time.perf_counter() - started - timings["vq_tokenizer_s"] - timings["clip_s"]
 
     entity_world = entity_memory.make_world(sizes.entities, seed)
+    entity_corpora = entity_memory.build_corpora(entity_world, sizes.entities.codebook)
     shared = pickle.dumps({"sizes": sizes, "options": options, "device": device, "vocabulary": vocabulary,
               "corpora": corpora, "groups": groups, "group_codes": group_codes, "output_dir": output_dir,
-              "progress": progress, "entity_world": entity_world})
+              "progress": progress, "entity_world": entity_world, "entity_corpora": entity_corpora})
     # Longest first: a digits retrieval run costs ~3x a no-retrieval run, so the short ones fill the
     # gaps last.
     runs = [(generator_seed, name) for name in ("retrieval", ENTITY_RUN, "no_retrieval")
@@ -361,7 +363,7 @@ def _run_demo(output_dir: str, quick: bool, seed: int, progress: bool, device: t
                  "no_retrieval": {"held_out_image_token_loss": mean("no_retrieval", "k0", "image"),
                                   "held_out_caption_token_loss": mean("no_retrieval", "k0", "text")}},
         "per_seed": per_seed,
-        "entities": entity_memory.summary_of(entity_world, sizes.entities, entity_per_seed),
+        "entities": entity_memory.summary_of(entity_world, entity_corpora, sizes.entities, entity_per_seed),
         "claims": (loss_claims(per_seed)
                    + entity_memory.entity_claims(entity_per_seed, sizes.entities.codebook)),
         "timings_s": {**timings, **seconds, "total_s": time.perf_counter() - started,

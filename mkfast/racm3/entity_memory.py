@@ -122,6 +122,21 @@ def twin_corpus(world: EntityWorld, vocabulary: CM3Vocabulary,
                            world.images[rows], world.codes[rows])
 
 
+@dataclass
+class EntityCorpora:
+    """The check's vocabulary and memories, built once and shared by every seed's run."""
+
+    vocabulary: CM3Vocabulary
+    training: RetrievalCorpus  # the trained entities, each twice: the memory training retrieves from
+    memory: RetrievalCorpus  # every entity, each twice
+
+
+def build_corpora(world: EntityWorld, codebook: int) -> EntityCorpora:
+    vocabulary = vocabulary_of(world, codebook)
+    return EntityCorpora(vocabulary, twin_corpus(world, vocabulary, range(world.trained)),
+                         twin_corpus(world, vocabulary, range(len(world.texts))))
+
+
 def own_document_rate(corpus: RetrievalCorpus, world: EntityWorld, query_part: str) -> float:
     """Share of memory-only entities whose own document is among the K=2 retrieved by ``query_part``."""
     entities = list(world.memory_only)
@@ -134,8 +149,8 @@ def own_document_rate(corpus: RetrievalCorpus, world: EntityWorld, query_part: s
     return found / len(entities)
 
 
-def train_and_evaluate(world: EntityWorld, sizes: EntitySizes, generator_config: GeneratorConfig,
-                       training: dict, seed: int, output_dir: str,
+def train_and_evaluate(world: EntityWorld, corpora: EntityCorpora, sizes: EntitySizes,
+                       generator_config: GeneratorConfig, training: dict, seed: int, output_dir: str,
                        progress: bool = False) -> tuple[dict, float]:
     """Train one retrieval generator on the trained entities; (evaluation, seconds).
 
@@ -145,24 +160,22 @@ def train_and_evaluate(world: EntityWorld, sizes: EntitySizes, generator_config:
     training: batch_size, learning_rate, warmup_steps (the digits demo's).
     """
     started = time.perf_counter()
-    vocabulary = vocabulary_of(world, sizes.codebook)
-    corpora = {"training": twin_corpus(world, vocabulary, range(world.trained)),
-               "memory": twin_corpus(world, vocabulary, range(len(world.texts)))}
+    vocabulary = corpora.vocabulary
     options = SequenceOptions(max_sequence_length=generator_config.max_sequence_length)
     torch.manual_seed(seed)
     model = build_generator(len(vocabulary), replace(generator_config, num_layers=sizes.num_layers),
                             pad_token_id=vocabulary.pad_id)
     config = TrainingConfig(steps=sizes.steps, checkpoint_every=max(sizes.steps, 1), seed=seed,
                             output_dir=output_dir, progress=progress, **training)
-    Trainer(model, corpora["training"], config, options).train(resume=False)
+    Trainer(model, corpora.training, config, options).train(resume=False)
     entities = list(world.memory_only)
     documents = ([world.texts[entity] for entity in entities], world.images[entities], world.codes[entities])
     evaluation = {}
-    for configuration, (corpus, count) in {"k2": ("memory", MAX_RETRIEVED),
-                                           "k2_cut_memory": ("training", MAX_RETRIEVED),
-                                           "k0": ("memory", 0)}.items():
-        by_text = evaluate_main_loss(model, corpora[corpus], *documents, "text", count, options)
-        by_image = evaluate_main_loss(model, corpora[corpus], *documents, "image", count, options)
+    for configuration, (corpus, count) in {"k2": (corpora.memory, MAX_RETRIEVED),
+                                           "k2_cut_memory": (corpora.training, MAX_RETRIEVED),
+                                           "k0": (corpora.memory, 0)}.items():
+        by_text = evaluate_main_loss(model, corpus, *documents, "text", count, options)
+        by_image = evaluate_main_loss(model, corpus, *documents, "image", count, options)
         evaluation[configuration] = {"image": by_text["image"], "text": by_image["text"]}
     return evaluation, time.perf_counter() - started
 
@@ -190,16 +203,14 @@ def entity_claims(per_seed: list[dict], codebook: int) -> list[dict]:
     return rows
 
 
-def summary_of(world: EntityWorld, sizes: EntitySizes, per_seed: list[dict]) -> dict:
+def summary_of(world: EntityWorld, corpora: EntityCorpora, sizes: EntitySizes, per_seed: list[dict]) -> dict:
     """What results.json records: sizes, retrieval's own-document rates, per-seed losses, means."""
-    vocabulary = vocabulary_of(world, sizes.codebook)
-    memory = twin_corpus(world, vocabulary, range(len(world.texts)))
 
     def mean(configuration: str, part: str) -> float:
         return sum(seed[configuration][part] for seed in per_seed) / len(per_seed)
 
-    return {"sizes": sizes.__dict__, "vocabulary_size": len(vocabulary),
-            "own_document_retrieved_at_2": {part: own_document_rate(memory, world, part)
+    return {"sizes": sizes.__dict__, "vocabulary_size": len(corpora.vocabulary),
+            "own_document_retrieved_at_2": {part: own_document_rate(corpora.memory, world, part)
                                             for part in ("text", "image")},
             "uniform_image_nll": math.log(sizes.codebook),
             "means": {configuration: {part: mean(configuration, part) for part in ("image", "text")}
